@@ -1,0 +1,240 @@
+"""``hnsctl``: the command line of hns.
+
+Exit codes: 0 success, 1 runtime failure (nothing half-made is left), 2 invalid input
+(nothing changed).  Errors are one line on stderr; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from hns.errors import HnsError, KernelError
+from hns.model import Network, Vm
+from hns.netns import netns_exists
+from hns.process import exec_in_netns
+from hns.service import DEFAULT_STATE_DIR, Service
+
+__all__ = ["main"]
+
+PROG = "hnsctl"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="WSL-style host networking for Linux namespaces.")
+    p.add_argument("--state-dir", default=os.environ.get("HNS_STATE_DIR") or DEFAULT_STATE_DIR,
+                   help="state directory (env HNS_STATE_DIR, default %(default)s)")
+    p.add_argument("--host-netns", default=os.environ.get("HNS_HOST_NETNS") or None,
+                   help="namespace that plays the host (env HNS_HOST_NETNS, default: this one)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    leaf = argparse.ArgumentParser(add_help=False)
+    leaf.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                      help="print JSON")
+    p.add_argument("--debug", action="store_true", help="print tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=_Parser)
+
+    net = sub.add_parser("network", help="NAT networks").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    c = net.add_parser("create", parents=[leaf], help="create a network")
+    c.add_argument("name")
+    c.add_argument("--type", required=True, help="network type: nat")
+    c.add_argument("--subnet", help="IPv4 CIDR (default: a free /20 in 172.16.0.0/12)")
+    c.add_argument("--gateway", help="gateway address (default: the first of the subnet)")
+    c.add_argument("--mtu", help="MTU (default 1500)")
+    net.add_parser("list", parents=[leaf], help="list networks")
+    net.add_parser("show", parents=[leaf], help="show a network").add_argument("name")
+    d = net.add_parser("delete", parents=[leaf], help="delete a network")
+    d.add_argument("name")
+    d.add_argument("--force", action="store_true", help="also delete attached VMs")
+
+    vm = sub.add_parser("vm", help="VM namespaces").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    c = vm.add_parser("create", parents=[leaf], help="create a VM namespace on a network")
+    c.add_argument("name")
+    c.add_argument("--network", required=True)
+    c.add_argument("--ip", help="address (default: the lowest free)")
+    c.add_argument("--mac", help="MAC (default: random in 00:15:5d)")
+    vm.add_parser("list", parents=[leaf], help="list VMs").add_argument("--network")
+    vm.add_parser("show", parents=[leaf], help="show a VM").add_argument("name")
+    vm.add_parser("delete", parents=[leaf], help="delete a VM").add_argument("name")
+    e = vm.add_parser("exec", parents=[leaf], help="run a command in a VM: vm exec NAME -- CMD [ARG...]")
+    e.add_argument("name")
+    e.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+
+    sub.add_parser("up", parents=[leaf], help="the WSL network and the VM wsl, as WSL's first start")
+    sub.add_parser("down", parents=[leaf], help="remove the VM wsl and the network WSL")
+    sub.add_parser("restore", parents=[leaf], help="recreate kernel objects from the state")
+    sub.add_parser("gc", parents=[leaf], help="remove leftover kernel objects").add_argument(
+        "--dry-run", action="store_true", help="only list them")
+    return p
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _show(obj: Network | Vm, as_json: bool) -> None:
+    data = obj.to_json()
+    if as_json:
+        _print_json(data)
+        return
+    for key, value in data.items():
+        if not isinstance(value, list | dict):
+            print(f"{key + ':':<20}{value}")
+
+
+def _network_cmd(svc: Service, args: argparse.Namespace) -> int:
+    if args.action == "create":
+        _show(svc.create_network(args.name, args.type, args.subnet, args.gateway, args.mtu),
+              args.json)
+    elif args.action == "list":
+        nets = svc.list_networks()
+        if args.json:
+            _print_json([n.to_json() for n in nets])
+        else:
+            _table([(n.name, n.type.value, str(n.subnet), str(n.gateway), str(n.mtu), n.bridge)
+                    for n in nets], ("NAME", "TYPE", "SUBNET", "GATEWAY", "MTU", "BRIDGE"))
+    elif args.action == "show":
+        _show(svc.get_network(args.name), args.json)
+    elif args.action == "delete" and not svc.delete_network(args.name, args.force):
+        print(f"{PROG}: network {args.name!r} does not exist (nothing to delete)",
+              file=sys.stderr)
+    return 0
+
+
+def _vm_cmd(svc: Service, args: argparse.Namespace) -> int:
+    if args.action == "create":
+        _show(svc.create_vm(args.name, args.network, args.ip, args.mac), args.json)
+    elif args.action == "list":
+        vms = svc.list_vms(args.network)
+        if args.json:
+            _print_json([v.to_json() for v in vms])
+        else:
+            _table([(v.name, v.network, f"{v.ip}/{v.prefixlen}", v.mac, v.netns) for v in vms],
+                   ("NAME", "NETWORK", "ADDRESS", "MAC", "NETNS"))
+    elif args.action == "show":
+        _show(svc.get_vm(args.name), args.json)
+    elif args.action == "delete":
+        if not svc.delete_vm(args.name):
+            print(f"{PROG}: vm {args.name!r} does not exist (nothing to delete)",
+                  file=sys.stderr)
+    elif args.action == "exec":
+        return _vm_exec(svc, args)
+    return 0
+
+
+def _vm_exec(svc: Service, args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise _Usage("vm exec needs a command: hnsctl vm exec NAME -- CMD [ARG...]")
+    vm = svc.get_vm(args.name)
+    if not netns_exists(vm.netns):
+        raise KernelError(f"the namespace of vm {vm.name} is gone; run 'hnsctl restore'")
+    svc.close()
+    sys.stdout.flush()
+    exec_in_netns(vm.netns, argv)
+    return 127  # not reached
+
+
+class _Usage(HnsError):
+    exit_code = 2
+
+
+def _up(svc: Service, args: argparse.Namespace) -> int:
+    result = svc.up()
+    if args.json:
+        _print_json({"Network": result.network.to_json(), "Vm": result.vm.to_json()})
+        return 0
+    net, vm = result.network, result.vm
+    print(f"network {net.name}: {net.subnet}, gateway {net.gateway} (bridge {net.bridge})")
+    print(f"vm {vm.name}: {vm.ip}/{vm.prefixlen} on {vm.interface}, MAC {vm.mac}, "
+          f"namespace {vm.netns}")
+    globals_ = []
+    if args.state_dir != DEFAULT_STATE_DIR:
+        globals_.append(f"--state-dir {args.state_dir}")
+    if args.host_netns:
+        globals_.append(f"--host-netns {args.host_netns}")
+    prefix = " ".join([PROG, *globals_])
+    print(f"shell: {prefix} vm exec {vm.name} -- bash   (or: ip netns exec {vm.netns} bash)")
+    return 0
+
+
+def _down(svc: Service, args: argparse.Namespace) -> int:
+    if not svc.down():
+        print(f"{PROG}: nothing to remove", file=sys.stderr)
+    return 0
+
+
+def _restore(svc: Service, args: argparse.Namespace) -> int:
+    made = svc.restore()
+    if args.json:
+        _print_json(made)
+    for line in [] if args.json else made:
+        print(f"restored {line}")
+    return 0
+
+
+def _gc(svc: Service, args: argparse.Namespace) -> int:
+    found = svc.gc(dry_run=args.dry_run)
+    if args.json:
+        _print_json(found)
+    else:
+        verb = "would remove" if args.dry_run else "removed"
+        for item in found:
+            print(f"{verb} {item}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Service, argparse.Namespace], int]] = {
+    "network": _network_cmd, "vm": _vm_cmd, "up": _up, "down": _down,
+    "restore": _restore, "gc": _gc,
+}
+
+
+class _StderrFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{PROG}: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_StderrFormatter())
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        handlers=[handler])
+    try:
+        with Service(args.state_dir, args.host_netns) as svc:
+            return COMMANDS[args.command](svc, args)
+    except HnsError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The error hierarchy of hns.
+
+Every failure the service reports is an :class:`HnsError`.  Two families matter to
+callers: errors in the request itself (the CLI exits 2 and nothing was changed), and
+runtime failures (the CLI exits 1 and whatever was made half way has been removed).
+Kernel and nft errors are translated at the boundary into :class:`KernelError`.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+__all__ = [
+    "AlreadyExists",
+    "Conflict",
+    "HnsError",
+    "InvalidRequest",
+    "KernelError",
+    "NotFound",
+    "StateError",
+]
+
+
+class HnsError(Exception):
+    """Base class.  ``exit_code`` is what the CLI returns for it."""
+
+    exit_code = 1
+
+
+class InvalidRequest(HnsError):
+    """The request is malformed: a bad name, address, CIDR, MAC, MTU or option."""
+
+    exit_code = 2
+
+
+class NotFound(InvalidRequest):
+    """The request names an object that does not exist."""
+
+
+class AlreadyExists(InvalidRequest):
+    """The request would create an object whose name or address is taken."""
+
+
+class Conflict(InvalidRequest):
+    """The request contradicts the current state (overlapping subnet, VMs attached)."""
+
+
+class KernelError(HnsError):
+    """The kernel (netlink, nft, mount) refused an operation."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    @property
+    def is_not_found(self) -> bool:
+        return self.errno in (_errno.ENOENT, _errno.ENODEV, _errno.ESRCH, _errno.EADDRNOTAVAIL)
+
+    @property
+    def is_exists(self) -> bool:
+        return self.errno == _errno.EEXIST
+
+
+class StateError(HnsError):
+    """The state store cannot be opened or is inconsistent."""

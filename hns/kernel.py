@@ -1,0 +1,231 @@
+"""The kernel driver: links, addresses, routes and sysctls through pyroute2.
+
+Host-side work runs on one :class:`~hns.netns.NetnsExecutor` bound to the host namespace
+(pyroute2 sockets are per thread, and a socket lives in the namespace its thread was in
+when it was made).  VM-side work runs on a short-lived thread inside the VM namespace.
+Every ``NetlinkError`` is translated to :class:`~hns.errors.KernelError` here; callers
+never see pyroute2 types.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from hns.errors import KernelError
+from hns.netns import NetnsExecutor, netns_path, run_in_netns
+
+__all__ = ["EndpointSpec", "HostKernel", "configure_vm_side", "kill_netns_processes"]
+
+T = TypeVar("T")
+
+
+@contextmanager
+def _netlink(what: str) -> Iterator[None]:
+    try:
+        yield
+    except NetlinkError as exc:
+        code = int(exc.code) if exc.code else errno.EIO
+        raise KernelError(f"{what}: {os.strerror(code)}", code) from None
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    host_ifname: str
+    netns: str
+    mac: str
+    mtu: int
+    bridge: str
+    alias: str
+
+
+def _index(ipr: Any, ifname: str) -> int | None:
+    try:
+        return int(ipr.link("get", ifname=ifname)[0]["index"])
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
+
+
+class HostKernel:
+    """Kernel operations in the host namespace (None: this process's)."""
+
+    def __init__(self, host_netns: str | None) -> None:
+        self.host_netns = host_netns
+        self._executor = NetnsExecutor(host_netns)
+
+    def close(self) -> None:
+        def close_ipr() -> None:
+            ipr = getattr(self._executor.local, "ipr", None)
+            if ipr is not None:
+                ipr.close()
+                self._executor.local.ipr = None
+        self._executor.call(close_ipr)
+        self._executor.close()
+
+    def _call(self, fn: Callable[..., T], *args: object) -> T:
+        def with_ipr() -> T:
+            local = self._executor.local
+            if getattr(local, "ipr", None) is None:
+                local.ipr = IPRoute()
+            return fn(local.ipr, *args)
+        return self._executor.call(with_ipr)
+
+    def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(*args)`` on the host namespace's thread (sockets, /proc/sys)."""
+        return self._executor.call(fn, *args)
+
+    # inventory
+
+    def inventory(self, skip_links: frozenset[str] = frozenset()) -> list[tuple[str, IPv4Network]]:
+        """IPv4 prefixes in use in the host namespace: its addresses and routes.
+
+        ``skip_links`` are interfaces whose addresses and routes do not count (the
+        bridges of hns itself).  The default route does not count either.
+        """
+        def collect(ipr: Any) -> list[tuple[str, IPv4Network]]:
+            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            found: list[tuple[str, IPv4Network]] = []
+            for msg in ipr.get_addr(family=socket.AF_INET):
+                dev = names.get(msg["index"], "?")
+                addr = msg.get_attr("IFA_ADDRESS")
+                if dev in skip_links or dev == "lo" or addr is None:
+                    continue
+                net = IPv4Network(f"{addr}/{msg['prefixlen']}", strict=False)
+                found.append((f"address {addr}/{msg['prefixlen']} on {dev}", net))
+            for msg in ipr.get_routes(family=socket.AF_INET, table=0):
+                dev = names.get(msg.get_attr("RTA_OIF"), "?")
+                dst = msg.get_attr("RTA_DST")
+                if (msg["dst_len"] == 0 or dst is None or dev in skip_links or dev == "lo"
+                        or msg["type"] != 1):  # RTN_UNICAST only
+                    continue
+                net = IPv4Network(f"{dst}/{msg['dst_len']}", strict=False)
+                found.append((f"route {net} dev {dev}", net))
+            return found
+        with _netlink("cannot read the host's addresses and routes"):
+            return self._call(collect)
+
+    # links
+
+    def link_exists(self, ifname: str) -> bool:
+        with _netlink(f"cannot look up {ifname}"):
+            return self._call(_index, ifname) is not None
+
+    def delete_link(self, ifname: str) -> bool:
+        """Delete a link if present; True if it was there."""
+        def delete(ipr: Any) -> bool:
+            try:
+                ipr.link("del", ifname=ifname)
+            except NetlinkError as exc:
+                if exc.code in (errno.ENODEV, errno.ENOENT):
+                    return False
+                raise
+            return True
+        with _netlink(f"cannot delete link {ifname}"):
+            return self._call(delete)
+
+    def tagged_links(self, alias_prefix: str) -> dict[str, str]:
+        """Links whose alias starts with ``alias_prefix``: name -> alias."""
+        def scan(ipr: Any) -> dict[str, str]:
+            found = {}
+            for link in ipr.get_links():
+                alias = link.get_attr("IFLA_IFALIAS")
+                if alias and alias.startswith(alias_prefix):
+                    found[link.get_attr("IFLA_IFNAME")] = alias
+            return found
+        with _netlink("cannot list links"):
+            return self._call(scan)
+
+    def ensure_bridge(self, name: str, gateway: IPv4Address, prefixlen: int, mtu: int,
+                      alias: str) -> bool:
+        """Create the bridge with the gateway address, or fix it up; True if created."""
+        def ensure(ipr: Any) -> bool:
+            index = _index(ipr, name)
+            created = index is None
+            if index is None:
+                ipr.link("add", ifname=name, kind="bridge", mtu=mtu)
+                index = _index(ipr, name)
+            ipr.link("set", index=index, ifalias=alias, mtu=mtu)
+            have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+                    for a in ipr.get_addr(index=index, family=socket.AF_INET)}
+            if (str(gateway), prefixlen) not in have:
+                ipr.addr("add", index=index, address=str(gateway), prefixlen=prefixlen)
+            ipr.link("set", index=index, state="up")
+            return created
+        with _netlink(f"cannot set up bridge {name}"):
+            return self._call(ensure)
+
+    def enable_forwarding(self) -> None:
+        def write() -> None:
+            with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+                f.write("1")
+        try:
+            self.run(write)
+        except OSError as exc:
+            raise KernelError(f"cannot enable IPv4 forwarding: {exc.strerror}",
+                              exc.errno) from None
+
+    def add_endpoint(self, spec: EndpointSpec) -> None:
+        """A veth pair: host side on the bridge, the peer as ``eth0`` in the VM namespace."""
+        def add(ipr: Any) -> None:
+            master = _index(ipr, spec.bridge)
+            if master is None:
+                raise KernelError(f"bridge {spec.bridge} does not exist (run 'hnsctl restore')",
+                                  errno.ENODEV)
+            ipr.link("add", ifname=spec.host_ifname, kind="veth", mtu=spec.mtu,
+                     peer={"ifname": "eth0", "address": spec.mac, "mtu": spec.mtu,
+                           "net_ns_fd": netns_path(spec.netns)})
+            index = _index(ipr, spec.host_ifname)
+            ipr.link("set", index=index, master=master, ifalias=spec.alias, state="up")
+        with _netlink(f"cannot create the endpoint {spec.host_ifname}"):
+            self._call(add)
+
+
+def configure_vm_side(netns: str, ip: IPv4Address, prefixlen: int,
+                      gateway: IPv4Address) -> None:
+    """Inside the VM namespace: lo up, eth0 addressed and up, default route via gateway."""
+    def configure() -> None:
+        with IPRoute() as ipr:
+            ipr.link("set", index=1, state="up")
+            index = _index(ipr, "eth0")
+            if index is None:
+                raise KernelError(f"eth0 is missing in {netns}", errno.ENODEV)
+            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
+            if str(ip) not in have:
+                ipr.addr("add", index=index, address=str(ip), prefixlen=prefixlen)
+            ipr.link("set", index=index, state="up")
+            ipr.route("replace", dst="0.0.0.0/0", gateway=str(gateway), oif=index)
+    with _netlink(f"cannot configure the network of {netns}"):
+        run_in_netns(netns, configure)
+
+
+def kill_netns_processes(netns: str) -> int:
+    """SIGKILL every process inside the namespace (the VM is powered off); their count."""
+    try:
+        st = os.stat(netns_path(netns))
+    except FileNotFoundError:
+        return 0
+    target = (st.st_dev, st.st_ino)
+    killed = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            ns = os.stat(f"/proc/{pid}/ns/net")
+            if (ns.st_dev, ns.st_ino) == target:
+                os.kill(int(pid), signal.SIGKILL)
+                killed += 1
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return killed

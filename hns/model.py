@@ -1,0 +1,172 @@
+"""The object model: networks and VMs (HNS endpoints in their namespaces).
+
+Values are frozen dataclasses that validate nothing on their own: user input goes
+through the ``parse_*`` functions, which raise :class:`InvalidRequest` with a message fit
+for one line on stderr.  ``to_json`` gives the shapes of ``hnsctl --json`` (a superset of
+HNS's own field names, so tools written against hcn can read them).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from hns.errors import InvalidRequest
+
+__all__ = [
+    "DEFAULT_MTU",
+    "Network",
+    "NetworkType",
+    "Vm",
+    "parse_ipv4",
+    "parse_mac",
+    "parse_mtu",
+    "parse_name",
+    "parse_subnet",
+]
+
+DEFAULT_MTU = 1500
+MIN_MTU = 576
+MAX_MTU = 65535
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+MAC_RE = re.compile(r"[0-9a-f]{2}([:-][0-9a-f]{2}){5}")
+
+
+class NetworkType(enum.Enum):
+    NAT = "NAT"
+
+    @classmethod
+    def parse(cls, text: str) -> NetworkType:
+        for member in cls:
+            if member.value.lower() == text.lower():
+                return member
+        choices = ", ".join(m.value.lower() for m in cls)
+        raise InvalidRequest(f"unknown network type {text!r} (choose from: {choices})")
+
+
+def parse_name(text: str, what: str = "name") -> str:
+    if not NAME_RE.fullmatch(text):
+        raise InvalidRequest(
+            f"invalid {what} {text!r}: use letters, digits, '-', '_', '.', at most 32 "
+            "characters, starting with a letter or digit")
+    return text
+
+
+def parse_subnet(text: str) -> IPv4Network:
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        raise InvalidRequest(f"invalid subnet {text!r}: {exc}") from None
+    if not isinstance(net, IPv4Network):
+        raise InvalidRequest(f"invalid subnet {text!r}: NAT networks are IPv4 only")
+    if net.prefixlen > 30:
+        raise InvalidRequest(f"invalid subnet {text!r}: too small, at most /30")
+    if not net.is_private or net.is_loopback or net.is_link_local or net.is_multicast:
+        raise InvalidRequest(f"invalid subnet {text!r}: use a private range "
+                             "(10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10)")
+    return net
+
+
+def parse_ipv4(text: str, what: str = "address") -> IPv4Address:
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise InvalidRequest(f"invalid {what} {text!r}: not an IP address") from None
+    if not isinstance(addr, IPv4Address):
+        raise InvalidRequest(f"invalid {what} {text!r}: NAT networks are IPv4 only")
+    return addr
+
+
+def parse_mac(text: str) -> str:
+    """A unicast MAC in lower case with colons."""
+    mac = text.strip().lower()
+    if not MAC_RE.fullmatch(mac):
+        raise InvalidRequest(f"invalid MAC address {text!r}: expected six hex bytes")
+    mac = mac.replace("-", ":")
+    first = int(mac[:2], 16)
+    if first & 1:
+        raise InvalidRequest(f"invalid MAC address {text!r}: multicast bit set")
+    if mac == "00:00:00:00:00:00":
+        raise InvalidRequest(f"invalid MAC address {text!r}: all zeros")
+    return mac
+
+
+def parse_mtu(value: int | str) -> int:
+    try:
+        mtu = int(value)
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"invalid MTU {value!r}: not a number") from None
+    if not MIN_MTU <= mtu <= MAX_MTU:
+        raise InvalidRequest(f"invalid MTU {mtu}: must be between {MIN_MTU} and {MAX_MTU}")
+    return mtu
+
+
+@dataclass(frozen=True)
+class Network:
+    id: str
+    name: str
+    type: NetworkType
+    subnet: IPv4Network
+    gateway: IPv4Address
+    mtu: int
+    bridge: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ID": self.id,
+            "Name": self.name,
+            "Type": self.type.value,
+            "Subnet": str(self.subnet),
+            "Gateway": str(self.gateway),
+            "Bridge": self.bridge,
+            "Mtu": self.mtu,
+            "Ipams": [{
+                "Type": "Static",
+                "Subnets": [{
+                    "IpAddressPrefix": str(self.subnet),
+                    "Routes": [{"NextHop": str(self.gateway),
+                                "DestinationPrefix": "0.0.0.0/0"}],
+                }],
+            }],
+            "SchemaVersion": {"Major": 2, "Minor": 0},
+        }
+
+
+@dataclass(frozen=True)
+class Vm:
+    id: str
+    name: str
+    network: str
+    network_id: str
+    netns: str
+    ip: IPv4Address
+    prefixlen: int
+    gateway: IPv4Address
+    mac: str
+    host_ifname: str
+    mtu: int
+    interface: str = "eth0"
+    policies: tuple[dict[str, Any], ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ID": self.id,
+            "Name": self.name,
+            "NetNs": self.netns,
+            "Network": self.network,
+            "HostComputeNetwork": self.network_id,
+            "IpAddress": str(self.ip),
+            "PrefixLength": self.prefixlen,
+            "Gateway": str(self.gateway),
+            "MacAddress": self.mac,
+            "InterfaceName": self.interface,
+            "HostInterfaceName": self.host_ifname,
+            "Mtu": self.mtu,
+            "IpConfigurations": [{"IpAddress": str(self.ip), "PrefixLength": self.prefixlen}],
+            "Routes": [{"NextHop": str(self.gateway), "DestinationPrefix": "0.0.0.0/0"}],
+            "Policies": list(self.policies),
+        }

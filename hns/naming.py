@@ -1,0 +1,56 @@
+"""Deterministic names and tags for the kernel objects of one hns instance.
+
+Netns names are global and several instances (one per state directory) may share a
+machine, so every name carries the instance tag: a short random id kept in the state
+store.  Interface names must fit in 15 characters: two letters, the 4-character instance
+tag and the first 8 hex digits of the object's id (unique per instance by a constraint
+of the store).  Links also carry ``IFLA_IFALIAS`` = ``hns:<instance>:<object id>`` so
+that the garbage collector finds them without trusting names alone.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ALIAS_PREFIX",
+    "bridge_name",
+    "host_veth_name",
+    "instance_alias_prefix",
+    "link_alias",
+    "netns_prefix",
+    "vm_netns_name",
+    "nft_table_name",
+]
+
+ALIAS_PREFIX = "hns:"
+
+
+def short_id(object_id: str) -> str:
+    return object_id.replace("-", "")[:8]
+
+
+def bridge_name(instance: str, network_id: str) -> str:
+    return f"hb{instance}{short_id(network_id)}"
+
+
+def host_veth_name(instance: str, vm_id: str) -> str:
+    return f"hv{instance}{short_id(vm_id)}"
+
+
+def netns_prefix(instance: str) -> str:
+    return f"hns-{instance}-"
+
+
+def vm_netns_name(instance: str, vm_name: str) -> str:
+    return f"{netns_prefix(instance)}{vm_name}"
+
+
+def instance_alias_prefix(instance: str) -> str:
+    return f"{ALIAS_PREFIX}{instance}:"
+
+
+def link_alias(instance: str, object_id: str) -> str:
+    return f"{instance_alias_prefix(instance)}{object_id}"
+
+
+def nft_table_name(instance: str) -> str:
+    return f"hns-{instance}"

@@ -1,0 +1,353 @@
+"""The service: what ``hnsctl`` and the Python API call.
+
+Every operation follows one pattern: validate (pure) -> write the desired state in one
+store transaction -> apply it to the kernel idempotently -> on failure undo the kernel
+work made so far (an ExitStack of undo callbacks) and the state row.  Deletes run the
+other way round: kernel first (idempotent), then the state, so a failed delete can simply
+be run again.  ``restore`` rebuilds every kernel object from the state; ``gc`` removes
+kernel objects tagged with this instance that the state does not know.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from hns import ipam, naming, resolv
+from hns.errors import AlreadyExists, Conflict, HnsError, InvalidRequest, KernelError
+from hns.kernel import EndpointSpec, HostKernel, configure_vm_side, kill_netns_processes
+from hns.model import (
+    DEFAULT_MTU,
+    Network,
+    NetworkType,
+    Vm,
+    parse_ipv4,
+    parse_mac,
+    parse_mtu,
+    parse_name,
+    parse_subnet,
+)
+from hns.netns import create_netns, delete_netns, list_netns, netns_exists
+from hns.store import Store
+from nat.nft import Nft, NftRunner
+from nat.ruleset import NatSpec, nat_table, render_delete, render_replace
+
+__all__ = ["DEFAULT_NETWORK", "DEFAULT_STATE_DIR", "DEFAULT_VM", "Service", "UpResult",
+           "open_service"]
+
+log = logging.getLogger("hns")
+
+DEFAULT_STATE_DIR = "/var/lib/hns"
+DEFAULT_NETWORK = "WSL"
+DEFAULT_VM = "wsl"
+
+
+@dataclass(frozen=True)
+class UpResult:
+    network: Network
+    vm: Vm
+    created: bool
+
+
+class Service:
+    """hns bound to one state directory and one host namespace."""
+
+    def __init__(self, state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR,
+                 host_netns: str | None = None, *, nft: NftRunner | None = None) -> None:
+        if host_netns is not None and not netns_exists(host_netns):
+            raise InvalidRequest(f"host namespace {host_netns!r} does not exist")
+        self.host_netns = host_netns
+        self.store = Store(state_dir)
+        self.instance = self.store.instance
+        self.nft: NftRunner = nft or Nft(host_netns)
+        self._kernel: HostKernel | None = None
+
+    @property
+    def kernel(self) -> HostKernel:
+        if self._kernel is None:
+            self._kernel = HostKernel(self.host_netns)
+        return self._kernel
+
+    def close(self) -> None:
+        if self._kernel is not None:
+            self._kernel.close()
+            self._kernel = None
+        self.store.close()
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # reads
+
+    def list_networks(self) -> list[Network]:
+        return self.store.networks()
+
+    def get_network(self, name: str) -> Network:
+        return self.store.network(name)
+
+    def list_vms(self, network: str | None = None) -> list[Vm]:
+        net_id = self.store.network(network).id if network else None
+        return self.store.vms(net_id)
+
+    def get_vm(self, name: str) -> Vm:
+        return self.store.vm(name)
+
+    # networks
+
+    def _host_prefixes(self) -> list[tuple[str, IPv4Network]]:
+        ours = frozenset(n.bridge for n in self.store.networks())
+        taken = self.kernel.inventory(skip_links=ours)
+        with contextlib.suppress(OSError):
+            with open(resolv.host_resolv_path(self.host_netns)) as f:
+                for ns in resolv.nameservers(f.read()):
+                    with contextlib.suppress(ValueError):
+                        taken.append((f"nameserver {ns}", IPv4Network(ns)))
+        return taken
+
+    def create_network(self, name: str, type: NetworkType | str = NetworkType.NAT,
+                       subnet: IPv4Network | str | None = None,
+                       gateway: IPv4Address | str | None = None,
+                       mtu: int | str | None = None) -> Network:
+        name = parse_name(name, "network name")
+        net_type = type if isinstance(type, NetworkType) else NetworkType.parse(type)
+        pinned = parse_subnet(str(subnet)) if subnet is not None else None
+        gw = parse_ipv4(str(gateway), "gateway") if gateway is not None else None
+        if gw is not None and pinned is None:
+            raise InvalidRequest("--gateway needs --subnet")
+        if pinned is not None and gw is not None:
+            ipam.validate_gateway(pinned, gw)
+        size = parse_mtu(mtu) if mtu is not None else DEFAULT_MTU
+        if self.store.find_network(name) is not None:
+            raise AlreadyExists(f"network {name!r} already exists")
+        host_taken = self._host_prefixes()
+        with self.store.transaction() as db:
+            if self.store.find_network(name, db) is not None:
+                raise AlreadyExists(f"network {name!r} already exists")
+            others = [(f"network {n.name}", n.subnet) for n in self.store.networks(db)]
+            if pinned is not None:
+                ipam.check_subnet_free(pinned, others + host_taken)
+                chosen = pinned
+            else:
+                remembered = self.store.remembered_subnet(name, db)
+                choice = ipam.choose_subnet([n for _, n in others + host_taken], remembered)
+                chosen = choice.subnet
+                if choice.replaced is not None:
+                    log.warning("the address range %s remembered for network %s collides with "
+                                "the host; created the network with range %s instead",
+                                choice.replaced, name, chosen)
+            net_id = str(uuid.uuid4())
+            net = Network(id=net_id, name=name, type=net_type, subnet=chosen,
+                          gateway=gw or ipam.default_gateway(chosen), mtu=size,
+                          bridge=naming.bridge_name(self.instance, net_id))
+            self.store.insert_network(db, net)
+        try:
+            self._apply_network(net)
+        except BaseException:
+            self._undo_network(net)
+            raise
+        return net
+
+    def _apply_network(self, net: Network) -> None:
+        self.kernel.ensure_bridge(net.bridge, net.gateway, net.subnet.prefixlen, net.mtu,
+                                  naming.link_alias(self.instance, net.id))
+        self.kernel.enable_forwarding()
+        self._sync_nat()
+
+    def _undo_network(self, net: Network) -> None:
+        with contextlib.suppress(HnsError):
+            self.kernel.delete_link(net.bridge)
+        with self.store.lock("nft"):
+            with self.store.transaction() as db:
+                self.store.delete_network(db, net.id)
+            with contextlib.suppress(HnsError):
+                self._sync_nat_locked()
+
+    def _sync_nat(self) -> None:
+        with self.store.lock("nft"):
+            self._sync_nat_locked()
+
+    def _sync_nat_locked(self, exclude: frozenset[str] = frozenset()) -> None:
+        """Render the whole NAT table from the state and apply it atomically."""
+        table_name = naming.nft_table_name(self.instance)
+        specs = [NatSpec(n.id, n.subnet, n.bridge) for n in self.store.networks()
+                 if n.id not in exclude and n.type is NetworkType.NAT]
+        if specs:
+            self.nft.apply(render_replace(nat_table(table_name, specs)))
+        else:
+            self.nft.apply(render_delete("inet", table_name))
+
+    def delete_network(self, name: str, force: bool = False) -> bool:
+        """Delete a network; False if it did not exist.  Refuses while VMs are attached."""
+        net = self.store.find_network(name)
+        if net is None:
+            return False
+        vms = self.store.vms(net.id)
+        if vms and not force:
+            names = ", ".join(v.name for v in vms)
+            raise Conflict(f"network {name!r} has VMs attached ({names}); delete them first "
+                           "or use --force")
+        for vm in vms:
+            self.delete_vm(vm.name)
+        with self.store.lock("nft"):
+            self._sync_nat_locked(exclude=frozenset({net.id}))
+            self.kernel.delete_link(net.bridge)
+            with self.store.transaction() as db:
+                self.store.delete_network(db, net.id)
+        return True
+
+    # VMs
+
+    def create_vm(self, name: str, network: str, ip: IPv4Address | str | None = None,
+                  mac: str | None = None) -> Vm:
+        name = parse_name(name, "vm name")
+        want_ip = parse_ipv4(str(ip)) if ip is not None else None
+        want_mac = parse_mac(mac) if mac is not None else None
+        with self.store.transaction() as db:
+            net = self.store.network(network, db)
+            if self.store.find_vm(name, db) is not None:
+                raise AlreadyExists(f"vm {name!r} already exists")
+            addr = ipam.allocate_ip(net.subnet, net.gateway, self.store.taken_ips(db, net.id),
+                                    want_ip)
+            hw = ipam.allocate_mac(self.store.taken_macs(db), want_mac)
+            vm_id = str(uuid.uuid4())
+            vm = Vm(id=vm_id, name=name, network=net.name, network_id=net.id,
+                    netns=naming.vm_netns_name(self.instance, name), ip=addr,
+                    prefixlen=net.subnet.prefixlen, gateway=net.gateway, mac=hw,
+                    host_ifname=naming.host_veth_name(self.instance, vm_id), mtu=net.mtu)
+            self.store.insert_vm(db, vm)
+        try:
+            self._apply_vm(vm, net)
+        except BaseException:
+            with contextlib.suppress(HnsError, OSError):
+                self._teardown_vm(vm)
+            with self.store.transaction() as db:
+                self.store.delete_vm(db, vm.id)
+            raise
+        return vm
+
+    def _apply_vm(self, vm: Vm, net: Network) -> None:
+        try:
+            create_netns(vm.netns)
+        except KernelError as exc:
+            if exc.is_exists:
+                raise KernelError(f"network namespace {vm.netns} already exists; "
+                                  "'hnsctl gc' removes leftovers", exc.errno) from None
+            raise
+        self.kernel.add_endpoint(EndpointSpec(
+            host_ifname=vm.host_ifname, netns=vm.netns, mac=vm.mac, mtu=vm.mtu,
+            bridge=net.bridge, alias=naming.link_alias(self.instance, vm.id)))
+        configure_vm_side(vm.netns, vm.ip, vm.prefixlen, vm.gateway)
+        resolv.write_vm_resolv(vm.netns, self.host_netns)
+
+    def _teardown_vm(self, vm: Vm) -> None:
+        kill_netns_processes(vm.netns)
+        self.kernel.delete_link(vm.host_ifname)
+        delete_netns(vm.netns)
+        resolv.remove_vm_resolv(vm.netns)
+
+    def delete_vm(self, name: str) -> bool:
+        """Delete a VM and everything it had; False if it did not exist."""
+        vm = self.store.find_vm(name)
+        if vm is None:
+            return False
+        self._teardown_vm(vm)
+        with self.store.transaction() as db:
+            self.store.delete_vm(db, vm.id)
+        return True
+
+    # lifecycle
+
+    def up(self) -> UpResult:
+        """WSL's first start: the NAT network ``WSL`` and the VM ``wsl``.  Idempotent."""
+        self.restore()
+        created = False
+        net = self.store.find_network(DEFAULT_NETWORK)
+        if net is None:
+            net = self.create_network(DEFAULT_NETWORK, NetworkType.NAT)
+            created = True
+        vm = self.store.find_vm(DEFAULT_VM)
+        if vm is None:
+            vm = self.create_vm(DEFAULT_VM, DEFAULT_NETWORK)
+            created = True
+        return UpResult(net, vm, created)
+
+    def down(self) -> bool:
+        """Remove ``wsl`` and ``WSL`` (and VMs attached to it); the subnet stays remembered."""
+        vm_gone = self.delete_vm(DEFAULT_VM)
+        net_gone = self.delete_network(DEFAULT_NETWORK, force=True)
+        return vm_gone or net_gone
+
+    def restore(self) -> list[str]:
+        """Recreate every kernel object of the state (after a reboot); what was made."""
+        made: list[str] = []
+        networks = self.store.networks()
+        for net in networks:
+            if self.kernel.ensure_bridge(net.bridge, net.gateway, net.subnet.prefixlen,
+                                         net.mtu, naming.link_alias(self.instance, net.id)):
+                made.append(f"bridge {net.bridge} of network {net.name}")
+        if networks:
+            self.kernel.enable_forwarding()
+            self._sync_nat()
+        by_id = {n.id: n for n in networks}
+        for vm in self.store.vms():
+            if netns_exists(vm.netns) and self.kernel.link_exists(vm.host_ifname):
+                configure_vm_side(vm.netns, vm.ip, vm.prefixlen, vm.gateway)
+                resolv.write_vm_resolv(vm.netns, self.host_netns)
+                continue
+            self._teardown_vm(vm)
+            self._apply_vm(vm, by_id[vm.network_id])
+            made.append(f"vm {vm.name} ({vm.ip}, {vm.mac})")
+        return made
+
+    def gc(self, dry_run: bool = False) -> list[str]:
+        """Remove kernel objects tagged with this instance that the state does not know."""
+        networks = self.store.networks()
+        vms = self.store.vms()
+        known_links = {n.bridge for n in networks} | {v.host_ifname for v in vms}
+        known_netns = {v.netns for v in vms}
+        found: list[str] = []
+        links = self.kernel.tagged_links(naming.instance_alias_prefix(self.instance))
+        # endpoints first: deleting a bridge does not delete its ports
+        for link in sorted(links, key=lambda n: not n.startswith("hv")):
+            if link not in known_links:
+                found.append(f"link {link}")
+                if not dry_run:
+                    self.kernel.delete_link(link)
+        prefix = naming.netns_prefix(self.instance)
+        for ns in list_netns():
+            if ns.startswith(prefix) and ns not in known_netns:
+                found.append(f"netns {ns}")
+                if not dry_run:
+                    kill_netns_processes(ns)
+                    delete_netns(ns)
+        with contextlib.suppress(FileNotFoundError):
+            for entry in sorted(os.listdir(resolv.ETC_NETNS)):
+                if entry.startswith(prefix) and entry not in known_netns:
+                    found.append(f"resolv.conf {resolv.ETC_NETNS}/{entry}")
+                    if not dry_run:
+                        resolv.remove_vm_resolv(entry)
+        table = f"inet {naming.nft_table_name(self.instance)}"
+        if not networks and table in self.nft.list_tables():
+            found.append(f"nft table {table}")
+            if not dry_run:
+                self._sync_nat()
+        return found
+
+
+@contextlib.contextmanager
+def open_service(state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR,
+                 host_netns: str | None = None) -> Iterator[Service]:
+    service = Service(state_dir, host_netns)
+    try:
+        yield service
+    finally:
+        service.close()
+

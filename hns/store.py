@@ -1,0 +1,210 @@
+"""The state store: SQLite in the state directory, the desired state of one instance.
+
+One write transaction per operation (``BEGIN IMMEDIATE``, so concurrent CLI processes
+queue on the database lock instead of racing), WAL so readers never wait, and unique
+constraints so that a double allocation is impossible even if two writers computed the
+same answer.  The store knows nothing of the kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import sqlite3
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from hns.errors import AlreadyExists, NotFound, StateError
+from hns.model import Network, NetworkType, Vm
+
+__all__ = ["Store"]
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS networks (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    subnet TEXT NOT NULL UNIQUE,
+    gateway TEXT NOT NULL,
+    mtu INTEGER NOT NULL,
+    bridge TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS vms (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    network_id TEXT NOT NULL REFERENCES networks(id),
+    ip TEXT NOT NULL,
+    mac TEXT NOT NULL UNIQUE,
+    netns TEXT NOT NULL UNIQUE,
+    host_ifname TEXT NOT NULL UNIQUE,
+    UNIQUE (network_id, ip)
+);
+CREATE TABLE IF NOT EXISTS remembered_subnets (
+    name TEXT PRIMARY KEY,
+    subnet TEXT NOT NULL
+);
+"""
+
+VM_SELECT = """
+SELECT v.id, v.name, n.name, n.id, v.netns, v.ip, n.subnet, n.gateway, v.mac,
+       v.host_ifname, n.mtu
+FROM vms v JOIN networks n ON n.id = v.network_id
+"""
+
+
+def _network(row: tuple[object, ...]) -> Network:
+    id_, name, type_, subnet, gateway, mtu, bridge = row
+    return Network(id=str(id_), name=str(name), type=NetworkType(type_),
+                   subnet=IPv4Network(str(subnet)), gateway=IPv4Address(str(gateway)),
+                   mtu=int(str(mtu)), bridge=str(bridge))
+
+
+def _vm(row: tuple[object, ...]) -> Vm:
+    id_, name, net_name, net_id, netns, ip, subnet, gateway, mac, host_ifname, mtu = row
+    return Vm(id=str(id_), name=str(name), network=str(net_name), network_id=str(net_id),
+              netns=str(netns), ip=IPv4Address(str(ip)),
+              prefixlen=IPv4Network(str(subnet)).prefixlen, gateway=IPv4Address(str(gateway)),
+              mac=str(mac), host_ifname=str(host_ifname), mtu=int(str(mtu)))
+
+
+def _integrity(exc: sqlite3.IntegrityError, what: str) -> AlreadyExists:
+    return AlreadyExists(f"{what} conflicts with an existing object ({exc})")
+
+
+class Store:
+    """Desired state of one hns instance, in ``<state_dir>/hns.db``."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.state_dir = Path(state_dir)
+        try:
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.state_dir / "hns.db", timeout=60,
+                                       isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA busy_timeout = 60000")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA foreign_keys = ON")
+            with self.transaction() as db:
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
+                           (str(SCHEMA_VERSION),))
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('instance', ?)",
+                           (secrets.token_hex(2),))
+            self.instance = self._meta("instance")
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(f"cannot open the state store in {self.state_dir}: {exc}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _meta(self, key: str) -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            raise StateError(f"state store has no {key}")
+        return str(row[0])
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; the database lock is held from the start."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """An exclusive lock between processes of this instance (a flock on a file)."""
+        fd = os.open(self.state_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # networks
+
+    def networks(self, db: sqlite3.Connection | None = None) -> list[Network]:
+        rows = (db or self._db).execute(
+            "SELECT id, name, type, subnet, gateway, mtu, bridge FROM networks ORDER BY name")
+        return [_network(r) for r in rows]
+
+    def find_network(self, name: str, db: sqlite3.Connection | None = None) -> Network | None:
+        row = (db or self._db).execute(
+            "SELECT id, name, type, subnet, gateway, mtu, bridge FROM networks WHERE name = ?",
+            (name,)).fetchone()
+        return _network(row) if row else None
+
+    def network(self, name: str, db: sqlite3.Connection | None = None) -> Network:
+        net = self.find_network(name, db)
+        if net is None:
+            raise NotFound(f"network {name!r} does not exist")
+        return net
+
+    def insert_network(self, db: sqlite3.Connection, net: Network) -> None:
+        try:
+            db.execute("INSERT INTO networks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (net.id, net.name, net.type.value, str(net.subnet), str(net.gateway),
+                        net.mtu, net.bridge))
+            db.execute("INSERT OR REPLACE INTO remembered_subnets VALUES (?, ?)",
+                       (net.name, str(net.subnet)))
+        except sqlite3.IntegrityError as exc:
+            raise _integrity(exc, f"network {net.name}") from None
+
+    def delete_network(self, db: sqlite3.Connection, network_id: str) -> None:
+        db.execute("DELETE FROM vms WHERE network_id = ?", (network_id,))
+        db.execute("DELETE FROM networks WHERE id = ?", (network_id,))
+
+    def remembered_subnet(self, name: str, db: sqlite3.Connection) -> IPv4Network | None:
+        row = db.execute("SELECT subnet FROM remembered_subnets WHERE name = ?",
+                         (name,)).fetchone()
+        return IPv4Network(row[0]) if row else None
+
+    # VMs
+
+    def vms(self, network_id: str | None = None,
+            db: sqlite3.Connection | None = None) -> list[Vm]:
+        if network_id is None:
+            rows = (db or self._db).execute(VM_SELECT + " ORDER BY v.name")
+        else:
+            rows = (db or self._db).execute(VM_SELECT + " WHERE n.id = ? ORDER BY v.name",
+                                            (network_id,))
+        return [_vm(r) for r in rows]
+
+    def find_vm(self, name: str, db: sqlite3.Connection | None = None) -> Vm | None:
+        row = (db or self._db).execute(VM_SELECT + " WHERE v.name = ?", (name,)).fetchone()
+        return _vm(row) if row else None
+
+    def vm(self, name: str, db: sqlite3.Connection | None = None) -> Vm:
+        vm = self.find_vm(name, db)
+        if vm is None:
+            raise NotFound(f"vm {name!r} does not exist")
+        return vm
+
+    def taken_ips(self, db: sqlite3.Connection, network_id: str) -> set[IPv4Address]:
+        rows = db.execute("SELECT ip FROM vms WHERE network_id = ?", (network_id,))
+        return {IPv4Address(r[0]) for r in rows}
+
+    def taken_macs(self, db: sqlite3.Connection) -> set[str]:
+        return {r[0] for r in db.execute("SELECT mac FROM vms")}
+
+    def insert_vm(self, db: sqlite3.Connection, vm: Vm) -> None:
+        try:
+            db.execute("INSERT INTO vms VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (vm.id, vm.name, vm.network_id, str(vm.ip), vm.mac, vm.netns,
+                        vm.host_ifname))
+        except sqlite3.IntegrityError as exc:
+            raise _integrity(exc, f"vm {vm.name}") from None
+
+    def delete_vm(self, db: sqlite3.Connection, vm_id: str) -> None:
+        db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
