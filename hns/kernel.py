@@ -104,7 +104,7 @@ class HostKernel:
                     continue
                 net = IPv4Network(f"{addr}/{msg['prefixlen']}", strict=False)
                 found.append((f"address {addr}/{msg['prefixlen']} on {dev}", net))
-            for msg in ipr.get_routes(family=socket.AF_INET, table=0):
+            for msg in ipr.get_routes(family=socket.AF_INET):
                 dev = names.get(msg.get_attr("RTA_OIF"), "?")
                 dst = msg.get_attr("RTA_DST")
                 if (msg["dst_len"] == 0 or dst is None or dev in skip_links or dev == "lo"

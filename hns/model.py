@@ -32,6 +32,8 @@ __all__ = [
 DEFAULT_MTU = 1500
 MIN_MTU = 576
 MAX_MTU = 65535
+PRIVATE_RANGES = tuple(IPv4Network(r) for r in
+                       ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"))
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 MAC_RE = re.compile(r"[0-9a-f]{2}([:-][0-9a-f]{2}){5}")
 
@@ -65,7 +67,7 @@ def parse_subnet(text: str) -> IPv4Network:
         raise InvalidRequest(f"invalid subnet {text!r}: NAT networks are IPv4 only")
     if net.prefixlen > 30:
         raise InvalidRequest(f"invalid subnet {text!r}: too small, at most /30")
-    if not net.is_private or net.is_loopback or net.is_link_local or net.is_multicast:
+    if not any(net.subnet_of(r) for r in PRIVATE_RANGES):
         raise InvalidRequest(f"invalid subnet {text!r}: use a private range "
                              "(10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10)")
     return net

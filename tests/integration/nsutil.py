@@ -1,0 +1,71 @@
+"""Small helpers for the integration tests: readiness polling and snapshots."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hns.testing import Peer, Sandbox
+
+# socat unescapes backslashes in SYSTEM commands: plain echos only
+HTTP_PEER_ECHO = "echo HTTP/1.0 200 OK; echo; echo $SOCAT_PEERADDR"
+
+
+def wait_for(predicate: Callable[[], bool], what: str, attempts: int = 200,
+             interval: float = 0.05) -> None:
+    """Poll until ``predicate()`` holds (readiness, not a performance check)."""
+    for _ in range(attempts):
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_listening(peer: Peer, port: int, udp: bool = False) -> None:
+    flag = "-Hlnu" if udp else "-Hlnt"
+    wait_for(lambda: bool(peer.run(["ss", flag, f"sport = :{port}"]).stdout.strip()),
+             f"{'udp' if udp else 'tcp'} port {port} in {peer.netns}")
+
+
+def serve_http_peer_echo(peer: Peer, port: int, bind: str | None = None) -> subprocess.Popen[Any]:
+    """An HTTP server (socat) that answers every request with the client's address."""
+    listen = f"TCP-LISTEN:{port},reuseaddr,fork" + (f",bind={bind}" if bind else "")
+    proc = peer.popen(["socat", listen, f"SYSTEM:{HTTP_PEER_ECHO}"])
+    wait_listening(peer, port)
+    return proc
+
+
+def serve_udp_peer_echo(peer: Peer, port: int) -> subprocess.Popen[Any]:
+    """A UDP server (socat) that answers every datagram with the sender's address."""
+    proc = peer.popen(["socat", f"UDP-RECVFROM:{port},reuseaddr,fork",
+                       "SYSTEM:echo $SOCAT_PEERADDR"])
+    wait_listening(peer, port, udp=True)
+    return proc
+
+
+def udp_ask(peer: Peer, host: str, port: int, payload: str = "ping") -> str:
+    result = peer.run(["socat", "-T", "5", "-", f"UDP:{host}:{port}"], input=payload + "\n")
+    return result.stdout.strip()
+
+
+def snapshot(sandbox: Sandbox) -> dict[str, Any]:
+    """State and kernel as seen from outside hns: to prove a command changed nothing."""
+    def out(result: subprocess.CompletedProcess[str]) -> str:
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    svc = sandbox.service
+    instance = svc.instance
+    return {
+        "networks": [n.to_json() for n in svc.list_networks()],
+        "vms": [v.to_json() for v in svc.list_vms()],
+        "links": sorted(line.split(":")[1].split("@")[0].strip() for line in
+                        out(sandbox.host.run(["ip", "-o", "link"])).splitlines()),
+        "addrs": out(sandbox.host.run(["ip", "-o", "addr"])).count("inet"),
+        "netns": sorted(ns for ns in subprocess.run(
+            ["ip", "netns", "list"], capture_output=True, text=True, check=True
+        ).stdout.split() if ns.startswith(f"hns-{instance}-")),
+        "nft": out(sandbox.host.run(["nft", "list", "ruleset"])),
+    }
