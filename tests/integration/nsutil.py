@@ -9,8 +9,9 @@ from typing import Any
 
 from hns.testing import Peer, Sandbox
 
-# socat unescapes backslashes in SYSTEM commands: plain echos only
-HTTP_PEER_ECHO = "echo HTTP/1.0 200 OK; echo; echo $SOCAT_PEERADDR"
+# The server reads the request up to its blank line before answering (closing with unread
+# data would reset the connection), and avoids backslashes: socat unescapes them.
+HTTP_PEER_ECHO = "sed -n /^.$/q; echo HTTP/1.0 200 OK; echo; echo $SOCAT_PEERADDR"
 
 
 def wait_for(predicate: Callable[[], bool], what: str, attempts: int = 200,
