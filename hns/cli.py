@@ -39,7 +39,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-netns", default=os.environ.get("HNS_HOST_NETNS") or None,
                    help="namespace that plays the host (env HNS_HOST_NETNS, default: this one)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    leaf = argparse.ArgumentParser(add_help=False)
+    leaf = _Parser(add_help=False)
     leaf.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                       help="print JSON")
     p.add_argument("--debug", action="store_true", help="print tracebacks")
@@ -70,11 +70,13 @@ def _build_parser() -> argparse.ArgumentParser:
     vm.add_parser("list", parents=[leaf], help="list VMs").add_argument("--network")
     vm.add_parser("show", parents=[leaf], help="show a VM").add_argument("name")
     vm.add_parser("delete", parents=[leaf], help="delete a VM").add_argument("name")
-    e = vm.add_parser("exec", parents=[leaf], help="run a command in a VM: vm exec NAME -- CMD [ARG...]")
+    e = vm.add_parser("exec", parents=[leaf],
+                      help="run a command in a VM: vm exec NAME -- CMD [ARG...]")
     e.add_argument("name")
     e.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
 
-    sub.add_parser("up", parents=[leaf], help="the WSL network and the VM wsl, as WSL's first start")
+    sub.add_parser("up", parents=[leaf],
+                   help="the WSL network and the VM wsl, as WSL's first start")
     sub.add_parser("down", parents=[leaf], help="remove the VM wsl and the network WSL")
     sub.add_parser("restore", parents=[leaf], help="recreate kernel objects from the state")
     sub.add_parser("gc", parents=[leaf], help="remove leftover kernel objects").add_argument(

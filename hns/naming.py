@@ -17,8 +17,8 @@ __all__ = [
     "instance_alias_prefix",
     "link_alias",
     "netns_prefix",
-    "vm_netns_name",
     "nft_table_name",
+    "vm_netns_name",
 ]
 
 ALIAS_PREFIX = "hns:"

@@ -152,9 +152,9 @@ class NetnsExecutor:
     def __init__(self, name: str | None) -> None:
         self.name = name
         self._local = threading.local()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"netns-{name}",
-                                        initializer=_enter if name else None,
-                                        initargs=(name,) if name else ())
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"netns-{name}",
+            initializer=(lambda: _enter(name)) if name else None)
 
     def call(self, fn: Callable[..., T], *args: object) -> T:
         try:

@@ -17,10 +17,10 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
+from typing import TYPE_CHECKING
 
 from hns import ipam, naming, resolv
 from hns.errors import AlreadyExists, Conflict, HnsError, InvalidRequest, KernelError
-from hns.kernel import EndpointSpec, HostKernel, configure_vm_side, kill_netns_processes
 from hns.model import (
     DEFAULT_MTU,
     Network,
@@ -36,6 +36,9 @@ from hns.netns import create_netns, delete_netns, list_netns, netns_exists
 from hns.store import Store
 from nat.nft import Nft, NftRunner
 from nat.ruleset import NatSpec, nat_table, render_delete, render_replace
+
+if TYPE_CHECKING:  # the kernel driver (and pyroute2) loads on first use: reads stay fast
+    from hns.kernel import HostKernel
 
 __all__ = ["DEFAULT_NETWORK", "DEFAULT_STATE_DIR", "DEFAULT_VM", "Service", "UpResult",
            "open_service"]
@@ -70,6 +73,7 @@ class Service:
     @property
     def kernel(self) -> HostKernel:
         if self._kernel is None:
+            from hns.kernel import HostKernel
             self._kernel = HostKernel(self.host_netns)
         return self._kernel
 
@@ -105,11 +109,10 @@ class Service:
     def _host_prefixes(self) -> list[tuple[str, IPv4Network]]:
         ours = frozenset(n.bridge for n in self.store.networks())
         taken = self.kernel.inventory(skip_links=ours)
-        with contextlib.suppress(OSError):
-            with open(resolv.host_resolv_path(self.host_netns)) as f:
-                for ns in resolv.nameservers(f.read()):
-                    with contextlib.suppress(ValueError):
-                        taken.append((f"nameserver {ns}", IPv4Network(ns)))
+        with contextlib.suppress(OSError), open(resolv.host_resolv_path(self.host_netns)) as f:
+            for ns in resolv.nameservers(f.read()):
+                with contextlib.suppress(ValueError):
+                    taken.append((f"nameserver {ns}", IPv4Network(ns)))
         return taken
 
     def create_network(self, name: str, type: NetworkType | str = NetworkType.NAT,
@@ -234,6 +237,7 @@ class Service:
         return vm
 
     def _apply_vm(self, vm: Vm, net: Network) -> None:
+        from hns.kernel import EndpointSpec, configure_vm_side
         try:
             create_netns(vm.netns)
         except KernelError as exc:
@@ -248,6 +252,7 @@ class Service:
         resolv.write_vm_resolv(vm.netns, self.host_netns)
 
     def _teardown_vm(self, vm: Vm) -> None:
+        from hns.kernel import kill_netns_processes
         kill_netns_processes(vm.netns)
         self.kernel.delete_link(vm.host_ifname)
         delete_netns(vm.netns)
@@ -297,6 +302,7 @@ class Service:
             self.kernel.enable_forwarding()
             self._sync_nat()
         by_id = {n.id: n for n in networks}
+        from hns.kernel import configure_vm_side
         for vm in self.store.vms():
             if netns_exists(vm.netns) and self.kernel.link_exists(vm.host_ifname):
                 configure_vm_side(vm.netns, vm.ip, vm.prefixlen, vm.gateway)
@@ -314,6 +320,7 @@ class Service:
         known_links = {n.bridge for n in networks} | {v.host_ifname for v in vms}
         known_netns = {v.netns for v in vms}
         found: list[str] = []
+        from hns.kernel import kill_netns_processes
         links = self.kernel.tagged_links(naming.instance_alias_prefix(self.instance))
         # endpoints first: deleting a bridge does not delete its ports
         for link in sorted(links, key=lambda n: not n.startswith("hv")):

@@ -53,7 +53,10 @@ class Chain:
 
     def __post_init__(self) -> None:
         _ident(self.name)
-        for word in (self.type, self.hook, self.priority):
+        base = (self.type, self.hook, self.priority)
+        if any(w is not None for w in base) and any(w is None for w in base):
+            raise ValueError("a base chain needs type, hook and priority together")
+        for word in base:
             if word is not None and not re.fullmatch(r"[a-z0-9+ -]+", word):
                 raise ValueError(f"bad chain attribute {word!r}")
         if self.policy not in ("accept", "drop"):

@@ -18,6 +18,7 @@ namespaces.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import secrets
 import shutil
@@ -29,8 +30,15 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["OUTSIDE_IP", "UPLINK_IP", "Peer", "Sandbox", "SandboxVm", "missing_requirements",
-           "leftovers"]
+__all__ = [
+    "OUTSIDE_IP",
+    "UPLINK_IP",
+    "Peer",
+    "Sandbox",
+    "SandboxVm",
+    "leftovers",
+    "missing_requirements",
+]
 
 OUTSIDE_IP = "198.51.100.1"
 UPLINK_IP = "198.51.100.2"
@@ -99,10 +107,8 @@ class Peer:
         for proc in self._procs:
             if proc.poll() is None:
                 proc.kill()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired, ValueError, OSError):
                 proc.communicate(timeout=10)
-            except (subprocess.TimeoutExpired, ValueError, OSError):
-                pass
         self._procs.clear()
 
 
@@ -237,8 +243,8 @@ class Sandbox:
 
 def leftovers() -> list[str]:
     """What sandboxes made in this process and did not remove."""
-    from hns.netns import list_netns
     from hns.naming import netns_prefix
+    from hns.netns import list_netns
     from hns.resolv import ETC_NETNS
     existing = set(list_netns())
     with _lock:
@@ -246,11 +252,9 @@ def leftovers() -> list[str]:
         found = [f"netns {ns}" for ns in sorted(_made_netns & existing)]
     if prefixes:
         found += [f"netns {ns}" for ns in sorted(existing) if ns.startswith(prefixes)]
-        try:
+        with contextlib.suppress(FileNotFoundError):
             found += [f"{ETC_NETNS}/{d}" for d in sorted(os.listdir(ETC_NETNS))
                       if d.startswith(prefixes)]
-        except FileNotFoundError:
-            pass
     with _lock:
         found += [f"sandbox state dir {s.state_dir}" for s in _live]
     return found
