@@ -32,7 +32,7 @@ bench: deps
 
 lint: deps
 	$(BIN)/ruff check hns nat portproxy tests bench examples
-	$(BIN)/mypy hns nat portproxy
+	$(BIN)/mypy hns nat portproxy bench tests/unit
 
 deps: $(STAMPS)/apt $(STAMPS)/venv
 

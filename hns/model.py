@@ -26,6 +26,7 @@ __all__ = [
     "parse_mac",
     "parse_mtu",
     "parse_name",
+    "parse_netns_name",
     "parse_subnet",
 ]
 
@@ -35,6 +36,7 @@ MAX_MTU = 65535
 PRIVATE_RANGES = tuple(IPv4Network(r) for r in
                        ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"))
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+NETNS_RE = re.compile(r"[A-Za-z0-9_.@+-]{1,255}")
 MAC_RE = re.compile(r"[0-9a-f]{2}([:-][0-9a-f]{2}){5}")
 
 
@@ -71,6 +73,13 @@ def parse_subnet(text: str) -> IPv4Network:
         raise InvalidRequest(f"invalid subnet {text!r}: use a private range "
                              "(10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10)")
     return net
+
+
+def parse_netns_name(text: str, what: str = "namespace") -> str:
+    """A namespace name under /run/netns, as iproute2 accepts it: no path."""
+    if not NETNS_RE.fullmatch(text) or text in (".", ".."):
+        raise InvalidRequest(f"invalid {what} name {text!r}: not a name under /run/netns")
+    return text
 
 
 def parse_ipv4(text: str, what: str = "address") -> IPv4Address:

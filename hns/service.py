@@ -30,6 +30,7 @@ from hns.model import (
     parse_mac,
     parse_mtu,
     parse_name,
+    parse_netns_name,
     parse_subnet,
 )
 from hns.netns import create_netns, delete_netns, list_netns, netns_exists
@@ -62,7 +63,8 @@ class Service:
 
     def __init__(self, state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR,
                  host_netns: str | None = None, *, nft: NftRunner | None = None) -> None:
-        if host_netns is not None and not netns_exists(host_netns):
+        if host_netns is not None and not netns_exists(
+                parse_netns_name(host_netns, "host namespace")):
             raise InvalidRequest(f"host namespace {host_netns!r} does not exist")
         self.host_netns = host_netns
         self.store = Store(state_dir)

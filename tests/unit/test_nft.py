@@ -1,0 +1,175 @@
+"""nat.nft: what is run (argv, stdin, namespace) and how nft's failures are classified.
+
+hns.process.run is replaced by a recorder: nothing is executed.
+"""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from hns import process
+from hns.errors import KernelError
+from nat.nft import FakeNft, Nft, NftRunner
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = "table inet hns-ab12 {}\ndelete table inet hns-ab12\n"
+
+
+@dataclass
+class Call:
+    argv: list[str]
+    input: str | None
+    netns: str | None
+
+
+@dataclass
+class FakeRun:
+    """Stands in for hns.process.run: records calls, answers with a fixed result."""
+
+    returncode: int = 0
+    stdout: str = ""
+    stderr: str = ""
+    calls: list[Call] = field(default_factory=list)
+
+    def __call__(self, argv: Sequence[str], *, input: str | None = None,
+                 netns: str | None = None,
+                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        self.calls.append(Call(list(argv), input, netns))
+        return subprocess.CompletedProcess(list(argv), self.returncode, self.stdout,
+                                           self.stderr)
+
+
+@pytest.fixture
+def fake_run(monkeypatch: pytest.MonkeyPatch) -> FakeRun:
+    fake = FakeRun()
+    monkeypatch.setattr(process, "run", fake)
+    return fake
+
+
+# what runs
+
+
+def test_apply_pipes_the_script_to_nft_f_dash(fake_run: FakeRun) -> None:
+    Nft().apply(SCRIPT)
+    assert fake_run.calls == [Call(["nft", "-f", "-"], SCRIPT, None)]
+
+
+def test_apply_in_a_named_namespace(fake_run: FakeRun) -> None:
+    Nft("hostns").apply(SCRIPT)
+    assert fake_run.calls == [Call(["nft", "-f", "-"], SCRIPT, "hostns")]
+
+
+def test_check_uses_nft_check(fake_run: FakeRun) -> None:
+    Nft().check(SCRIPT)
+    assert fake_run.calls == [Call(["nft", "--check", "-f", "-"], SCRIPT, None)]
+
+
+def test_list_tables_parses_the_output(fake_run: FakeRun) -> None:
+    fake_run.stdout = "table inet hns-ab12\ntable ip filter\n\n"
+    assert Nft().list_tables() == ["inet hns-ab12", "ip filter"]
+    assert fake_run.calls == [Call(["nft", "list", "tables"], None, None)]
+
+
+def test_list_tables_empty(fake_run: FakeRun) -> None:
+    assert Nft().list_tables() == []
+
+
+def test_list_table_returns_the_text(fake_run: FakeRun) -> None:
+    fake_run.stdout = "table inet hns-ab12 {\n}\n"
+    assert Nft("h").list_table("inet", "hns-ab12") == "table inet hns-ab12 {\n}\n"
+    assert fake_run.calls == [Call(["nft", "list", "table", "inet", "hns-ab12"], None, "h")]
+
+
+# errors
+
+
+def test_no_such_file_is_enoent(fake_run: FakeRun) -> None:
+    fake_run.returncode = 1
+    fake_run.stderr = "Error: No such file or directory"
+    with pytest.raises(KernelError) as excinfo:
+        Nft().apply(SCRIPT)
+    assert excinfo.value.errno == errno.ENOENT
+    assert excinfo.value.is_not_found
+    assert not excinfo.value.is_exists
+    assert fake_run.calls == [Call(["nft", "-f", "-"], SCRIPT, None)]
+
+
+@pytest.mark.parametrize(("stderr", "code"), [
+    ("Error: No such file or directory\ndelete table inet x\n^^^^^^", errno.ENOENT),
+    ("Error: Could not process rule: File exists", errno.EEXIST),
+    ("Error: Could not process rule: Operation not permitted", errno.EPERM),
+    ("Error: syntax error, unexpected junk", errno.EINVAL),
+    ("nft: not found", errno.EINVAL),
+    ("", errno.EINVAL),
+])
+def test_errors_are_classified(fake_run: FakeRun, stderr: str, code: int) -> None:
+    fake_run.returncode = 1
+    fake_run.stderr = stderr
+    with pytest.raises(KernelError) as excinfo:
+        Nft().apply(SCRIPT)
+    assert excinfo.value.errno == code
+
+
+def test_error_message_is_the_first_non_blank_stderr_line(fake_run: FakeRun) -> None:
+    fake_run.returncode = 1
+    fake_run.stderr = "\n  Error: File exists  \n/dev/stdin:1:1-2: more detail\n"
+    with pytest.raises(KernelError) as excinfo:
+        Nft().apply(SCRIPT)
+    assert str(excinfo.value) == "nft -f - failed: Error: File exists"
+    assert excinfo.value.is_exists
+
+
+def test_error_message_without_stderr_gives_the_exit_code(fake_run: FakeRun) -> None:
+    fake_run.returncode = 127
+    with pytest.raises(KernelError, match="failed: 127"):
+        Nft().list_tables()
+
+
+def test_list_table_missing_is_none(fake_run: FakeRun) -> None:
+    fake_run.returncode = 1
+    fake_run.stderr = "Error: No such file or directory\nlist table inet nope\n"
+    assert Nft().list_table("inet", "nope") is None
+
+
+def test_list_table_other_errors_raise(fake_run: FakeRun) -> None:
+    fake_run.returncode = 1
+    fake_run.stderr = "Error: Operation not permitted"
+    with pytest.raises(KernelError) as excinfo:
+        Nft().list_table("inet", "x")
+    assert excinfo.value.errno == errno.EPERM
+
+
+# the fake
+
+
+def test_fake_nft_records_scripts() -> None:
+    fake = FakeNft()
+    runner: NftRunner = fake
+    runner.apply("one\n")
+    runner.apply("two\n")
+    assert fake.scripts == ["one\n", "two\n"]
+    assert fake.dump() == "one\ntwo\n"
+    assert runner.list_tables() == []
+
+
+def test_fake_nft_starts_empty() -> None:
+    assert FakeNft().dump() == ""
+
+
+# the package
+
+
+@pytest.mark.parametrize("module", ["nat", "nat.ruleset", "nat.nft", "hns", "hns.cli",
+                                    "hns.ipam", "hns.store", "hns.service"])
+def test_modules_import_on_their_own(module: str) -> None:
+    """A fresh interpreter (pytest's hns plugin has long loaded hns here): no import cycle."""
+    result = subprocess.run([sys.executable, "-c", f"import {module}"],
+                            capture_output=True, text=True, check=False, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
