@@ -81,6 +81,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.add_parser("restore", parents=[leaf], help="recreate kernel objects from the state")
     sub.add_parser("gc", parents=[leaf], help="remove leftover kernel objects").add_argument(
         "--dry-run", action="store_true", help="only list them")
+    from portproxy.cli import register
+    register(sub, leaf)
     return p
 
 
@@ -208,7 +210,8 @@ def _gc(svc: Service, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[[Service, argparse.Namespace], int]] = {
+Handler = Callable[[Service, argparse.Namespace], int]
+COMMANDS: dict[str, Handler] = {
     "network": _network_cmd, "vm": _vm_cmd, "up": _up, "down": _down,
     "restore": _restore, "gc": _gc,
 }
@@ -227,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         handlers=[handler])
     try:
         with Service(args.state_dir, args.host_netns) as svc:
-            return COMMANDS[args.command](svc, args)
+            from portproxy.cli import HANDLERS
+            return {**COMMANDS, **HANDLERS}[args.command](svc, args)
     except HnsError as exc:
         if args.debug:
             traceback.print_exc()
