@@ -29,6 +29,7 @@ __all__ = [
     "NetnsExecutor",
     "create_netns",
     "delete_netns",
+    "enter_netns",
     "list_netns",
     "netns_exists",
     "netns_inode",
@@ -86,6 +87,12 @@ def _enter(name: str) -> None:
         _check(_libc.setns(fd, CLONE_NEWNET), "cannot enter network namespace", name)
     finally:
         os.close(fd)
+
+
+def enter_netns(name: str) -> None:
+    """Move the calling thread into ``name``.  Only for a process's main thread before it
+    starts any other (threads made later inherit it): the daemon does this once at start."""
+    _enter(name)
 
 
 def _prepare_rundir() -> None:

@@ -103,6 +103,11 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The connection, for modules keeping tables of their own (reads, transactions)."""
+        return self._db
+
     def _meta(self, key: str) -> str:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         if row is None:

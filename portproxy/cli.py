@@ -3,13 +3,117 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from hns.errors import InvalidRequest
 
 __all__ = ["HANDLERS", "register"]
 
-HANDLERS: dict[str, Callable[[Any, argparse.Namespace], int]] = {}
+PROG = "hnsctl"
 
 
 def register(sub: Any, leaf: argparse.ArgumentParser) -> None:
     """Add this package's commands to hnsctl's subparsers."""
+    pp = sub.add_parser("portproxy", help="static port proxies, in netsh's words")
+    acts = pp.add_subparsers(dest="action", required=True, metavar="ACTION",
+                             parser_class=type(leaf))
+    for verb, text in (("add", "add a proxy"), ("set", "add or change a proxy"),
+                       ("delete", "delete a proxy")):
+        p = acts.add_parser(verb, parents=[leaf], help=text)
+        p.add_argument("kind", metavar="v4tov4|v4tov6|v6tov4|v6tov6")
+        p.add_argument("words", nargs="*", metavar="key=value",
+                       help="listenport=N [listenaddress=A] [connectaddress=B] "
+                            "[connectport=M] [protocol=tcp|udp]")
+    acts.add_parser("show", parents=[leaf], help="show proxies").add_argument(
+        "what", nargs="?", default="all", metavar="all|v4tov4|v4tov6|v6tov4|v6tov6")
+    acts.add_parser("reset", parents=[leaf], help="delete every proxy")
+    sub.add_parser("daemon", parents=[leaf],
+                   help="run the port-forwarding daemon in the foreground")
+    sub.add_parser("status", parents=[leaf], help="the daemon and its relays")
+
+
+def _config(svc: Any) -> Any:
+    from portproxy.config import ProxyConfig
+    return ProxyConfig(svc.store)
+
+
+def _poke(svc: Any) -> None:
+    """Tell a running daemon to reload at once (it would notice within a second)."""
+    from portproxy.control import request
+    with contextlib.suppress(OSError, ValueError):
+        request(svc.store.state_dir, "reload", timeout=2.0)
+
+
+def _show(proxies: Sequence[Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([p.to_json() for p in proxies], indent=2))
+        return
+    header = ("TYPE", "PROTOCOL", "LISTEN ADDRESS", "PORT", "CONNECT ADDRESS", "PORT")
+    rows = [(p.kind, p.protocol, str(p.listen_address), str(p.listen_port),
+             str(p.connect_address), str(p.connect_port)) for p in proxies]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _portproxy(svc: Any, args: argparse.Namespace) -> int:
+    from portproxy.netsh import KINDS, parse_add, parse_delete
+    config = _config(svc)
+    if args.action in ("add", "set"):
+        config.add(parse_add(args.kind, args.words), replace=args.action == "set")
+    elif args.action == "delete":
+        kind, key = parse_delete(args.kind, args.words)
+        if not config.delete(kind, key):
+            print(f"{PROG}: no {kind} proxy listens on {key.listen_address} port "
+                  f"{key.listen_port}/{key.protocol} (nothing to delete)", file=sys.stderr)
+    elif args.action == "show":
+        what = args.what.lower()
+        if what != "all" and what not in KINDS:
+            raise InvalidRequest(f"show {args.what!r}: use all, {', '.join(KINDS)}")
+        _show([p for p in config.list() if what in ("all", p.kind)], args.json)
+        return 0
+    elif args.action == "reset":
+        config.reset()
+    _poke(svc)
+    return 0
+
+
+def _daemon(svc: Any, args: argparse.Namespace) -> int:
+    from portproxy.daemon import Daemon
+    logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
+    return Daemon(svc.store, svc.host_netns).run()
+
+
+def _status(svc: Any, args: argparse.Namespace) -> int:
+    from portproxy.control import relay_status, request
+    answer = request(svc.store.state_dir, "status")
+    if answer is None:
+        answer = {"Running": False, "Relays": [relay_status(p, None, None)
+                                               for p in _config(svc).list()]}
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    if answer.get("Running"):
+        print(f"daemon: running (pid {answer.get('Pid')})")
+    else:
+        print("daemon: not running")
+    header = ("RELAY", "LISTEN", "CONNECT", "STATE", "CONNECTIONS")
+    rows = [(r["Name"], r["Listen"], r["Connect"], r["State"], str(r["Connections"]))
+            for r in answer.get("Relays", [])]
+    if rows:
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for row in [header, *rows]:
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+HANDLERS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
+    "portproxy": _portproxy,
+    "daemon": _daemon,
+    "status": _status,
+}

@@ -1,0 +1,85 @@
+"""Static port proxies in the state store (table ``port_proxies``).
+
+The CLI writes here; the daemon reads and serves.  ``data_version`` lets the daemon see
+that another process committed a change without reading the table every time.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sqlite3
+
+from hns.errors import AlreadyExists, Conflict
+from hns.store import Store
+from portproxy.netsh import PortProxy, ProxyKey, conflicts
+
+__all__ = ["ProxyConfig"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS port_proxies (
+    protocol TEXT NOT NULL,
+    listen_address TEXT NOT NULL,
+    listen_port INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    connect_address TEXT NOT NULL,
+    connect_port INTEGER NOT NULL,
+    PRIMARY KEY (protocol, listen_address, listen_port)
+)
+"""
+COLUMNS = "kind, protocol, listen_address, listen_port, connect_address, connect_port"
+
+
+def _proxy(row: tuple[object, ...]) -> PortProxy:
+    kind, protocol, listen, lport, connect, cport = row
+    return PortProxy(str(kind), str(protocol), ipaddress.ip_address(str(listen)),
+                     int(str(lport)), ipaddress.ip_address(str(connect)), int(str(cport)))
+
+
+class ProxyConfig:
+    """The configured port proxies of one hns instance."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        with store.transaction() as db:
+            db.execute(SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        return self.store.connection
+
+    def list(self) -> list[PortProxy]:
+        rows = self._db().execute(
+            f"SELECT {COLUMNS} FROM port_proxies ORDER BY kind, protocol, listen_port, "
+            "listen_address")
+        return [_proxy(r) for r in rows]
+
+    def data_version(self) -> int:
+        return int(self._db().execute("PRAGMA data_version").fetchone()[0])
+
+    def add(self, proxy: PortProxy, replace: bool = False) -> None:
+        """Add a proxy; ``replace`` (netsh ``set``) overwrites the one on the same socket."""
+        with self.store.transaction() as db:
+            existing = [_proxy(r) for r in db.execute(f"SELECT {COLUMNS} FROM port_proxies")]
+            if replace:
+                existing = [p for p in existing if p.key != proxy.key]
+            clash = conflicts(proxy, existing)
+            if clash is not None:
+                if clash.key == proxy.key:
+                    raise AlreadyExists(f"{clash.name} already exists (use 'set' to change it)")
+                raise Conflict(f"{proxy.name} would clash with {clash.name}")
+            db.execute("DELETE FROM port_proxies WHERE protocol = ? AND listen_address = ? "
+                       "AND listen_port = ?", (proxy.protocol, str(proxy.listen_address),
+                                               proxy.listen_port))
+            db.execute(f"INSERT INTO port_proxies ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                       (proxy.kind, proxy.protocol, str(proxy.listen_address),
+                        proxy.listen_port, str(proxy.connect_address), proxy.connect_port))
+
+    def delete(self, kind: str, key: ProxyKey) -> bool:
+        with self.store.transaction() as db:
+            cur = db.execute("DELETE FROM port_proxies WHERE kind = ? AND protocol = ? AND "
+                             "listen_address = ? AND listen_port = ?",
+                             (kind, key.protocol, key.listen_address, key.listen_port))
+            return cur.rowcount > 0
+
+    def reset(self) -> int:
+        with self.store.transaction() as db:
+            return db.execute("DELETE FROM port_proxies").rowcount

@@ -1,0 +1,63 @@
+"""The daemon's control socket, client side, and the shape of its status answers.
+
+Protocol: a Unix stream socket ``<state-dir>/daemon.sock`` (mode 0600); the client sends
+one JSON object per line, ``{"command": "status"}`` or ``{"command": "reload"}``, and
+reads one JSON object per line back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from portproxy.netsh import PortProxy
+
+__all__ = ["CONTROL_SOCKET", "control_path", "relay_status", "request"]
+
+CONTROL_SOCKET = "daemon.sock"
+
+
+def control_path(state_dir: str | os.PathLike[str]) -> Path:
+    return Path(state_dir) / CONTROL_SOCKET
+
+
+def request(state_dir: str | os.PathLike[str], command: str,
+            timeout: float = 5.0) -> dict[str, Any] | None:
+    """Send one command to the daemon; its answer, or None when no daemon runs."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(control_path(state_dir)))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    answer: dict[str, Any] = json.loads(data)
+    return answer
+
+
+def relay_status(proxy: PortProxy, info: Any, error: str | None) -> dict[str, Any]:
+    return {
+        "Name": proxy.name,
+        "Kind": "portproxy",
+        "Protocol": proxy.protocol,
+        "Listen": _hostport(str(proxy.listen_address), proxy.listen_port),
+        "Connect": _hostport(str(proxy.connect_address), proxy.connect_port),
+        "State": "listening" if info is not None else (f"error: {error}" if error
+                                                       else "inactive"),
+        "Connections": info.connections if info is not None else 0,
+        "Accepted": info.accepted if info is not None else 0,
+        "Errors": info.errors if info is not None else 0,
+    }
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

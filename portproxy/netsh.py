@@ -1,0 +1,170 @@
+"""``netsh interface portproxy`` words, parsed into static port proxies.  Pure.
+
+netsh's grammar: ``add|set|delete v4tov4|v4tov6|v6tov4|v6tov6 key=value ...``, keywords
+case-insensitive, in any order.  Defaults as netsh: ``listenaddress`` = every address of
+the listen family, ``connectport`` = ``listenport``, ``connectaddress`` = this computer
+(the loopback address of the connect family), ``protocol`` = tcp.  UDP goes beyond netsh.
+Addresses must be IP literals: names are not resolved when a proxy is configured.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any
+
+from hns.errors import InvalidRequest
+
+__all__ = ["KINDS", "PortProxy", "ProxyKey", "parse_add", "parse_delete"]
+
+IPAddress = IPv4Address | IPv6Address
+KINDS = ("v4tov4", "v4tov6", "v6tov4", "v6tov6")
+PROTOCOLS = ("tcp", "udp")
+ADD_KEYS = {"listenport", "listenaddress", "connectaddress", "connectport", "protocol"}
+DELETE_KEYS = {"listenport", "listenaddress", "protocol"}
+
+
+@dataclass(frozen=True, order=True)
+class ProxyKey:
+    """What identifies a proxy: one listening socket."""
+
+    protocol: str
+    listen_address: str
+    listen_port: int
+
+
+@dataclass(frozen=True)
+class PortProxy:
+    kind: str
+    protocol: str
+    listen_address: IPAddress
+    listen_port: int
+    connect_address: IPAddress
+    connect_port: int
+
+    @property
+    def key(self) -> ProxyKey:
+        return ProxyKey(self.protocol, str(self.listen_address), self.listen_port)
+
+    @property
+    def listen_family(self) -> int:
+        return self.listen_address.version
+
+    @property
+    def name(self) -> str:
+        return (f"portproxy {self.kind} {self.protocol} "
+                f"{_hostport(self.listen_address, self.listen_port)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "Type": self.kind,
+            "Protocol": self.protocol,
+            "ListenAddress": str(self.listen_address),
+            "ListenPort": self.listen_port,
+            "ConnectAddress": str(self.connect_address),
+            "ConnectPort": self.connect_port,
+        }
+
+
+def _hostport(addr: IPAddress, port: int) -> str:
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+def _words(args: Sequence[str], allowed: set[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        key = key.strip().lower()
+        if not sep or not value:
+            raise InvalidRequest(f"expected key=value, got {arg!r}")
+        if key not in allowed:
+            raise InvalidRequest(f"unknown parameter {key!r} (known: "
+                                 f"{', '.join(sorted(allowed))})")
+        if key in found:
+            raise InvalidRequest(f"parameter {key!r} given twice")
+        found[key] = value.strip()
+    return found
+
+
+def _kind(text: str) -> tuple[int, int]:
+    kind = text.lower()
+    if kind not in KINDS:
+        raise InvalidRequest(f"unknown proxy type {text!r} (choose from: {', '.join(KINDS)})")
+    return int(kind[1]), int(kind[-1])
+
+
+def _port(text: str, what: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise InvalidRequest(f"invalid {what} {text!r}: a port number from 1 to 65535")
+    return int(text)
+
+
+def _address(text: str, version: int, what: str) -> IPAddress:
+    try:
+        addr = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        raise InvalidRequest(f"invalid {what} {text!r}: an IPv{version} address "
+                             "(names are not resolved)") from None
+    if addr.version != version:
+        raise InvalidRequest(f"invalid {what} {text!r}: this proxy type wants IPv{version}")
+    if addr.is_multicast:
+        raise InvalidRequest(f"invalid {what} {text!r}: multicast")
+    return addr
+
+
+def _protocol(text: str | None) -> str:
+    protocol = (text or "tcp").lower()
+    if protocol not in PROTOCOLS:
+        raise InvalidRequest(f"invalid protocol {text!r}: tcp or udp")
+    return protocol
+
+
+def _any(version: int) -> IPAddress:
+    return IPv4Address(0) if version == 4 else IPv6Address(0)
+
+
+def parse_add(kind: str, args: Sequence[str]) -> PortProxy:
+    """``add``/``set`` words into a proxy, with netsh's defaults."""
+    listen_v, connect_v = _kind(kind)
+    words = _words(args, ADD_KEYS)
+    if "listenport" not in words:
+        raise InvalidRequest("listenport=N is required")
+    listen_port = _port(words["listenport"], "listenport")
+    listen = (_address(words["listenaddress"], listen_v, "listenaddress")
+              if "listenaddress" in words else _any(listen_v))
+    if "connectaddress" in words:
+        connect = _address(words["connectaddress"], connect_v, "connectaddress")
+    else:
+        connect = IPv4Address("127.0.0.1") if connect_v == 4 else IPv6Address(1)
+    if connect.is_unspecified:
+        raise InvalidRequest(f"invalid connectaddress {connect}: unspecified address")
+    connect_port = (_port(words["connectport"], "connectport") if "connectport" in words
+                    else listen_port)
+    return PortProxy(kind.lower(), _protocol(words.get("protocol")), listen, listen_port,
+                     connect, connect_port)
+
+
+def parse_delete(kind: str, args: Sequence[str]) -> tuple[str, ProxyKey]:
+    """``delete`` words into the key of the proxy to delete."""
+    listen_v, _ = _kind(kind)
+    words = _words(args, DELETE_KEYS)
+    if "listenport" not in words:
+        raise InvalidRequest("listenport=N is required")
+    listen = (_address(words["listenaddress"], listen_v, "listenaddress")
+              if "listenaddress" in words else _any(listen_v))
+    return kind.lower(), ProxyKey(_protocol(words.get("protocol")), str(listen),
+                                  _port(words["listenport"], "listenport"))
+
+
+def conflicts(new: PortProxy, existing: Sequence[PortProxy]) -> PortProxy | None:
+    """An existing proxy whose listening socket could not coexist with ``new``'s."""
+    for old in existing:
+        if (old.protocol != new.protocol or old.listen_port != new.listen_port
+                or old.listen_family != new.listen_family):
+            continue
+        if (old.listen_address == new.listen_address or old.listen_address.is_unspecified
+                or new.listen_address.is_unspecified):
+            return old
+    return None
