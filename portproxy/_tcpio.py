@@ -1,0 +1,383 @@
+"""The I/O half of the TCP relay: accept, dial, and move bytes as ``portproxy.tcp`` says.
+
+Theory of operation: a :class:`TcpRelay` accepts in batches on its (level-triggered)
+listening socket; for each client it dials the target and makes a :class:`Connection`,
+which registers both sockets edge-triggered and keeps what epoll reported (readable,
+writable) per socket until a system call says EAGAIN.  :meth:`Connection.pump` moves
+both directions in rounds -- fill a half's buffer from its source while the state wants
+it, drain it to its sink -- until a round moves nothing, or until a budget of rounds is
+spent, when it defers itself so other connections get their turn.
+
+A splice that fails with EAGAIN while the pipe holds bytes is ambiguous (the socket may
+be empty, or the pipe full: pipe capacity counts pages, not bytes), so the readable mark
+is kept; the next drain of the pipe leads to another try, which settles it.  EINVAL from
+splice switches that half to copying.  Every other error of a read or write is a reset
+of that side.  The actions of the pure state are carried out by :meth:`Connection._apply`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import select
+import socket
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from portproxy._buffers import Way
+from portproxy._relay import Address, Relay, family_of
+from portproxy.tcp import (
+    Abort,
+    Action,
+    Close,
+    ConnState,
+    Finished,
+    HalfState,
+    Outcome,
+    ShutdownWrite,
+    Side,
+    TcpConnection,
+)
+
+if TYPE_CHECKING:
+    from portproxy.engine import Engine, TimerHandle
+
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "Connection", "Dial", "TcpRelay", "dial_tcp"]
+
+log = logging.getLogger("portproxy.engine")
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+ACCEPT_BATCH = 64          # connections accepted per wake-up of a listening socket
+PUMP_ROUNDS = 16           # rounds a connection moves per wake-up before it yields
+ACCEPT_PAUSE = 1.0         # seconds a listener rests after running out of fds
+_ET_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_IN_MASK = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_OUT_MASK = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_ERR_MASK = select.EPOLLERR
+_CONNECT_MASK = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_OPEN, _CONNECTING = HalfState.OPEN, ConnState.CONNECTING
+
+Dial = Callable[[Address], socket.socket]
+
+
+def dial_tcp(address: Address,
+             factory: Callable[[int, int], socket.socket] = socket.socket) -> socket.socket:
+    """A non-blocking TCP socket connecting to ``address`` (the connect under way).
+
+    ``factory(family, type)`` makes the socket: pass one that creates it in another
+    network namespace to dial there (e.g. ``Peer.socket`` of the test sandbox).
+    """
+    sock = factory(family_of(address[0]), socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        err = sock.connect_ex(address)
+        if err not in (0, errno.EINPROGRESS):
+            raise OSError(err, f"connect to {address[0]}:{address[1]}: {errno.errorcode.get(err)}")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close ``sock`` so that the peer gets a RST."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
+
+
+def _nodelay(sock: socket.socket) -> None:
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class TcpRelay(Relay):
+    """A listening socket whose connections are relayed to ``connect``."""
+
+    protocol = "tcp"
+
+    def __init__(self, engine: Engine, listener: socket.socket, connect: Address, *,
+                 name: str, dial: Dial, connect_timeout: float) -> None:
+        super().__init__(name, listener.getsockname()[:2], connect)
+        self.engine = engine
+        self.listener = listener
+        self.dial = dial
+        self.connect_timeout = connect_timeout
+        self.conns: set[Connection] = set()
+        self._closing = False
+        self._paused: TimerHandle | None = None
+
+    def live(self) -> int:
+        return len(self.conns)
+
+    def start(self) -> None:
+        self.listener.setblocking(False)
+        if not self.listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            self.listener.listen(socket.SOMAXCONN)
+        self.engine._register(self.listener.fileno(), select.EPOLLIN, self._on_accept)
+
+    def close(self) -> None:
+        self._closing = True
+        if self._paused is not None:
+            self._paused.cancel()
+        with contextlib.suppress(OSError):
+            self.engine._unregister(self.listener.fileno())
+        self.listener.close()
+        for conn in list(self.conns):
+            conn.kill()
+
+    def _on_accept(self, _mask: int) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                client, _peer = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS:
+                    self._pause(exc)
+                    return
+                continue             # ECONNABORTED and the like: that client is gone
+            self.accepted += 1
+            self._open(client)
+
+    def _pause(self, exc: OSError) -> None:
+        """Out of fds or memory: stop accepting for a while instead of spinning."""
+        log.warning("%s: accept: %s; pausing %.0f s", self.name, exc.strerror, ACCEPT_PAUSE)
+        self.errors += 1
+        self.engine._unregister(self.listener.fileno())
+        self._paused = self.engine.call_later(ACCEPT_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        self._paused = None
+        if not self._closing:
+            self.engine._register(self.listener.fileno(), select.EPOLLIN, self._on_accept)
+
+    def _open(self, client: socket.socket) -> None:
+        try:
+            client.setblocking(False)
+            _nodelay(client)
+            target = self.dial(self.connect)
+        except OSError as exc:
+            log.debug("%s: dial %s: %s", self.name, self.connect, exc)
+            self.errors += 1
+            _reset(client)
+            return
+        try:
+            conn = Connection(self, client, target)
+        except OSError as exc:
+            log.warning("%s: cannot watch a connection: %s", self.name, exc)
+            self.errors += 1
+            _reset(client)
+            target.close()
+            return
+        self.conns.add(conn)
+
+    def finished(self, conn: Connection, outcome: Outcome, err: int) -> None:
+        self.conns.discard(conn)
+        if self._closing:
+            return
+        if outcome.is_error:
+            self.errors += 1
+            log.debug("%s: %s (%s)", self.name, outcome.value, errno.errorcode.get(err, err))
+        elif outcome is Outcome.RESET:
+            self.resets += 1
+
+
+class Connection:
+    """The sockets, buffers and readiness of one relayed connection."""
+
+    __slots__ = ("closed", "engine", "fds", "rd", "relay", "socks", "state", "timer", "ways",
+                 "wr")
+
+    def __init__(self, relay: TcpRelay, client: socket.socket, target: socket.socket) -> None:
+        engine = relay.engine
+        self.relay = relay
+        self.engine = engine
+        self.socks = (client, target)
+        self.fds = (client.fileno(), target.fileno())
+        self.rd = [False, False]          # readiness seen and not yet used up, per Side
+        self.wr = [False, False]
+        self.ways = (Way(engine.pipes, engine.buffer_size, engine.splice),
+                     Way(engine.pipes, engine.buffer_size, engine.splice))
+        self.state = TcpConnection(engine.now(), relay.connect_timeout,
+                                   self.ways[0].capacity)
+        self.closed = False
+        self.timer: TimerHandle | None = None
+        engine._register(self.fds[0], _ET_MASK, self._on_client)
+        try:
+            engine._register(self.fds[1], _ET_MASK, self._on_target)
+        except OSError:
+            engine._unregister(self.fds[0])
+            raise
+        self.timer = engine.call_later(relay.connect_timeout, self._on_timeout)
+
+    # -- events ------------------------------------------------------------------------
+
+    def _on_client(self, mask: int) -> None:
+        self._on_event(0, mask)
+
+    def _on_target(self, mask: int) -> None:
+        self._on_event(1, mask)
+
+    def _on_event(self, side: int, mask: int) -> None:
+        if self.closed:
+            return
+        try:
+            if mask & _IN_MASK:
+                self.rd[side] = True
+            if mask & _OUT_MASK:
+                self.wr[side] = True
+            if self.state.state is _CONNECTING:
+                if side == 1 and mask & _CONNECT_MASK:
+                    self._check_connected()
+                elif mask & _ERR_MASK:
+                    self._check_error(side)
+                return
+            self.pump()
+            if mask & _ERR_MASK and not self.closed:
+                self._check_error(side)
+        except Exception:
+            log.exception("%s: connection failed", self.relay.name)
+            self._apply(self.state.fail())
+
+    def _check_connected(self) -> None:
+        target = self.socks[1]
+        err = target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._apply(self.state.connect_failed(err))
+            return
+        try:
+            target.getpeername()
+        except OSError:
+            return                       # still connecting: a stale event of a reused fd
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        _nodelay(target)
+        self._apply(self.state.connected())
+        self.pump()
+
+    def _check_error(self, side: int) -> None:
+        err = self.socks[side].getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._apply(self.state.reset(Side(side), err))
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        actions = self.state.tick(self.engine.now())
+        if actions:
+            self._apply(actions)
+        elif self.state.state is _CONNECTING:    # early by a hair: wait for the deadline
+            self.timer = self.engine.call_later(
+                self.state.deadline - self.engine.now(), self._on_timeout)
+
+    def kill(self) -> None:
+        """Reset both sides now (the relay is being removed)."""
+        if not self.closed:
+            self._apply(self.state.fail())
+
+    # -- moving bytes ------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Move bytes both ways until nothing moves or the budget is spent."""
+        for _ in range(PUMP_ROUNDS):
+            moved = self._move(0)
+            moved += self._move(1)
+            if not moved or self.closed:
+                return
+        self.engine._defer(self.pump)
+
+    def _move(self, d: int) -> int:
+        """One round of half ``d``: fill its buffer from its source, drain it to its sink."""
+        if self.closed:
+            return 0
+        half = self.state.halves[d]
+        way = self.ways[d]
+        moved = 0
+        if half.state is _OPEN and half.pending < half.capacity and self.rd[d]:
+            try:
+                n = way.fill(self.fds[d], half.capacity - half.pending)
+            except BlockingIOError:
+                if not half.pending or way.copying:
+                    self.rd[d] = False
+            except OSError as exc:
+                return self._failed(d, d, exc)
+            else:
+                if n:
+                    half.pending += n          # TcpConnection.received, inlined
+                    moved = n
+                else:
+                    moved = 1
+                    self._apply(self.state.eof(half.direction))
+                    if self.closed:
+                        return moved
+        if half.pending and self.wr[1 - d]:
+            try:
+                n = way.drain(self.fds[1 - d], half.pending)
+            except BlockingIOError:
+                self.wr[1 - d] = False
+            except OSError as exc:
+                return self._failed(d, 1 - d, exc)
+            else:
+                moved += n
+                actions = self.state.sent(half.direction, n)
+                if not half.pending:
+                    way.emptied()
+                if actions:
+                    self._apply(actions)
+        return moved
+
+    def _failed(self, d: int, side: int, exc: OSError) -> int:
+        """A read (``side == d``) or write of half ``d`` failed."""
+        way = self.ways[d]
+        if exc.errno == errno.EINVAL and not way.copying:
+            half = self.state.halves[d]
+            log.debug("%s: splice refused, copying", self.relay.name)
+            way.to_copy(half.pending)
+            half.capacity = way.capacity
+            return 1
+        self._apply(self.state.reset(Side(side), exc.errno or 0))
+        return 0
+
+    # -- actions -----------------------------------------------------------------------
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, ShutdownWrite):
+                try:
+                    self.socks[action.side].shutdown(socket.SHUT_WR)
+                except OSError as exc:
+                    self._apply(self.state.reset(action.side, exc.errno or 0))
+                    return
+            elif isinstance(action, Abort):
+                self._close(action.side, reset=True)
+            elif isinstance(action, Close):
+                self._close(action.side, reset=False)
+            elif isinstance(action, Finished):
+                self._finish(action)
+
+    def _close(self, side: int, reset: bool) -> None:
+        sock = self.socks[side]
+        if sock.fileno() < 0:
+            return
+        self.engine._unregister(self.fds[side])
+        if reset:
+            _reset(sock)
+        else:
+            sock.close()
+
+    def _finish(self, finished: Finished) -> None:
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        for half, way in zip(self.state.halves, self.ways, strict=True):
+            way.release(half.pending)
+        self.relay.finished(self, finished.outcome, finished.errno)

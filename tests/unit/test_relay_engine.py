@@ -1,0 +1,509 @@
+"""portproxy.engine on the test process's loopback: the loop, timers, readers, and TCP
+and UDP relays between real sockets (127.0.0.1 only; no namespace needed)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+from portproxy import _buffers
+from portproxy._tcpio import TcpRelay
+from portproxy.engine import Engine, Relay, RelayInfo, dial_tcp
+
+T = TypeVar("T")
+LO = "127.0.0.1"
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def on_engine(engine: Engine, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the engine thread and return its result."""
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def call() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    engine.call_soon_threadsafe(call)
+    return future.result(timeout=10)
+
+
+def wait_for(predicate: Callable[[], bool], what: str) -> None:
+    for _ in range(400):
+        if predicate():
+            return
+        time.sleep(0.025)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def info(engine: Engine) -> RelayInfo:
+    (only,) = engine.relays()
+    return only
+
+
+class Server:
+    """A TCP server on loopback running ``handler(conn)`` per connection on a thread."""
+
+    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
+        self.sock = socket.create_server((LO, 0))
+        self.address: tuple[str, int] = self.sock.getsockname()
+        self.handler = handler
+        self.errors: list[BaseException] = []
+        self._threads: list[threading.Thread] = []
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self.handler(conn)
+            except OSError as exc:
+                self.errors.append(exc)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._accepting.join(5)
+        for thread in self._threads:
+            thread.join(5)
+
+
+def echo(conn: socket.socket) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+def read_all_then_reply(conn: socket.socket) -> None:
+    digest = hashlib.sha256()
+    while data := conn.recv(65536):
+        digest.update(data)
+    conn.sendall(digest.hexdigest().encode() + b"\n" + b"r" * 300_000)
+
+
+def reset_after_first_bytes(conn: socket.socket) -> None:
+    conn.recv(10)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+@pytest.fixture
+def engine() -> Iterator[Engine]:
+    eng = Engine(connect_timeout=2.0)
+    thread = threading.Thread(target=eng.run, name="engine", daemon=True)
+    thread.start()
+    try:
+        yield eng
+    finally:
+        eng.stop()
+        thread.join(10)
+        assert not thread.is_alive()
+        eng.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[[Callable[[socket.socket], None]], Server]]:
+    made: list[Server] = []
+
+    def make(handler: Callable[[socket.socket], None]) -> Server:
+        made.append(Server(handler))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def add_tcp(engine: Engine, target: tuple[str, int], **kw: Any) -> tuple[Relay, int]:
+    listener = socket.socket()
+    listener.bind((LO, 0))
+    port = listener.getsockname()[1]
+    return on_engine(engine, lambda: engine.add_tcp(listener, target, **kw)), port
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection((LO, port), timeout=10)
+
+
+def reset_or_eof(sock: socket.socket) -> bool:
+    """Whether the peer closed ``sock`` (reset or FIN) without sending anything."""
+    try:
+        return sock.recv(10) == b""
+    except ConnectionResetError:
+        return True
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while data := sock.recv(65536):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+# -- the loop --------------------------------------------------------------------------
+
+
+def test_timers_run_in_order_and_cancelled_ones_do_not() -> None:
+    eng = Engine()
+    seen: list[str] = []
+    eng.call_later(0.02, lambda: seen.append("late"))
+    eng.call_later(0.0, lambda: seen.append("now"))
+    eng.call_later(0.01, lambda: seen.append("cancelled")).cancel()
+    eng.call_later(0.03, eng.stop)
+    eng.run()
+    eng.close()
+    assert seen == ["now", "late"]
+
+
+def test_stop_before_run_returns_at_once_and_the_engine_runs_again() -> None:
+    with Engine() as eng:
+        eng.stop()
+        eng.run()
+        eng.call_later(0.0, eng.stop)
+        eng.run()
+
+
+def test_callbacks_from_other_threads_run_on_the_engine_thread(engine: Engine) -> None:
+    threads: list[int] = []
+    done = threading.Event()
+
+    def record() -> None:
+        threads.append(threading.get_ident())
+        done.set()
+
+    threading.Thread(target=lambda: engine.call_soon_threadsafe(record)).start()
+    assert done.wait(10)
+    assert threads and threads[0] != threading.get_ident()
+
+
+def test_a_failing_callback_is_logged_and_the_loop_goes_on(
+        engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    with caplog.at_level(logging.ERROR, logger="portproxy.engine"):
+        engine.call_soon_threadsafe(boom)
+        assert on_engine(engine, lambda: 42) == 42
+    assert "boom" in caplog.text
+
+
+def test_readers_are_called_while_readable_and_removed(engine: Engine) -> None:
+    a, b = socket.socketpair()
+    got: list[bytes] = []
+    ready = threading.Event()
+
+    def on_readable() -> None:
+        got.append(a.recv(100))
+        ready.set()
+
+    on_engine(engine, lambda: engine.add_reader(a, on_readable))
+    with pytest.raises(ValueError, match="registered already"):
+        on_engine(engine, lambda: engine.add_reader(a.fileno(), on_readable))
+    b.send(b"ping")
+    assert ready.wait(10) and got == [b"ping"]
+    assert on_engine(engine, lambda: engine.remove_reader(a)) is True
+    assert on_engine(engine, lambda: engine.remove_reader(a)) is False
+    a.close()
+    b.close()
+
+
+def test_close_while_running_is_refused(engine: Engine) -> None:
+    with pytest.raises(RuntimeError, match="stop the engine"):
+        on_engine(engine, engine.close)
+
+
+def test_addresses_must_be_literal_ips() -> None:
+    with Engine() as eng, socket.socket() as sock:
+        with pytest.raises(ValueError, match="not an IP address"):
+            eng.add_tcp(sock, ("localhost", 80))
+        with pytest.raises(ValueError, match="bad address"):
+            eng.add_tcp(sock, (LO, 0))
+
+
+def test_relay_info_validates() -> None:
+    with pytest.raises(ValueError):
+        RelayInfo("x", "sctp", (LO, 1), (LO, 2), 0, 0, 0)
+    with pytest.raises(ValueError):
+        RelayInfo("x", "tcp", (LO, 1), (LO, 2), -1, 0, 0)
+
+
+# -- TCP -------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["splice", "copy", "fallback"])
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """splice: the default; copy: splice=False; fallback: splice refused with EINVAL."""
+    if request.param == "fallback":
+        def refuse(*_args: Any) -> int:
+            raise OSError(errno.EINVAL, "splice refused")
+        monkeypatch.setattr(_buffers, "_splice", refuse)
+    return str(request.param)
+
+
+def test_echo_and_a_large_transfer_both_ways(
+        mode: str, servers: Callable[..., Server]) -> None:
+    server = servers(echo)
+    with Engine(splice=mode != "copy", pipe_size=64 << 10, buffer_size=64 << 10) as eng:
+        listener = socket.create_server((LO, 0))
+        port = listener.getsockname()[1]
+        eng.add_tcp(listener, server.address, name="echo")
+        thread = threading.Thread(target=eng.run, daemon=True)
+        thread.start()
+        payload = os.urandom(1 << 20) * 8
+        with connect(port) as client:
+            def send() -> None:
+                client.sendall(payload)
+                client.shutdown(socket.SHUT_WR)
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            got = recv_all(client)
+            sender.join(10)
+        assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+        wait_for(lambda: info(eng).connections == 0, "the connection to end")
+        assert info(eng) == RelayInfo("echo", "tcp", (LO, port), server.address, 0, 1, 0, 0)
+        eng.stop()
+        thread.join(10)
+
+
+def test_half_close_the_client_still_gets_the_whole_reply(
+        engine: Engine, servers: Callable[..., Server]) -> None:
+    server = servers(read_all_then_reply)
+    _, port = add_tcp(engine, server.address)
+    request = os.urandom(500_000)
+    with connect(port) as client:
+        client.sendall(request)
+        client.shutdown(socket.SHUT_WR)
+        reply = recv_all(client)
+    digest, rest = reply.split(b"\n", 1)
+    assert digest.decode() == hashlib.sha256(request).hexdigest()
+    assert rest == b"r" * 300_000
+
+
+def test_refused_target_resets_the_client_and_counts_an_error(engine: Engine) -> None:
+    with socket.socket() as unused:
+        unused.bind((LO, 0))
+        closed_port = unused.getsockname()
+    _, port = add_tcp(engine, closed_port)
+    with connect(port) as client:
+        assert reset_or_eof(client)
+    wait_for(lambda: info(engine).errors == 1, "the error to be counted")
+    assert info(engine).connections == 0 and info(engine).accepted == 1
+
+
+def test_failing_dial_resets_the_client_and_counts_an_error(engine: Engine) -> None:
+    def dial(_address: tuple[str, int]) -> socket.socket:
+        raise OSError(errno.ENETUNREACH, "no route")
+
+    _, port = add_tcp(engine, (LO, 9), dial=dial)
+    with connect(port) as client:
+        assert reset_or_eof(client)
+    wait_for(lambda: info(engine).errors == 1, "the error to be counted")
+
+
+def test_a_target_reset_resets_the_client_and_the_relay_goes_on(
+        engine: Engine, servers: Callable[..., Server]) -> None:
+    resetting = servers(reset_after_first_bytes)
+    relay, port = add_tcp(engine, resetting.address)
+    with connect(port) as client:
+        client.sendall(b"hello")
+        with pytest.raises(ConnectionResetError):
+            while client.recv(10):
+                pass
+            client.sendall(b"more")      # EOF first? then writing meets the reset
+            client.recv(10)
+    wait_for(lambda: info(engine).resets == 1, "the reset to be counted")
+    assert info(engine).errors == 0
+    on_engine(engine, lambda: engine.remove(relay))
+    server = servers(echo)
+    _, port = add_tcp(engine, server.address)
+    with connect(port) as client:
+        client.sendall(b"still here")
+        assert client.recv(100) == b"still here"
+
+
+def test_clients_resetting_mid_stream_do_not_hurt_the_loop(
+        engine: Engine, servers: Callable[..., Server]) -> None:
+    server = servers(echo)
+    _, port = add_tcp(engine, server.address)
+    for _ in range(20):
+        client = connect(port)
+        client.sendall(os.urandom(200_000))
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+    wait_for(lambda: info(engine).connections == 0, "every connection to end")
+    with connect(port) as client:
+        client.sendall(b"ok")
+        assert client.recv(10) == b"ok"
+    assert info(engine).errors == 0
+
+
+def test_a_stalled_reader_never_grows_the_relay_buffers(
+        engine: Engine, servers: Callable[..., Server]) -> None:
+    release = threading.Event()
+    server = servers(lambda conn: (release.wait(30), recv_all(conn)))
+    relay, port = add_tcp(engine, server.address)
+    assert isinstance(relay, TcpRelay)
+    sent = 0
+    with connect(port) as client:
+        client.setblocking(False)
+        chunk = b"s" * 65536
+        idle = 0
+        while idle < 20 and sent < 512 << 20:      # until the relay stops taking bytes
+            try:
+                sent += client.send(chunk)
+                idle = 0
+            except BlockingIOError:
+                idle += 1
+                time.sleep(0.02)
+        (conn,) = on_engine(engine, lambda: list(relay.conns))
+        pending = on_engine(engine, lambda: conn.state.up.pending)
+        assert pending <= conn.state.up.capacity == engine.pipes.size
+        assert sent < 128 << 20          # socket buffers and one pipe, not everything
+        release.set()
+        client.shutdown(socket.SHUT_WR)
+    wait_for(lambda: info(engine).connections == 0, "the connection to end")
+
+
+def test_connect_timeout_resets_the_client(engine: Engine) -> None:
+    # a dial that never completes: a socket that is never connected stays silent
+    def dial(_address: tuple[str, int]) -> socket.socket:
+        sock = socket.socket()
+        sock.setblocking(False)
+        return sock
+
+    _, port = add_tcp(engine, (LO, 9), dial=dial, connect_timeout=0.2)
+    with connect(port) as client:
+        assert reset_or_eof(client)
+    wait_for(lambda: info(engine).errors == 1, "the timeout to be counted")
+
+
+def test_remove_resets_live_connections_and_closes_the_listener(
+        engine: Engine, servers: Callable[..., Server]) -> None:
+    server = servers(echo)
+    relay, port = add_tcp(engine, server.address)
+    with connect(port) as client:
+        client.sendall(b"x")
+        assert client.recv(1) == b"x"
+        on_engine(engine, lambda: engine.remove(relay))
+        assert reset_or_eof(client)
+    assert engine.relays() == []
+    with pytest.raises(ConnectionRefusedError):
+        connect(port)
+
+
+# -- UDP -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def udp_echo() -> Iterator[tuple[str, int]]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LO, 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        sock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                data, peer = sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            sock.sendto(b"echo:" + data, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield sock.getsockname()
+    stop.set()
+    thread.join(5)
+    sock.close()
+
+
+def add_udp(engine: Engine, target: tuple[str, int], **kw: Any) -> int:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LO, 0))
+    port: int = sock.getsockname()[1]
+    on_engine(engine, lambda: engine.add_udp(sock, target, **kw))
+    return port
+
+
+def udp_client(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(10)
+    sock.connect((LO, port))
+    return sock
+
+
+def test_udp_datagrams_go_both_ways_a_flow_per_client(
+        engine: Engine, udp_echo: tuple[str, int]) -> None:
+    port = add_udp(engine, udp_echo)
+    with udp_client(port) as a, udp_client(port) as b:
+        for i in range(5):
+            a.send(b"a%d" % i)
+            assert a.recv(100) == b"echo:a%d" % i
+        b.send(b"b" * 60000)
+        assert b.recv(65536) == b"echo:" + b"b" * 60000
+        relay = info(engine)
+        assert (relay.protocol, relay.connections, relay.accepted) == ("udp", 2, 2)
+
+
+def test_udp_idle_flows_expire(engine: Engine, udp_echo: tuple[str, int]) -> None:
+    port = add_udp(engine, udp_echo, idle_timeout=0.2)
+    with udp_client(port) as a:
+        a.send(b"x")
+        assert a.recv(100) == b"echo:x"
+        wait_for(lambda: info(engine).connections == 0, "the flow to expire")
+        a.send(b"y")                       # comes back as a new flow
+        assert a.recv(100) == b"echo:y"
+    assert info(engine).accepted == 2
+
+
+def test_udp_flow_cap_evicts_the_oldest(engine: Engine, udp_echo: tuple[str, int]) -> None:
+    port = add_udp(engine, udp_echo, max_flows=2)
+    clients = [udp_client(port) for _ in range(3)]
+    try:
+        for i, client in enumerate(clients):
+            client.send(b"%d" % i)
+            assert client.recv(100) == b"echo:%d" % i
+        assert info(engine).connections == 2 and info(engine).accepted == 3
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_dial_tcp_in_a_factory_and_refuses_names() -> None:
+    made: list[tuple[int, int]] = []
+
+    def factory(family: int, kind: int) -> socket.socket:
+        made.append((family, kind))
+        return socket.socket(family, kind)
+
+    with socket.create_server((LO, 0)) as server:
+        sock = dial_tcp(server.getsockname(), factory=factory)
+        sock.close()
+    assert made == [(socket.AF_INET, socket.SOCK_STREAM)]
+    with pytest.raises(ValueError):
+        dial_tcp(("example.org", 80))
