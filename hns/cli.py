@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from hns.errors import HnsError, KernelError
-from hns.model import Network, Vm
+from hns.model import HostPort, Network, Vm
 from hns.netns import netns_exists
 from hns.process import exec_in_netns
 from hns.service import DEFAULT_STATE_DIR, Service
@@ -75,6 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("name")
     e.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
 
+    _add_portmap_parser(sub, leaf)
     sub.add_parser("up", parents=[leaf],
                    help="the WSL network and the VM wsl, as WSL's first start")
     sub.add_parser("down", parents=[leaf], help="remove the VM wsl and the network WSL")
@@ -84,6 +85,22 @@ def _build_parser() -> argparse.ArgumentParser:
     from portproxy.cli import register
     register(sub, leaf)
     return p
+
+
+def _add_portmap_parser(sub: Any, leaf: argparse.ArgumentParser) -> None:
+    pm = sub.add_parser("portmap", help="kernel port mappings (HNS PortMapping)").add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Parser)
+    for action, text in (("add", "forward a host port to a VM"),
+                         ("delete", "remove a port mapping")):
+        a = pm.add_parser(action, parents=[leaf], help=text)
+        a.add_argument("vm")
+        a.add_argument("--protocol", required=True, help="tcp or udp")
+        a.add_argument("--external-port", required=True, help="the host port")
+        if action == "add":
+            a.add_argument("--internal-port", required=True, help="the VM's port")
+        a.add_argument("--host-address", help="one host IPv4 address (default: every one)")
+    pm.add_parser("list", parents=[leaf], help="list port mappings").add_argument(
+        "vm", nargs="?")
 
 
 def _print_json(value: Any) -> None:
@@ -161,6 +178,30 @@ def _vm_exec(svc: Service, args: argparse.Namespace) -> int:
     return 127  # not reached
 
 
+def _portmap_cmd(svc: Service, args: argparse.Namespace) -> int:
+    if args.action == "add":
+        m = svc.add_port_mapping(args.vm, args.protocol, args.external_port,
+                                 args.internal_port, args.host_address)
+        if args.json:
+            _print_json(m.to_json())
+        else:
+            print(f"mapped {m.describe()}")
+    elif args.action == "list":
+        maps = svc.list_port_mappings(args.vm)
+        if args.json:
+            _print_json([m.to_json() for m in maps])
+        else:
+            _table([(m.vm, m.protocol.keyword, str(m.host_address or "*"), str(m.external_port),
+                     str(m.internal_port)) for m in maps],
+                   ("VM", "PROTOCOL", "HOST ADDRESS", "EXTERNAL PORT", "INTERNAL PORT"))
+    elif not svc.delete_port_mapping(args.vm, args.protocol, args.external_port,
+                                     args.host_address):
+        port = HostPort.parse(args.protocol, args.external_port, args.host_address)
+        print(f"{PROG}: vm {args.vm!r} has no port mapping {port.describe()} "
+              "(nothing to delete)", file=sys.stderr)
+    return 0
+
+
 class _Usage(HnsError):
     exit_code = 2
 
@@ -213,7 +254,7 @@ def _gc(svc: Service, args: argparse.Namespace) -> int:
 Handler = Callable[[Service, argparse.Namespace], int]
 COMMANDS: dict[str, Handler] = {
     "network": _network_cmd, "vm": _vm_cmd, "up": _up, "down": _down,
-    "restore": _restore, "gc": _gc,
+    "restore": _restore, "gc": _gc, "portmap": _portmap_cmd,
 }
 
 

@@ -28,6 +28,7 @@ from hns.netns import NetnsExecutor, netns_path, run_in_netns
 __all__ = ["EndpointSpec", "HostKernel", "configure_vm_side", "kill_netns_processes"]
 
 T = TypeVar("T")
+BRIDGE_MODE_HAIRPIN = 1  # IFLA_BRPORT_MODE: see HostKernel.attach_port
 
 
 @contextmanager
@@ -188,8 +189,26 @@ class HostKernel:
                            "net_ns_fd": netns_path(spec.netns)})
             index = _index(ipr, spec.host_ifname)
             ipr.link("set", index=index, master=master, ifalias=spec.alias, state="up")
+            ipr.brport("set", index=index, mode=BRIDGE_MODE_HAIRPIN)
         with _netlink(f"cannot create the endpoint {spec.host_ifname}"):
             self._call(add)
+
+    def attach_port(self, ifname: str, bridge: str) -> None:
+        """Put an existing endpoint back on its bridge (the bridge was recreated), up, in
+        hairpin mode.
+
+        Hairpin lets the bridge send a frame back out the port it came from.  A VM
+        reaching its own mapped port needs it where br_netfilter is loaded (Docker loads
+        it): the DNATed packet is then bridged, not routed, back to the VM's own port."""
+        def attach(ipr: Any) -> None:
+            index, master = _index(ipr, ifname), _index(ipr, bridge)
+            if index is None or master is None:
+                raise KernelError(f"{ifname if index is None else bridge} does not exist",
+                                  errno.ENODEV)
+            ipr.link("set", index=index, master=master, state="up")
+            ipr.brport("set", index=index, mode=BRIDGE_MODE_HAIRPIN)
+        with _netlink(f"cannot attach {ifname} to {bridge}"):
+            self._call(attach)
 
 
 def configure_vm_side(netns: str, ip: IPv4Address, prefixlen: int,

@@ -1,4 +1,4 @@
-"""The object model: networks and VMs (HNS endpoints in their namespaces).
+"""The object model: networks, VMs (HNS endpoints in their namespaces), port mappings.
 
 Values are frozen dataclasses that validate nothing on their own: user input goes
 through the ``parse_*`` functions, which raise :class:`InvalidRequest` with a message fit
@@ -19,14 +19,19 @@ from hns.errors import InvalidRequest
 
 __all__ = [
     "DEFAULT_MTU",
+    "HostPort",
     "Network",
     "NetworkType",
+    "PortMapping",
+    "Protocol",
     "Vm",
+    "parse_host_address",
     "parse_ipv4",
     "parse_mac",
     "parse_mtu",
     "parse_name",
     "parse_netns_name",
+    "parse_port",
     "parse_subnet",
 ]
 
@@ -38,6 +43,7 @@ PRIVATE_RANGES = tuple(IPv4Network(r) for r in
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 NETNS_RE = re.compile(r"[A-Za-z0-9_.@+-]{1,255}")
 MAC_RE = re.compile(r"[0-9a-f]{2}([:-][0-9a-f]{2}){5}")
+PORT_RE = re.compile(r"[0-9]{1,5}")
 
 
 class NetworkType(enum.Enum):
@@ -181,3 +187,125 @@ class Vm:
             "Routes": [{"NextHop": str(self.gateway), "DestinationPrefix": "0.0.0.0/0"}],
             "Policies": list(self.policies),
         }
+
+
+# port mappings (HNS's PortMapping endpoint policy)
+
+
+class Protocol(enum.Enum):
+    """IP protocol of a port mapping; the value is HNS's number (6, 17)."""
+
+    TCP = 6
+    UDP = 17
+
+    @property
+    def keyword(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, text: str | int) -> Protocol:
+        word = str(text).strip().lower()
+        for member in cls:
+            if word in (member.keyword, str(member.value)):
+                return member
+        raise InvalidRequest(f"invalid protocol {text!r}: use tcp or udp")
+
+
+def parse_port(value: int | str, what: str = "port") -> int:
+    """A port number 1-65535, from an int or a string of digits."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise InvalidRequest(f"invalid {what} {value!r}: not a number")
+    if isinstance(value, str):
+        if not PORT_RE.fullmatch(value):
+            raise InvalidRequest(f"invalid {what} {value!r}: not a number")
+        value = int(value)
+    if not 1 <= value <= 65535:
+        raise InvalidRequest(f"invalid {what} {value}: must be between 1 and 65535")
+    return value
+
+
+def parse_host_address(text: str | IPv4Address | None) -> IPv4Address | None:
+    """The host address of a mapping; None (and 0.0.0.0) mean every host address."""
+    if text is None:
+        return None
+    addr = parse_ipv4(str(text), "host address")
+    if addr.is_unspecified:
+        return None
+    if addr.is_loopback or addr.is_multicast or addr == IPv4Address("255.255.255.255"):
+        raise InvalidRequest(f"invalid host address {text!r}: a kernel port mapping needs a "
+                             "unicast address that is not loopback")
+    return addr
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """What a mapping takes on the host: a protocol's port on one address or (None) on
+    every address."""
+
+    protocol: Protocol
+    port: int
+    address: IPv4Address | None = None
+
+    @classmethod
+    def parse(cls, protocol: Protocol | str, port: int | str,
+              address: IPv4Address | str | None = None) -> HostPort:
+        return cls(protocol if isinstance(protocol, Protocol) else Protocol.parse(protocol),
+                   parse_port(port, "external port"), parse_host_address(address))
+
+    def overlaps(self, other: HostPort) -> bool:
+        """Same protocol and port on an overlapping address (every address overlaps
+        each single one)."""
+        return (self.protocol is other.protocol and self.port == other.port
+                and (self.address is None or other.address is None
+                     or self.address == other.address))
+
+    def describe(self) -> str:
+        return f"{self.protocol.keyword} {self.address or '*'}:{self.port}"
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    """Host ``protocol`` port ``external_port`` (on ``host_address``, or on every host
+    address when None) is forwarded to ``internal_port`` of VM ``vm``."""
+
+    vm: str
+    protocol: Protocol
+    external_port: int
+    internal_port: int
+    host_address: IPv4Address | None = None
+
+    @classmethod
+    def parse(cls, vm: str, protocol: Protocol | str, external_port: int | str,
+              internal_port: int | str,
+              host_address: IPv4Address | str | None = None) -> PortMapping:
+        """Validate user input (InvalidRequest with a one-line message)."""
+        name = parse_name(vm, "vm name")
+        host = HostPort.parse(protocol, external_port, host_address)
+        return cls(vm=name, protocol=host.protocol, external_port=host.port,
+                   internal_port=parse_port(internal_port, "internal port"),
+                   host_address=host.address)
+
+    @property
+    def host_port(self) -> HostPort:
+        return HostPort(self.protocol, self.external_port, self.host_address)
+
+    def describe(self) -> str:
+        return f"{self.host_port.describe()} -> vm {self.vm} port {self.internal_port}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "Vm": self.vm,
+            "Protocol": self.protocol.keyword,
+            "ExternalPort": self.external_port,
+            "InternalPort": self.internal_port,
+            "HostAddress": str(self.host_address) if self.host_address else None,
+        }
+
+    def to_policy(self) -> dict[str, Any]:
+        """HNS's endpoint policy."""
+        return {"Type": "PortMapping", "Settings": {
+            "Protocol": self.protocol.value,
+            "InternalPort": self.internal_port,
+            "ExternalPort": self.external_port,
+            "VIP": str(self.host_address) if self.host_address else "",
+        }}

@@ -11,20 +11,25 @@ kernel objects tagged with this instance that the state does not know.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import uuid
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import TYPE_CHECKING
 
-from hns import ipam, naming, resolv
+from hns import ipam, naming, portmap, resolv
 from hns.errors import AlreadyExists, Conflict, HnsError, InvalidRequest, KernelError
 from hns.model import (
     DEFAULT_MTU,
+    HostPort,
     Network,
     NetworkType,
+    PortMapping,
+    Protocol,
     Vm,
     parse_ipv4,
     parse_mac,
@@ -34,9 +39,16 @@ from hns.model import (
     parse_subnet,
 )
 from hns.netns import create_netns, delete_netns, list_netns, netns_exists
-from hns.store import Store
+from hns.store import MappedPort, Store
 from nat.nft import Nft, NftRunner
-from nat.ruleset import NatSpec, nat_table, render_delete, render_replace
+from nat.ruleset import (
+    NatSpec,
+    nat_table,
+    render_add_port_mappings,
+    render_delete,
+    render_delete_port_mappings,
+    render_replace,
+)
 
 if TYPE_CHECKING:  # the kernel driver (and pyroute2) loads on first use: reads stay fast
     from hns.kernel import HostKernel
@@ -101,10 +113,19 @@ class Service:
 
     def list_vms(self, network: str | None = None) -> list[Vm]:
         net_id = self.store.network(network).id if network else None
-        return self.store.vms(net_id)
+        return self._with_policies(self.store.vms(net_id), self.store.port_mappings())
 
     def get_vm(self, name: str) -> Vm:
-        return self.store.vm(name)
+        vm = self.store.vm(name)
+        return self._with_policies([vm], self.store.port_mappings(vm.id))[0]
+
+    @staticmethod
+    def _with_policies(vms: list[Vm], mapped: list[MappedPort]) -> list[Vm]:
+        """The VMs with their port mappings as HNS endpoint policies."""
+        policies: dict[str, list[dict[str, object]]] = defaultdict(list)
+        for m in mapped:
+            policies[m.mapping.vm].append(m.mapping.to_policy())
+        return [dataclasses.replace(vm, policies=tuple(policies[vm.name])) for vm in vms]
 
     # networks
 
@@ -179,13 +200,18 @@ class Service:
         with self.store.lock("nft"):
             self._sync_nat_locked()
 
-    def _sync_nat_locked(self, exclude: frozenset[str] = frozenset()) -> None:
-        """Render the whole NAT table from the state and apply it atomically."""
+    def _sync_nat_locked(self, exclude: frozenset[str] = frozenset(),
+                         drop: frozenset[HostPort] = frozenset()) -> None:
+        """Render the whole NAT table from the state and apply it atomically; leave out
+        the networks in ``exclude`` and the port mappings of the host ports in ``drop``."""
         table_name = naming.nft_table_name(self.instance)
         specs = [NatSpec(n.id, n.subnet, n.bridge) for n in self.store.networks()
                  if n.id not in exclude and n.type is NetworkType.NAT]
         if specs:
-            self.nft.apply(render_replace(nat_table(table_name, specs)))
+            ids = {s.id for s in specs}
+            mapped = portmap.specs(m for m in self.store.port_mappings()
+                                   if m.network_id in ids and m.mapping.host_port not in drop)
+            self.nft.apply(render_replace(nat_table(table_name, specs, mapped)))
         else:
             self.nft.apply(render_delete("inet", table_name))
 
@@ -261,14 +287,125 @@ class Service:
         resolv.remove_vm_resolv(vm.netns)
 
     def delete_vm(self, name: str) -> bool:
-        """Delete a VM and everything it had; False if it did not exist."""
-        vm = self.store.find_vm(name)
-        if vm is None:
-            return False
-        self._teardown_vm(vm)
-        with self.store.transaction() as db:
-            self.store.delete_vm(db, vm.id)
+        """Delete a VM and everything it had (port mappings too); False if it did not
+        exist."""
+        return self._delete_vm(name, remember=False)
+
+    def _delete_vm(self, name: str, remember: bool) -> bool:
+        """``remember``: keep copies of its port mappings under its name (``down``)."""
+        with self.store.lock("nft"):  # no full render between the nft and state changes
+            vm = self.store.find_vm(name)
+            if vm is None:
+                return False
+            mapped = self.store.port_mappings(vm.id)
+            if mapped:
+                self._remove_port_mappings(mapped)
+            self._teardown_vm(vm)
+            with self.store.transaction() as db:
+                if remember:
+                    self.store.remember_port_mappings(db, vm.name, [m.mapping for m in mapped])
+                self.store.delete_vm(db, vm.id)  # its mappings go with it (cascade)
         return True
+
+    # port mappings (HNS's PortMapping policy; see hns/portmap.py)
+
+    def list_port_mappings(self, vm: str | None = None) -> list[PortMapping]:
+        vm_id = self.store.vm(vm).id if vm is not None else None
+        return [m.mapping for m in self.store.port_mappings(vm_id)]
+
+    def add_port_mapping(self, vm: str, protocol: Protocol | str, external_port: int | str,
+                         internal_port: int | str,
+                         host_address: IPv4Address | str | None = None) -> PortMapping:
+        """Forward host ``protocol``/``external_port`` (on ``host_address``, or every host
+        address) to ``internal_port`` of the VM."""
+        mapping = PortMapping.parse(vm, protocol, external_port, internal_port, host_address)
+        return self.add_port_mappings([mapping])[0]
+
+    def add_port_mappings(self, mappings: Iterable[PortMapping]) -> list[PortMapping]:
+        """Add validated mappings, all or none: one store and one nft transaction."""
+        batch = list(mappings)
+        portmap.check_batch(batch)
+        if not batch:
+            return []
+        with self.store.lock("nft"):
+            with self.store.transaction() as db:
+                vms = portmap.check_free(self.store, db, batch)
+                self.store.insert_port_mappings(db, {n: v.id for n, v in vms.items()}, batch)
+            try:
+                specs = [portmap.spec(m, vms[m.vm].ip) for m in batch]
+                self._apply_nft_or_render(
+                    render_add_port_mappings(naming.nft_table_name(self.instance), specs))
+            except BaseException:
+                with self.store.transaction() as db:
+                    self.store.delete_port_mappings(db, [m.host_port for m in batch])
+                with contextlib.suppress(HnsError):
+                    self._sync_nat_locked()  # in case nft was interrupted half way
+                raise
+        self._flush_udp_conntrack(batch)
+        return batch
+
+    def delete_port_mapping(self, vm: str, protocol: Protocol | str, external_port: int | str,
+                            host_address: IPv4Address | str | None = None) -> bool:
+        """Delete the VM's mapping of that host port; False if there is none."""
+        name = parse_name(vm, "vm name")
+        port = HostPort.parse(protocol, external_port, host_address)
+        with self.store.lock("nft"):
+            found = self.store.find_port_mapping(port)
+            if found is None:
+                return False
+            if found.mapping.vm != name:
+                raise Conflict(f"host port {port.describe()} is mapped to vm "
+                               f"{found.mapping.vm!r}, not {name!r}")
+            self._remove_port_mappings([found])
+            with self.store.transaction() as db:
+                self.store.delete_port_mappings(db, [port])
+        return True
+
+    def _apply_nft_or_render(self, script: str, drop: frozenset[HostPort] = frozenset()) -> None:
+        """Apply an incremental script; where nft refuses it (a table made by an older
+        version, an element that drifted), render the whole table from the state."""
+        try:
+            self.nft.apply(script)
+        except KernelError as exc:
+            log.debug("incremental nft change refused (%s); rendering the whole table", exc)
+            self._sync_nat_locked(drop=drop)
+
+    def _remove_port_mappings(self, mapped: list[MappedPort]) -> None:
+        """The nft side of deleting mappings (the caller holds the nft lock)."""
+        script = render_delete_port_mappings(naming.nft_table_name(self.instance),
+                                             portmap.specs(mapped))
+        self._apply_nft_or_render(script, drop=frozenset(m.mapping.host_port for m in mapped))
+
+    def _flush_udp_conntrack(self, batch: list[PortMapping]) -> None:
+        ports = [(m.external_port, m.host_address) for m in batch
+                 if m.protocol is Protocol.UDP]
+        if not ports:
+            return
+        from nat.conntrack import flush_udp
+        try:
+            flushed = self.kernel.run(flush_udp, ports)
+        except (HnsError, OSError) as exc:  # the mapping works; old flows just age out
+            log.warning("could not flush stale UDP conntrack entries: %s", exc)
+            return
+        if flushed:
+            log.debug("flushed %d stale UDP conntrack entries", flushed)
+
+    def _readd_remembered_port_mappings(self, vm: str) -> None:
+        """Re-add what ``down`` remembered of the VM, except host ports taken since."""
+        remembered = self.store.remembered_port_mappings(vm)
+        if not remembered:
+            return
+        todo = []
+        for m in remembered:
+            taken = self.store.port_mapping_conflict(m.host_port)
+            if taken is None:
+                todo.append(m)
+            elif taken.mapping != m:
+                log.warning("port mapping %s not restored: %s", m.describe(),
+                            portmap.conflict_message(m.host_port, taken))
+        self.add_port_mappings(todo)
+        with self.store.transaction() as db:
+            self.store.forget_port_mappings(db, vm)
 
     # lifecycle
 
@@ -280,17 +417,21 @@ class Service:
         if net is None:
             net = self.create_network(DEFAULT_NETWORK, NetworkType.NAT)
             created = True
-        vm = self.store.find_vm(DEFAULT_VM)
-        if vm is None:
-            vm = self.create_vm(DEFAULT_VM, DEFAULT_NETWORK)
+        if self.store.find_vm(DEFAULT_VM) is None:
+            self.create_vm(DEFAULT_VM, DEFAULT_NETWORK)
             created = True
-        return UpResult(net, vm, created)
+        self._readd_remembered_port_mappings(DEFAULT_VM)
+        return UpResult(net, self.get_vm(DEFAULT_VM), created)
 
     def down(self) -> bool:
-        """Remove ``wsl`` and ``WSL`` (and VMs attached to it); the subnet stays remembered."""
-        vm_gone = self.delete_vm(DEFAULT_VM)
+        """Remove ``wsl`` and ``WSL`` (and VMs attached to it); the subnet stays remembered,
+        and so do the port mappings of the VMs removed (by VM name; ``up`` re-adds
+        ``wsl``'s)."""
+        net = self.store.find_network(DEFAULT_NETWORK)
+        names = [DEFAULT_VM, *(v.name for v in self.store.vms(net.id))] if net else [DEFAULT_VM]
+        vms_gone = [self._delete_vm(name, remember=True) for name in dict.fromkeys(names)]
         net_gone = self.delete_network(DEFAULT_NETWORK, force=True)
-        return vm_gone or net_gone
+        return any(vms_gone) or net_gone
 
     def restore(self) -> list[str]:
         """Recreate every kernel object of the state (after a reboot); what was made."""
@@ -307,6 +448,7 @@ class Service:
         from hns.kernel import configure_vm_side
         for vm in self.store.vms():
             if netns_exists(vm.netns) and self.kernel.link_exists(vm.host_ifname):
+                self.kernel.attach_port(vm.host_ifname, by_id[vm.network_id].bridge)
                 configure_vm_side(vm.netns, vm.ip, vm.prefixlen, vm.gateway)
                 resolv.write_vm_resolv(vm.netns, self.host_netns)
                 continue

@@ -13,14 +13,15 @@ import fcntl
 import os
 import secrets
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import NamedTuple
 
-from hns.errors import AlreadyExists, NotFound, StateError
-from hns.model import Network, NetworkType, Vm
+from hns.errors import AlreadyExists, Conflict, NotFound, StateError
+from hns.model import HostPort, Network, NetworkType, PortMapping, Protocol, Vm
 
-__all__ = ["Store"]
+__all__ = ["MappedPort", "Store"]
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -50,6 +51,39 @@ CREATE TABLE IF NOT EXISTS remembered_subnets (
 );
 """
 
+# Port mappings: a host (protocol, port) is taken once, where every host address ('')
+# overlaps each single one; the trigger makes that a constraint of the database itself.
+# Mappings go with their VM (ON DELETE CASCADE); ``down`` keeps copies by VM name.
+PORT_MAPPING_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS port_mappings (
+        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+        protocol INTEGER NOT NULL CHECK (protocol IN (6, 17)),
+        external_port INTEGER NOT NULL CHECK (external_port BETWEEN 1 AND 65535),
+        internal_port INTEGER NOT NULL CHECK (internal_port BETWEEN 1 AND 65535),
+        host_address TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (protocol, external_port, host_address))""",
+    "CREATE INDEX IF NOT EXISTS port_mappings_vm ON port_mappings (vm_id)",
+    """CREATE TRIGGER IF NOT EXISTS port_mappings_host_port BEFORE INSERT ON port_mappings
+    WHEN EXISTS (SELECT 1 FROM port_mappings WHERE protocol = NEW.protocol
+                 AND external_port = NEW.external_port
+                 AND (host_address = '' OR NEW.host_address = ''
+                      OR host_address = NEW.host_address))
+    BEGIN SELECT RAISE(ABORT, 'host port already mapped'); END""",
+    """CREATE TABLE IF NOT EXISTS remembered_port_mappings (
+        vm_name TEXT NOT NULL,
+        protocol INTEGER NOT NULL,
+        external_port INTEGER NOT NULL,
+        internal_port INTEGER NOT NULL,
+        host_address TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (vm_name, protocol, external_port, host_address))""",
+)
+PORT_MAPPING_SELECT = """
+SELECT v.name, p.protocol, p.external_port, p.internal_port, p.host_address, v.ip,
+       v.network_id
+FROM port_mappings p JOIN vms v ON v.id = p.vm_id
+"""
+
+
 VM_SELECT = """
 SELECT v.id, v.name, n.name, n.id, v.netns, v.ip, n.subnet, n.gateway, v.mac,
        v.host_ifname, n.mtu
@@ -72,6 +106,29 @@ def _vm(row: tuple[object, ...]) -> Vm:
               mac=str(mac), host_ifname=str(host_ifname), mtu=int(str(mtu)))
 
 
+class MappedPort(NamedTuple):
+    """A port mapping with what the NAT table needs: the VM's address and network."""
+
+    mapping: PortMapping
+    target: IPv4Address
+    network_id: str
+
+
+def _port_mapping(row: tuple[object, ...]) -> PortMapping:
+    vm, protocol, external, internal, host_address = row
+    return PortMapping(vm=str(vm), protocol=Protocol(int(str(protocol))),
+                       external_port=int(str(external)), internal_port=int(str(internal)),
+                       host_address=IPv4Address(str(host_address)) if host_address else None)
+
+
+def _mapped_port(row: tuple[object, ...]) -> MappedPort:
+    return MappedPort(_port_mapping(row[:5]), IPv4Address(str(row[5])), str(row[6]))
+
+
+def _address(port: HostPort) -> str:
+    return str(port.address) if port.address else ""
+
+
 def _integrity(exc: sqlite3.IntegrityError, what: str) -> AlreadyExists:
     return AlreadyExists(f"{what} conflicts with an existing object ({exc})")
 
@@ -92,6 +149,8 @@ class Store:
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
+                for statement in PORT_MAPPING_SCHEMA:
+                    db.execute(statement)
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
                            (str(SCHEMA_VERSION),))
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('instance', ?)",
@@ -213,3 +272,67 @@ class Store:
 
     def delete_vm(self, db: sqlite3.Connection, vm_id: str) -> None:
         db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
+
+    # port mappings
+
+    def port_mappings(self, vm_id: str | None = None,
+                      db: sqlite3.Connection | None = None) -> list[MappedPort]:
+        order = " ORDER BY v.name, p.protocol, p.external_port, p.host_address"
+        if vm_id is None:
+            rows = (db or self._db).execute(PORT_MAPPING_SELECT + order)
+        else:
+            rows = (db or self._db).execute(PORT_MAPPING_SELECT + " WHERE p.vm_id = ?" + order,
+                                            (vm_id,))
+        return [_mapped_port(r) for r in rows]
+
+    def port_mapping_conflict(self, port: HostPort,
+                              db: sqlite3.Connection | None = None) -> MappedPort | None:
+        """A mapping that overlaps this host port (an index lookup, whatever the count)."""
+        address = _address(port)
+        row = (db or self._db).execute(
+            PORT_MAPPING_SELECT + " WHERE p.protocol = ? AND p.external_port = ? "
+            "AND (p.host_address = '' OR ? = '' OR p.host_address = ?) LIMIT 1",
+            (port.protocol.value, port.port, address, address)).fetchone()
+        return _mapped_port(row) if row else None
+
+    def find_port_mapping(self, port: HostPort,
+                          db: sqlite3.Connection | None = None) -> MappedPort | None:
+        """The mapping of exactly this host port (protocol, port and address)."""
+        row = (db or self._db).execute(
+            PORT_MAPPING_SELECT + " WHERE p.protocol = ? AND p.external_port = ? "
+            "AND p.host_address = ?", (port.protocol.value, port.port, _address(port))).fetchone()
+        return _mapped_port(row) if row else None
+
+    def insert_port_mappings(self, db: sqlite3.Connection, vm_ids: Mapping[str, str],
+                             mappings: Iterable[PortMapping]) -> None:
+        """Insert mappings; ``vm_ids`` maps each VM name to its id."""
+        try:
+            db.executemany("INSERT INTO port_mappings VALUES (?, ?, ?, ?, ?)",
+                           ((vm_ids[m.vm], m.protocol.value, m.external_port, m.internal_port,
+                             _address(m.host_port)) for m in mappings))
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"a host port is already mapped ({exc})") from None
+
+    def delete_port_mappings(self, db: sqlite3.Connection, ports: Iterable[HostPort]) -> None:
+        db.executemany("DELETE FROM port_mappings WHERE protocol = ? AND external_port = ? "
+                       "AND host_address = ?",
+                       ((p.protocol.value, p.port, _address(p)) for p in ports))
+
+    def remember_port_mappings(self, db: sqlite3.Connection, vm_name: str,
+                               mappings: Iterable[PortMapping]) -> None:
+        """Keep copies under the VM's name (replacing older ones), for ``up``."""
+        self.forget_port_mappings(db, vm_name)
+        db.executemany("INSERT INTO remembered_port_mappings VALUES (?, ?, ?, ?, ?)",
+                       ((vm_name, m.protocol.value, m.external_port, m.internal_port,
+                         _address(m.host_port)) for m in mappings))
+
+    def remembered_port_mappings(self, vm_name: str,
+                                 db: sqlite3.Connection | None = None) -> list[PortMapping]:
+        rows = (db or self._db).execute(
+            "SELECT vm_name, protocol, external_port, internal_port, host_address "
+            "FROM remembered_port_mappings WHERE vm_name = ? "
+            "ORDER BY protocol, external_port, host_address", (vm_name,))
+        return [_port_mapping(r) for r in rows]
+
+    def forget_port_mappings(self, db: sqlite3.Connection, vm_name: str) -> None:
+        db.execute("DELETE FROM remembered_port_mappings WHERE vm_name = ?", (vm_name,))

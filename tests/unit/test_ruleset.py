@@ -23,10 +23,28 @@ ID_B = "b2c3d4e5-0000-4000-8000-000000000002"
 
 GOLDEN_TABLE = """\
 table inet hns-ab12 {
+\tmap pm_any {
+\t\ttype inet_proto . inet_service : ipv4_addr . inet_service
+\t}
+\tmap pm_addr {
+\t\ttype ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service
+\t}
 \tchain postrouting {
 \t\ttype nat hook postrouting priority srcnat; policy accept;
 \t\tip saddr 172.16.0.0/20 oifname != "hbab12a1b2c3d4" masquerade comment "net:a1b2c3d4-0000-4000-8000-000000000001"
 \t\tip saddr 192.168.0.0/20 oifname != "hbab12b2c3d4e5" masquerade comment "net:b2c3d4e5-0000-4000-8000-000000000002"
+\t\tct status dnat ip saddr 172.16.0.0/20 ip daddr 172.16.0.0/20 masquerade comment "hairpin:a1b2c3d4-0000-4000-8000-000000000001"
+\t\tct status dnat ip saddr 192.168.0.0/20 ip daddr 192.168.0.0/20 masquerade comment "hairpin:b2c3d4e5-0000-4000-8000-000000000002"
+\t}
+\tchain prerouting {
+\t\ttype nat hook prerouting priority dstnat; policy accept;
+\t\tip daddr != 127.0.0.0/8 fib daddr type local dnat ip to ip daddr . meta l4proto . th dport map @pm_addr
+\t\tip daddr != 127.0.0.0/8 fib daddr type local dnat ip to meta l4proto . th dport map @pm_any
+\t}
+\tchain output {
+\t\ttype nat hook output priority -100; policy accept;
+\t\tip daddr != 127.0.0.0/8 fib daddr type local dnat ip to ip daddr . meta l4proto . th dport map @pm_addr
+\t\tip daddr != 127.0.0.0/8 fib daddr type local dnat ip to meta l4proto . th dport map @pm_any
 \t}
 }
 """  # noqa: E501
@@ -54,10 +72,13 @@ def test_nat_table_order_does_not_depend_on_input_order() -> None:
 def test_nat_table_structure() -> None:
     table = nat_table("hns-ab12", two_networks())
     assert (table.family, table.name) == ("inet", "hns-ab12")
-    [chain] = table.chains
+    chain = table.chains[0]
     assert (chain.name, chain.type, chain.hook, chain.priority, chain.policy) == (
         "postrouting", "nat", "postrouting", "srcnat", "accept")
-    assert len(chain.rules) == 2
+    assert len(chain.rules) == 4  # masquerade and hairpin per network
+    assert [(c.name, c.hook) for c in table.chains[1:]] == [
+        ("prerouting", "prerouting"), ("output", "output")]
+    assert [m.name for m in table.maps] == ["pm_any", "pm_addr"]
 
 
 def test_nat_table_without_networks_has_an_empty_chain() -> None:

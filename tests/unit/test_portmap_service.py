@@ -1,0 +1,233 @@
+"""hns.Service, port mappings, against the state in tmp_path and a fake nft: the store
+rows, the nft scripts (incremental, or the full table as a fallback), refusals and
+rollback.  No root, no kernel."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from hns import naming
+from hns.errors import Conflict, KernelError, NotFound
+from hns.model import Network, NetworkType, PortMapping, Protocol, Vm
+from hns.service import Service
+from hns.store import Store
+from nat.nft import FakeNft
+
+HOST = IPv4Address("198.51.100.2")
+
+
+class PickyNft(FakeNft):
+    """Refuses scripts containing ``refuse`` (as nft does an element that drifted)."""
+
+    def __init__(self, *refuse: str) -> None:
+        super().__init__()
+        self.refuse = refuse
+
+    def apply(self, script: str) -> None:
+        if any(word in script for word in self.refuse):
+            raise KernelError("nft -f - failed: File exists", 17)
+        super().apply(script)
+
+
+def seed(state: Path) -> None:
+    store = Store(state)
+    net_id = str(uuid.uuid4())
+    net = Network(id=net_id, name="n", type=NetworkType.NAT,
+                  subnet=IPv4Network("10.50.0.0/24"), gateway=IPv4Address("10.50.0.1"),
+                  mtu=1500, bridge=naming.bridge_name(store.instance, net_id))
+    with store.transaction() as db:
+        store.insert_network(db, net)
+        for i, name in enumerate(("a", "b"), start=2):
+            vm_id = str(uuid.uuid4())
+            store.insert_vm(db, Vm(
+                id=vm_id, name=name, network="n", network_id=net_id,
+                netns=naming.vm_netns_name(store.instance, name),
+                ip=IPv4Address(f"10.50.0.{i}"), prefixlen=24, gateway=net.gateway,
+                mac=f"00:15:5d:00:00:0{i}", host_ifname=naming.host_veth_name(store.instance,
+                                                                            vm_id), mtu=1500))
+    store.close()
+
+
+@pytest.fixture
+def svc(tmp_path: Path) -> Iterator[Service]:
+    seed(tmp_path / "state")
+    with Service(tmp_path / "state", nft=FakeNft()) as service:
+        yield service
+
+
+def fake(svc: Service) -> FakeNft:
+    assert isinstance(svc.nft, FakeNft)
+    return svc.nft
+
+
+def table(svc: Service) -> str:
+    return naming.nft_table_name(svc.instance)
+
+
+def test_add_is_one_incremental_transaction(svc: Service) -> None:
+    m = svc.add_port_mapping("a", "tcp", "8080", "80")
+    assert m == PortMapping("a", Protocol.TCP, 8080, 80)
+    assert fake(svc).scripts == [
+        f"add element inet {table(svc)} pm_any {{ tcp . 8080 : 10.50.0.2 . 80 }}\n"]
+    assert svc.list_port_mappings() == [m]
+    assert svc.list_port_mappings("a") == [m] and svc.list_port_mappings("b") == []
+
+
+def test_policies_show_on_the_vm(svc: Service) -> None:
+    svc.add_port_mapping("a", "tcp", 8080, 80)
+    svc.add_port_mapping("a", "udp", 5353, 53, "198.51.100.2")
+    assert [p["Settings"] for p in svc.get_vm("a").to_json()["Policies"]] == [
+        {"Protocol": 6, "InternalPort": 80, "ExternalPort": 8080, "VIP": ""},
+        {"Protocol": 17, "InternalPort": 53, "ExternalPort": 5353, "VIP": "198.51.100.2"}]
+    assert [len(v.policies) for v in svc.list_vms()] == [2, 0]
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ((8080, None), (8080, None)),
+    ((8080, None), (8080, "198.51.100.2")),
+    ((8080, "198.51.100.2"), (8080, None)),
+    ((8080, "198.51.100.2"), (8080, "198.51.100.2")),
+])
+def test_a_host_port_is_taken_once(svc: Service, first: tuple[int, str | None],
+                                   second: tuple[int, str | None]) -> None:
+    svc.add_port_mapping("a", "tcp", first[0], 80, first[1])
+    scripts = list(fake(svc).scripts)
+    with pytest.raises(Conflict, match="already mapped"):
+        svc.add_port_mapping("b", "tcp", second[0], 81, second[1])
+    assert fake(svc).scripts == scripts
+    assert len(svc.list_port_mappings()) == 1
+
+
+def test_other_protocol_or_address_is_free(svc: Service) -> None:
+    svc.add_port_mapping("a", "tcp", 8080, 80, "198.51.100.2")
+    svc.add_port_mapping("b", "tcp", 8080, 80, "198.51.100.3")
+    svc.add_port_mapping("b", "udp", 8080, 80)
+    assert len(svc.list_port_mappings()) == 3
+
+
+def test_unknown_vm_is_refused(svc: Service) -> None:
+    with pytest.raises(NotFound, match="vm 'nope' does not exist"):
+        svc.add_port_mapping("nope", "tcp", 80, 80)
+    with pytest.raises(NotFound):
+        svc.list_port_mappings("nope")
+    assert fake(svc).scripts == []
+
+
+def test_bulk_is_all_or_nothing(svc: Service) -> None:
+    batch = [PortMapping("a", Protocol.TCP, p, 80) for p in range(10000, 10100)]
+    assert svc.add_port_mappings(batch) == batch
+    assert len(fake(svc).scripts) == 1
+    with pytest.raises(Conflict, match="mapped twice in one request"):
+        svc.add_port_mappings([PortMapping("b", Protocol.UDP, 1, 1),
+                               PortMapping("b", Protocol.UDP, 1, 2, HOST)])
+    with pytest.raises(Conflict, match="already mapped"):
+        svc.add_port_mappings([PortMapping("b", Protocol.UDP, 1, 1),
+                               PortMapping("b", Protocol.TCP, 10050, 2)])
+    with pytest.raises(NotFound):
+        svc.add_port_mappings([PortMapping("b", Protocol.UDP, 1, 1),
+                               PortMapping("zz", Protocol.UDP, 2, 1)])
+    assert len(svc.list_port_mappings()) == 100 and len(fake(svc).scripts) == 1
+
+
+def test_refused_element_falls_back_to_the_full_table(tmp_path: Path) -> None:
+    seed(tmp_path / "s")
+    with Service(tmp_path / "s", nft=PickyNft("add element")) as svc:
+        svc.add_port_mapping("a", "tcp", 8080, 80)
+        [script] = fake(svc).scripts
+        assert f"delete table inet {table(svc)}" in script
+        assert "tcp . 8080 : 10.50.0.2 . 80" in script
+
+
+def test_nft_failure_removes_the_row(tmp_path: Path) -> None:
+    seed(tmp_path / "s")
+    with Service(tmp_path / "s", nft=PickyNft("tcp . 8080")) as svc:
+        svc.add_port_mapping("a", "tcp", 9090, 90)
+        with pytest.raises(KernelError):
+            svc.add_port_mapping("a", "tcp", 8080, 80)
+        assert [m.external_port for m in svc.list_port_mappings()] == [9090]
+        assert "8080" not in fake(svc).dump()
+
+
+def test_delete(svc: Service) -> None:
+    svc.add_port_mapping("a", "tcp", 8080, 80, "198.51.100.2")
+    assert not svc.delete_port_mapping("a", "tcp", 8080)  # not on every address
+    assert not svc.delete_port_mapping("a", "udp", 8080, "198.51.100.2")
+    assert not svc.delete_port_mapping("nope", "udp", 1)
+    with pytest.raises(Conflict, match="mapped to vm 'a', not 'b'"):
+        svc.delete_port_mapping("b", "tcp", 8080, "198.51.100.2")
+    assert svc.delete_port_mapping("a", "tcp", "8080", "198.51.100.2")
+    assert fake(svc).scripts[-1] == (
+        f"delete element inet {table(svc)} pm_addr {{ 198.51.100.2 . tcp . 8080 }}\n")
+    assert svc.list_port_mappings() == []
+
+
+def test_delete_of_a_missing_element_renders_the_table_without_it(tmp_path: Path) -> None:
+    seed(tmp_path / "s")
+    with Service(tmp_path / "s", nft=PickyNft("delete element")) as svc:
+        svc.add_port_mapping("a", "tcp", 8080, 80)
+        svc.add_port_mapping("a", "tcp", 9090, 90)
+        assert svc.delete_port_mapping("a", "tcp", 8080)
+        last = fake(svc).scripts[-1]
+        assert "tcp . 9090" in last and "8080" not in last
+        assert [m.external_port for m in svc.list_port_mappings()] == [9090]
+
+
+def test_delete_vm_takes_its_mappings(svc: Service, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(svc, "_teardown_vm", lambda vm: None)
+    svc.add_port_mapping("a", "tcp", 8080, 80)
+    svc.add_port_mapping("b", "tcp", 9090, 90)
+    assert svc.delete_vm("a")
+    assert fake(svc).scripts[-1] == f"delete element inet {table(svc)} pm_any {{ tcp . 8080 }}\n"
+    assert [m.vm for m in svc.list_port_mappings()] == ["b"]
+    assert svc.store.remembered_port_mappings("a") == []
+
+
+def test_remembered_mappings_come_back_except_taken_ports(
+        svc: Service, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(svc, "_teardown_vm", lambda vm: None)
+    kept = [PortMapping("a", Protocol.TCP, 8080, 80), PortMapping("a", Protocol.UDP, 53, 53)]
+    svc.add_port_mappings([*kept, PortMapping("a", Protocol.TCP, 7070, 70)])
+    assert svc._delete_vm("a", remember=True)
+    assert len(svc.store.remembered_port_mappings("a")) == 3
+    svc.add_port_mapping("b", "tcp", 7070, 71)  # taken meanwhile
+    seed_vm_a_again(svc)
+    monkeypatch.setattr(svc, "_flush_udp_conntrack", lambda batch: None)
+    svc._readd_remembered_port_mappings("a")
+    assert sorted(svc.list_port_mappings("a"), key=str) == sorted(kept, key=str)
+    assert "tcp *:7070 -> vm a port 70 not restored" in caplog.text
+    assert svc.store.remembered_port_mappings("a") == []
+
+
+def seed_vm_a_again(svc: Service) -> None:
+    net = svc.get_network("n")
+    vm_id = str(uuid.uuid4())
+    with svc.store.transaction() as db:
+        svc.store.insert_vm(db, Vm(
+            id=vm_id, name="a", network="n", network_id=net.id,
+            netns=naming.vm_netns_name(svc.instance, "a"), ip=IPv4Address("10.50.0.9"),
+            prefixlen=24, gateway=net.gateway, mac="00:15:5d:00:00:09",
+            host_ifname=naming.host_veth_name(svc.instance, vm_id), mtu=1500))
+
+
+def test_the_store_itself_refuses_a_taken_host_port(svc: Service) -> None:
+    svc.add_port_mapping("a", "tcp", 8080, 80)
+    vm_b = svc.store.vm("b")
+    with pytest.raises(Conflict), svc.store.transaction() as db:
+        svc.store.insert_port_mappings(db, {"b": vm_b.id},
+                                       [PortMapping("b", Protocol.TCP, 8080, 80, HOST)])
+    assert len(svc.list_port_mappings()) == 1
+
+
+def test_full_render_includes_every_mapping(svc: Service) -> None:
+    svc.add_port_mapping("a", "tcp", 8080, 80)
+    svc.add_port_mapping("b", "tcp", 443, 8443, "198.51.100.2")
+    svc._sync_nat()
+    full = fake(svc).scripts[-1]
+    assert "tcp . 8080 : 10.50.0.2 . 80" in full
+    assert "198.51.100.2 . tcp . 443 : 10.50.0.3 . 8443" in full
