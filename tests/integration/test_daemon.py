@@ -202,3 +202,23 @@ def test_bad_portproxy_words_change_nothing(hns_sandbox: Sandbox) -> None:
         assert result.returncode == 2, (words, result.stderr)
         assert len(result.stderr.splitlines()) == 1
     assert hns_sandbox.hnsctl("--json", "portproxy", "show", "all").stdout == before
+
+
+def test_tells_systemd_when_ready_and_when_stopping(hns_sandbox: Sandbox,
+                                                   tmp_path: Any) -> None:
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(path)
+        notify.settimeout(60)
+        env = dict(os.environ, NOTIFY_SOCKET=path)
+        proc = subprocess.Popen([*hns_sandbox.hnsctl_argv(), "daemon"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert notify.recv(256) == b"READY=1"
+            proc.send_signal(signal.SIGTERM)
+            assert notify.recv(256) == b"STOPPING=1"
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
