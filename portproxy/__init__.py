@@ -1,4 +1,5 @@
-"""The userspace data plane of hns: relay engine, static port proxies, port tracker and
-localhost forwarder, and the daemon that runs them.  Not built yet: NAT mode (the
-``hns`` control plane and the ``nat`` package) works without it.
+"""The userspace data plane of hns: the relay engine (:mod:`portproxy.engine`), static
+port proxies in netsh's words (:mod:`portproxy.netsh`, :mod:`portproxy.config`) and the
+daemon that serves them (:mod:`portproxy.daemon`).  The port tracker and the localhost
+forwarder are not built yet.
 """
