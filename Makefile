@@ -29,6 +29,7 @@ integration: deps
 
 bench: deps
 	$(BIN)/python bench/bench_vm.py
+	$(BIN)/python bench/bench_portmap.py
 
 lint: deps
 	$(BIN)/ruff check hns nat portproxy tests bench examples

@@ -1,0 +1,334 @@
+"""Benchmark of kernel port mappings in hns, hermetic: everything runs in a Sandbox.
+
+What it measures, on one NAT network ``bench`` with a VM ``srv`` running an iperf3
+server (port 5201) and a VM ``filler`` that only holds mappings:
+
+1. install: ``--count`` mappings (TCP, ports 30000 up, to ``filler``) through the Python
+   API in one call of ``Service.add_port_mappings`` (one store transaction, one nft
+   transaction); and ``vm delete filler`` at the end, which removes them all;
+2. one more: ``Service.add_port_mapping`` of one mapping while ``--count`` exist, then its
+   ``delete_port_mapping``, ``--trials`` times: median and p90; the same through the CLI
+   (a subprocess each, so interpreter start-up counts), ``--cli-trials`` times;
+3. throughput: iperf3 (``-t --seconds``, ``-O 1``) from the outside namespace to the
+   host's uplink address at the port mapped to ``srv``, with one mapping and with
+   ``--count`` + 1 mappings, and a direct baseline from the host namespace to the VM's
+   own address (the outside has no route to the VM); each ``--runs`` times, median.
+   For information also the outside reaching the VM's address through the host without
+   NAT (a route to the subnet added to the outside namespace for that run only): the
+   same path as a mapped connection, so the ratio to it is the cost of the DNAT itself.
+
+How: a :class:`hns.testing.sandbox.Sandbox` (a namespace playing the host, one playing the
+outside network, a private state directory) is closed in a ``finally``, also on Ctrl-C
+or SIGTERM, and removes every namespace, process, link and nft table it made.  Times
+come from ``time.perf_counter``; throughput is iperf3's receiver figure.
+
+The goals are printed with PASS/MISS, not asserted: the exit status is 0 whether or not a
+goal is met, 1 on an actual error, 130 on Ctrl-C.  ``--json`` prints the figures as one
+JSON object on stdout instead of the table (progress goes to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from types import FrameType
+from typing import Any
+
+from hns.model import PortMapping, Protocol
+from hns.service import Service
+from hns.testing.sandbox import Peer, Sandbox, leftovers, missing_requirements
+
+NETWORK = "bench"
+IPERF_PORT = 5201
+SRV_PORT = 20000  # the host port mapped to srv:5201
+FILL_BASE = 30000  # the filler's mappings: FILL_BASE, FILL_BASE + 1, ...
+ONE_MORE_PORT = 25000
+GOAL_INSTALL_S = 2.0
+GOAL_ONE_MORE_MS = 50.0
+GOAL_SCALE_RATIO = 0.95
+GOAL_DIRECT_RATIO = 0.9
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Summary of one series of timings, in milliseconds."""
+
+    n: int
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+    max_ms: float
+
+    @classmethod
+    def of(cls, seconds: Sequence[float]) -> Stats:
+        ms = [s * 1000.0 for s in seconds]
+        p90 = statistics.quantiles(ms, n=10, method="inclusive")[8] if len(ms) > 1 else ms[0]
+        return cls(n=len(ms), median_ms=statistics.median(ms), p90_ms=p90,
+                   mean_ms=statistics.fmean(ms), min_ms=min(ms), max_ms=max(ms))
+
+
+def timed(fn: Callable[..., object], *args: Any) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def wait_listening(peer: Peer, port: int) -> None:
+    for _ in range(200):
+        if peer.run(["ss", "-Hlnt", f"sport = :{port}"]).stdout.strip():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} in {peer.netns}")
+
+
+@dataclass(frozen=True)
+class Throughput:
+    direct_gbps: float
+    routed_gbps: float
+    one_gbps: float
+    many_gbps: float
+
+
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    value: float
+    limit: float
+    unit: str
+    at_most: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.value <= self.limit if self.at_most else self.value >= self.limit
+
+
+@dataclass(frozen=True)
+class Results:
+    count: int
+    install_s: float
+    delete_vm_s: float
+    one_more: Stats
+    one_less: Stats
+    cli_one_more: Stats
+    throughput: Throughput
+
+    def goals(self) -> list[Goal]:
+        t = self.throughput
+        return [
+            Goal(f"install {self.count} mappings", self.install_s, GOAL_INSTALL_S, "s", True),
+            Goal(f"one more at {self.count} (median, API)", self.one_more.median_ms,
+                 GOAL_ONE_MORE_MS, "ms", True),
+            Goal(f"throughput at {self.count} / at one", t.many_gbps / t.one_gbps,
+                 GOAL_SCALE_RATIO, "x", False),
+            Goal("throughput mapped / direct", t.one_gbps / t.direct_gbps, GOAL_DIRECT_RATIO,
+                 "x", False),
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "count": self.count, "install_s": self.install_s, "delete_vm_s": self.delete_vm_s,
+            "one_more": asdict(self.one_more), "one_less": asdict(self.one_less),
+            "cli_one_more": asdict(self.cli_one_more), "throughput": asdict(self.throughput),
+            "goals": [{"name": g.name, "value": g.value, "limit": g.limit, "unit": g.unit,
+                       "pass": g.passed} for g in self.goals()],
+        }
+
+
+def _progress(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def iperf_gbps(client: Peer, host: str, port: int, seconds: int) -> float:
+    """One iperf3 run; the receiver's rate in Gbit/s."""
+    result = client.run(["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-O", "1",
+                         "-J"], timeout=seconds + 60)
+    data = json.loads(result.stdout or "{}")
+    if result.returncode != 0 or "error" in data:
+        raise RuntimeError(f"iperf3 to {host}:{port} failed: "
+                           f"{data.get('error') or result.stderr.strip()}")
+    return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+def median_gbps(client: Peer, host: str, port: int, args: argparse.Namespace) -> float:
+    return statistics.median(iperf_gbps(client, host, port, args.seconds)
+                             for _ in range(args.runs))
+
+
+def routed_gbps(sandbox: Sandbox, subnet: object, vm_ip: str,
+                args: argparse.Namespace) -> float:
+    """Outside -> VM address through the host, no NAT: a route for this run only."""
+    route = ["ip", "route", "add", str(subnet), "via", sandbox.uplink_ip]
+    result = sandbox.outside.run(route)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip route add: {result.stderr.strip()}")
+    try:
+        return median_gbps(sandbox.outside, vm_ip, IPERF_PORT, args)
+    finally:
+        sandbox.outside.run(["ip", "route", "del", str(subnet)])
+
+
+def bench_one_more(svc: Service, trials: int) -> tuple[Stats, Stats]:
+    """Add one mapping and delete it again, ``trials`` times, each step timed."""
+    adds: list[float] = []
+    deletes: list[float] = []
+    for i in range(trials):
+        port = ONE_MORE_PORT + i
+        adds.append(timed(svc.add_port_mapping, "srv", "tcp", port, IPERF_PORT))
+        deletes.append(timed(svc.delete_port_mapping, "srv", "tcp", port))
+    return Stats.of(adds), Stats.of(deletes)
+
+
+def bench_cli_one_more(sandbox: Sandbox, trials: int) -> Stats:
+    def add(port: int) -> None:
+        result = sandbox.hnsctl("portmap", "add", "srv", "--protocol", "tcp", "--external-port",
+                                str(port), "--internal-port", str(IPERF_PORT))
+        if result.returncode != 0:
+            raise RuntimeError(f"hnsctl portmap add: {result.stderr.strip()}")
+    adds: list[float] = []
+    for i in range(trials):
+        port = ONE_MORE_PORT + 1000 + i
+        adds.append(timed(add, port))
+        sandbox.service.delete_port_mapping("srv", "tcp", port)
+    return Stats.of(adds)
+
+
+def run(args: argparse.Namespace) -> Results:
+    sandbox = Sandbox()
+    try:
+        svc: Service = sandbox.service
+        _progress(f"sandbox {sandbox.host_netns}, state {sandbox.state_dir}")
+        svc.create_network(NETWORK, "nat")
+        srv = sandbox.vm("srv", NETWORK)
+        sandbox.vm("filler", NETWORK)
+        srv.popen(["iperf3", "-s", "-p", str(IPERF_PORT)])
+        wait_listening(srv, IPERF_PORT)
+        svc.add_port_mapping("srv", "tcp", SRV_PORT, IPERF_PORT)
+        _progress(f"iperf3 direct (host -> {srv.ip}) and with one mapping, {args.runs} x "
+                  f"{args.seconds} s each")
+        direct = median_gbps(sandbox.host, srv.ip, IPERF_PORT, args)
+        one = median_gbps(sandbox.outside, sandbox.uplink_ip, SRV_PORT, args)
+        routed = routed_gbps(sandbox, svc.get_network(NETWORK).subnet, srv.ip, args)
+        _progress(f"installing {args.count} mappings in one call")
+        batch = [PortMapping("filler", Protocol.TCP, FILL_BASE + i, IPERF_PORT)
+                 for i in range(args.count)]
+        install = timed(svc.add_port_mappings, batch)
+        _progress(f"one more mapping: {args.trials} API and {args.cli_trials} CLI trials")
+        one_more, one_less = bench_one_more(svc, args.trials)
+        cli_one_more = bench_cli_one_more(sandbox, args.cli_trials)
+        _progress(f"iperf3 with {args.count + 1} mappings")
+        many = median_gbps(sandbox.outside, sandbox.uplink_ip, SRV_PORT, args)
+        delete_vm = timed(svc.delete_vm, "filler")
+        return Results(args.count, install, delete_vm, one_more, one_less, cli_one_more,
+                       Throughput(direct, routed, one, many))
+    finally:
+        _progress("closing the sandbox")
+        sandbox.close()
+
+
+def _stats_row(label: str, s: Stats) -> str:
+    return (f"{label:<34}{s.n:>5}{s.median_ms:>10.1f}{s.p90_ms:>10.1f}{s.mean_ms:>10.1f}"
+            f"{s.min_ms:>10.1f}{s.max_ms:>10.1f}")
+
+
+def _goal_row(g: Goal) -> str:
+    if g.unit == "x":
+        value, limit = f"{g.value:.3f}x", f"{g.limit:.2f}x"
+    else:
+        value, limit = f"{g.value:.3f} {g.unit}", f"{g.limit:g} {g.unit}"
+    sign = "<= " if g.at_most else ">= "
+    return f"{g.name:<44}{value:>12}{sign + limit:>12}  {'PASS' if g.passed else 'MISS'}"
+
+
+def print_table(r: Results) -> None:
+    t = r.throughput
+    print(f"install {r.count} mappings (one call):   {r.install_s:.3f} s")
+    print(f"vm delete with {r.count} mappings:       {r.delete_vm_s:.3f} s")
+    print()
+    print(f"{'operation':<34}{'n':>5}{'median':>10}{'p90':>10}{'mean':>10}{'min':>10}"
+          f"{'max':>10}   (ms)")
+    print(_stats_row(f"add one at {r.count} (API)", r.one_more))
+    print(_stats_row(f"delete one at {r.count} (API)", r.one_less))
+    print(_stats_row(f"add one at {r.count} (CLI)", r.cli_one_more))
+    print()
+    rows = [("direct, host -> VM address", t.direct_gbps),
+            ("routed, outside -> VM address, no NAT", t.routed_gbps),
+            ("outside -> host port, 1 mapping", t.one_gbps),
+            (f"outside -> host port, {r.count + 1} mappings", t.many_gbps)]
+    for label, gbps in rows:
+        print(f"iperf3 {label:<44}{gbps:8.2f} Gbit/s")
+    print(f"(for information: 1 mapping / routed without NAT = {t.one_gbps / t.routed_gbps:.3f})")
+    print()
+    print(f"{'goal':<44}{'value':>12}{'limit':>12}  result")
+    for g in r.goals():
+        print(_goal_row(g))
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--count", type=_positive, default=10000,
+                   help="mappings installed (default %(default)s)")
+    p.add_argument("--trials", type=_positive, default=20,
+                   help="API add/delete pairs at --count (default %(default)s)")
+    p.add_argument("--cli-trials", type=_positive, default=5,
+                   help="CLI adds at --count (default %(default)s)")
+    p.add_argument("--seconds", type=_positive, default=5,
+                   help="iperf3 run length (default %(default)s)")
+    p.add_argument("--runs", type=_positive, default=3,
+                   help="iperf3 runs per configuration, median (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    args = p.parse_args(argv)
+    if FILL_BASE + args.count > 65536:
+        p.error(f"--count at most {65536 - FILL_BASE}")
+    return args
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    reason = missing_requirements() or (None if shutil.which("iperf3") else
+                                        "iperf3 is missing (Debian: iperf3)")
+    if reason:
+        print(f"bench: cannot run: {reason}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        results = run(args)
+    except KeyboardInterrupt:
+        print("bench: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"bench: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    left = leftovers()
+    if left:
+        print(f"bench: error: left behind: {', '.join(left)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(results.to_json(), indent=2))
+    else:
+        print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
