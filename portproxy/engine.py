@@ -114,7 +114,7 @@ class Engine:
         self.pipes = PipePool(pipe_size)
         self._epoll: select.epoll | None = None
         self._wake_fd = -1
-        self._wake_lock = threading.Lock()
+        self._wake_lock = threading.RLock()   # reentrant: stop() may run in a signal handler
         self._handlers: dict[int, Callable[[int], None]] = {}
         self._readers: set[int] = set()
         self._relays: dict[Relay, None] = {}
