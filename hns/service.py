@@ -304,6 +304,8 @@ class Service:
             with self.store.transaction() as db:
                 if remember:
                     self.store.remember_port_mappings(db, vm.name, [m.mapping for m in mapped])
+                else:  # a deleted VM's mappings are gone, remembered ones too
+                    self.store.forget_port_mappings(db, vm.name)
                 self.store.delete_vm(db, vm.id)  # its mappings go with it (cascade)
         return True
 

@@ -187,6 +187,17 @@ def test_delete_vm_takes_its_mappings(svc: Service, monkeypatch: pytest.MonkeyPa
     assert svc.store.remembered_port_mappings("a") == []
 
 
+def test_down_remembers_and_vm_delete_forgets(svc: Service,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(svc, "_teardown_vm", lambda vm: None)
+    svc.add_port_mapping("a", "tcp", 8080, 80)
+    assert svc._delete_vm("a", remember=True)
+    assert svc.store.remembered_port_mappings("a") == [PortMapping("a", Protocol.TCP, 8080, 80)]
+    seed_vm_a_again(svc)
+    assert svc.delete_vm("a")
+    assert svc.store.remembered_port_mappings("a") == []
+
+
 def test_remembered_mappings_come_back_except_taken_ports(
         svc: Service, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
