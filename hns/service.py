@@ -324,8 +324,9 @@ class Service:
         return self.add_port_mappings([mapping])[0]
 
     def add_port_mappings(self, mappings: Iterable[PortMapping]) -> list[PortMapping]:
-        """Add validated mappings, all or none: one store and one nft transaction."""
-        batch = list(mappings)
+        """Add mappings, all or none: one store and one nft transaction."""
+        batch = [PortMapping.parse(m.vm, m.protocol, m.external_port, m.internal_port,
+                                   m.host_address) for m in mappings]  # built by hand?
         portmap.check_batch(batch)
         if not batch:
             return []

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hns import naming
-from hns.errors import Conflict, KernelError, NotFound
+from hns.errors import Conflict, InvalidRequest, KernelError, NotFound
 from hns.model import Network, NetworkType, PortMapping, Protocol, Vm
 from hns.service import Service
 from hns.store import Store
@@ -76,6 +76,14 @@ def test_add_is_one_incremental_transaction(svc: Service) -> None:
         f"add element inet {table(svc)} pm_any {{ tcp . 8080 : 10.50.0.2 . 80 }}\n"]
     assert svc.list_port_mappings() == [m]
     assert svc.list_port_mappings("a") == [m] and svc.list_port_mappings("b") == []
+
+
+def test_bulk_validates_mappings_built_by_hand(svc: Service) -> None:
+    for bad in (PortMapping("a", Protocol.TCP, 0, 80), PortMapping("a b", Protocol.TCP, 1, 1),
+                PortMapping("a", Protocol.TCP, 1, 70000)):
+        with pytest.raises(InvalidRequest):
+            svc.add_port_mappings([bad])
+    assert svc.list_port_mappings() == [] and fake(svc).scripts == []
 
 
 def test_policies_show_on_the_vm(svc: Service) -> None:
