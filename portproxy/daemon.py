@@ -1,14 +1,12 @@
-"""The hns daemon: one process, one event loop, serving the static port proxies.
+"""The hns daemon: one process, one event loop, serving its components (the static port
+proxies today: :mod:`portproxy.proxies`).
 
 Theory of operation: at start the daemon moves its main thread into the host namespace
 (before any other thread exists, so every thread and socket it makes later is there),
-opens the control socket, and reconciles: every configured proxy gets a listening socket
-handed to the relay engine.  A proxy whose socket cannot be opened (address in use, an
-address not yet on the host) is kept with its error, shown by ``hnsctl status``, and
-retried every ``retry_interval`` seconds.  Changes in the state are noticed through
-SQLite's ``data_version`` (polled once a second: one cheap pragma) or at once when the
-CLI sends ``reload`` over the control socket.  SIGTERM/SIGINT stop the loop; the
-listening sockets close with it.
+opens the control socket, and reconciles each component with the state.  Changes in the
+state are noticed through SQLite's ``data_version`` (polled once a second: one cheap
+pragma) or at once when the CLI sends ``reload`` over the control socket.  SIGTERM and
+SIGINT stop the loop; the listening sockets close with it.
 """
 
 from __future__ import annotations
@@ -21,17 +19,15 @@ import os
 import signal
 import socket
 import threading
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from hns.netns import enter_netns
 from hns.store import Store
-from portproxy.config import ProxyConfig
-from portproxy.control import control_path, relay_status, request
+from portproxy.control import control_path, request
 from portproxy.engine import Engine
-from portproxy.netsh import PortProxy, ProxyKey
+from portproxy.proxies import StaticProxies
 
-__all__ = ["Daemon", "open_listener", "sd_notify"]
+__all__ = ["Component", "Daemon", "sd_notify"]
 
 log = logging.getLogger("hns.daemon")
 
@@ -50,31 +46,14 @@ def sd_notify(message: str) -> None:
         sock.sendto(message.encode(), address)
 
 
-def open_listener(proxy: PortProxy) -> socket.socket:
-    """The listening (TCP) or bound (UDP) socket of a proxy, non-blocking."""
-    family = socket.AF_INET if proxy.listen_family == 4 else socket.AF_INET6
-    kind = socket.SOCK_STREAM if proxy.protocol == "tcp" else socket.SOCK_DGRAM
-    sock = socket.socket(family, kind)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((str(proxy.listen_address), proxy.listen_port))
-        if kind == socket.SOCK_STREAM:
-            sock.listen(4096)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+class Component(Protocol):
+    """A part of the daemon: made from the state, asked for its status, closed at exit."""
 
+    def reconcile(self) -> None: ...
 
-@dataclass
-class _Served:
-    proxy: PortProxy
-    relay: Any = None
-    error: str | None = None
-    retry: Any = field(default=None, repr=False)
+    def status(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
 
 
 class Daemon:
@@ -87,8 +66,7 @@ class Daemon:
         self.retry_interval = retry_interval
         self.poll_interval = poll_interval
         self.engine = Engine()
-        self.config = ProxyConfig(store)
-        self._served: dict[ProxyKey, _Served] = {}
+        self.components: list[Component] = [StaticProxies(self.engine, store, retry_interval)]
         self._version = -1
         self._control: socket.socket | None = None
 
@@ -106,14 +84,14 @@ class Daemon:
             self.reconcile()
             self.engine.call_later(self.poll_interval, self._poll)
             sd_notify("READY=1")
-            log.info("daemon ready: %d port proxies", len(self._served))
+            log.info("daemon ready")
             self.engine.run()
         finally:
             sd_notify("STOPPING=1")
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            for key in list(self._served):
-                self._stop(key)
+            for component in self.components:
+                component.close()
             self._close_control()
         return 0
 
@@ -121,52 +99,18 @@ class Daemon:
         log.info("signal %d: stopping", signum)
         self.engine.stop()
 
-    # proxies
+    # state
 
     def reconcile(self) -> None:
-        """Make the served proxies what the state says."""
-        self._version = self.config.data_version()
-        desired = {p.key: p for p in self.config.list()}
-        for key, served in list(self._served.items()):
-            if desired.get(key) != served.proxy:
-                self._stop(key)
-        for key, proxy in desired.items():
-            if key not in self._served:
-                self._served[key] = _Served(proxy)
-                self._start(key)
-
-    def _start(self, key: ProxyKey) -> None:
-        served = self._served.get(key)
-        if served is None or served.relay is not None:
-            return
-        served.retry = None
-        proxy = served.proxy
-        try:
-            sock = open_listener(proxy)
-        except OSError as exc:
-            message = os.strerror(exc.errno) if exc.errno else str(exc)
-            if served.error != message:
-                log.warning("%s: cannot listen: %s (retrying every %gs)", proxy.name, message,
-                            self.retry_interval)
-            served.error = message
-            served.retry = self.engine.call_later(self.retry_interval, lambda: self._start(key))
-            return
-        target = (str(proxy.connect_address), proxy.connect_port)
-        add = self.engine.add_tcp if proxy.protocol == "tcp" else self.engine.add_udp
-        served.relay = add(sock, target, name=proxy.name)
-        served.error = None
-        log.info("%s -> %s:%d", proxy.name, *target)
-
-    def _stop(self, key: ProxyKey) -> None:
-        served = self._served.pop(key)
-        if served.retry is not None:
-            served.retry.cancel()
-        if served.relay is not None:
-            self.engine.remove(served.relay)
+        """Make every component what the state says."""
+        self._version = self.store.connection.execute("PRAGMA data_version").fetchone()[0]
+        for component in self.components:
+            component.reconcile()
 
     def _poll(self) -> None:
         try:
-            if self.config.data_version() != self._version:
+            version = self.store.connection.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._version:
                 self.reconcile()
         except Exception:  # a locked or broken database must not stop the relays
             log.exception("cannot read the state")
@@ -246,10 +190,8 @@ class Daemon:
         return {"Error": f"unknown command {command!r}"}
 
     def status(self) -> dict[str, Any]:
-        infos = {info.name: info for info in self.engine.relays()}
-        relays = []
-        for served in sorted(self._served.values(), key=lambda s: s.proxy.key):
-            info = infos.get(served.proxy.name)
-            relays.append(relay_status(served.proxy, info, served.error))
-        return {"Running": True, "Pid": os.getpid(), "HostNetns": self.host_netns,
-                "Relays": relays}
+        answer: dict[str, Any] = {"Running": True, "Pid": os.getpid(),
+                                  "HostNetns": self.host_netns}
+        for component in self.components:
+            answer.update(component.status())
+        return answer

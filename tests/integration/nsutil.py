@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -46,9 +47,23 @@ def serve_udp_peer_echo(peer: Peer, port: int) -> subprocess.Popen[Any]:
     return proc
 
 
-def udp_ask(peer: Peer, host: str, port: int, payload: str = "ping") -> str:
-    result = peer.run(["socat", "-T", "5", "-", f"UDP:{host}:{port}"], input=payload + "\n")
-    return result.stdout.strip()
+def udp_ask(peer: Peer, host: str, port: int, payload: str = "ping", tries: int = 3) -> str:
+    """One datagram from ``peer`` to host:port, the first answer (stripped), or "".
+
+    A socket in the peer's namespace rather than ``socat -``: socat's client waits a fixed
+    time after the end of its input, too short under load or needlessly long otherwise.
+    """
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with peer.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        for _ in range(tries):
+            sock.sendto(payload.encode() + b"\n", (host, port))
+            try:
+                return sock.recv(65536).decode().strip()
+            except TimeoutError:
+                continue
+    return ""
 
 
 def snapshot(sandbox: Sandbox) -> dict[str, Any]:

@@ -1,0 +1,111 @@
+"""The static port proxies as a component of the daemon.
+
+Each configured proxy gets a listening socket handed to the relay engine.  A proxy whose
+socket cannot be opened (address in use, an address not yet on the host) keeps its error,
+shown by ``hnsctl status``, and is retried every ``retry_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from hns.store import Store
+from portproxy.config import ProxyConfig
+from portproxy.control import relay_status
+from portproxy.engine import Engine
+from portproxy.netsh import PortProxy, ProxyKey
+
+__all__ = ["StaticProxies", "open_listener"]
+
+log = logging.getLogger("hns.daemon")
+
+
+def open_listener(family: int, kind: int, address: str, port: int) -> socket.socket:
+    """A listening (TCP) or bound (UDP) socket, non-blocking; v6 sockets are v6-only."""
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(4096)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass
+class _Served:
+    proxy: PortProxy
+    relay: Any = None
+    error: str | None = None
+    retry: Any = field(default=None, repr=False)
+
+
+class StaticProxies:
+    """Serves what ``hnsctl portproxy`` configured."""
+
+    def __init__(self, engine: Engine, store: Store, retry_interval: float = 2.0) -> None:
+        self.engine = engine
+        self.config = ProxyConfig(store)
+        self.retry_interval = retry_interval
+        self._served: dict[ProxyKey, _Served] = {}
+
+    def reconcile(self) -> None:
+        """Make the served proxies what the state says."""
+        desired = {p.key: p for p in self.config.list()}
+        for key, served in list(self._served.items()):
+            if desired.get(key) != served.proxy:
+                self._stop(key)
+        for key, proxy in desired.items():
+            if key not in self._served:
+                self._served[key] = _Served(proxy)
+                self._start(key)
+
+    def close(self) -> None:
+        for key in list(self._served):
+            self._stop(key)
+
+    def status(self) -> dict[str, Any]:
+        infos = {info.name: info for info in self.engine.relays()}
+        relays = [relay_status(s.proxy, infos.get(s.proxy.name), s.error)
+                  for s in sorted(self._served.values(), key=lambda s: s.proxy.key)]
+        return {"Relays": relays}
+
+    def _start(self, key: ProxyKey) -> None:
+        served = self._served.get(key)
+        if served is None or served.relay is not None:
+            return
+        served.retry = None
+        proxy = served.proxy
+        family = socket.AF_INET if proxy.listen_family == 4 else socket.AF_INET6
+        kind = socket.SOCK_STREAM if proxy.protocol == "tcp" else socket.SOCK_DGRAM
+        try:
+            sock = open_listener(family, kind, str(proxy.listen_address), proxy.listen_port)
+        except OSError as exc:
+            message = os.strerror(exc.errno) if exc.errno else str(exc)
+            if served.error != message:
+                log.warning("%s: cannot listen: %s (retrying every %gs)", proxy.name, message,
+                            self.retry_interval)
+            served.error = message
+            served.retry = self.engine.call_later(self.retry_interval, lambda: self._start(key))
+            return
+        target = (str(proxy.connect_address), proxy.connect_port)
+        add = self.engine.add_tcp if proxy.protocol == "tcp" else self.engine.add_udp
+        served.relay = add(sock, target, name=proxy.name)
+        served.error = None
+        log.info("%s -> %s:%d", proxy.name, *target)
+
+    def _stop(self, key: ProxyKey) -> None:
+        served = self._served.pop(key)
+        if served.retry is not None:
+            served.retry.cancel()
+        if served.relay is not None:
+            self.engine.remove(served.relay)
