@@ -305,7 +305,10 @@ class Connection:
             try:
                 n = way.fill(self.fds[d], half.capacity - half.pending)
             except BlockingIOError:
-                if not half.pending or way.copying:
+                if not half.pending:
+                    self.rd[d] = False
+                    way.emptied()              # an idle connection holds no pipe
+                elif way.copying:
                     self.rd[d] = False
             except OSError as exc:
                 return self._failed(d, d, exc)

@@ -19,6 +19,10 @@ most a budget of rounds per wake-up and then yields to the others (it is *deferr
 run again after the next, non-blocking, poll).  Listening sockets, UDP sockets and
 :meth:`Engine.add_reader` fds are level-triggered and read in bounded batches.
 
+An fd closed by one handler may be reused by a socket made by the next one, in the same
+batch of events: events for an fd registered after the batch was read are skipped (epoll
+reports the new file again on the next wait if it is ready).
+
 Ownership: the engine owns every socket handed to ``add_tcp``/``add_udp`` and closes it
 on ``remove`` or ``close``; fds given to ``add_reader`` stay the caller's.
 """
@@ -116,6 +120,7 @@ class Engine:
         self._wake_fd = -1
         self._wake_lock = threading.RLock()   # reentrant: stop() may run in a signal handler
         self._handlers: dict[int, Callable[[int], None]] = {}
+        self._fresh: set[int] = set()       # fds (re)registered since the last epoll_wait
         self._readers: set[int] = set()
         self._relays: dict[Relay, None] = {}
         self._timers: list[tuple[float, int, TimerHandle]] = []
@@ -270,8 +275,11 @@ class Engine:
         assert self._epoll is not None
         timeout = self._poll_timeout()
         events = self._epoll.poll(timeout, MAX_EVENTS)
-        handlers = self._handlers
+        handlers, fresh = self._handlers, self._fresh
+        fresh.clear()
         for fd, mask in events:
+            if fresh and fd in fresh:
+                continue        # an event of the fd's previous owner, closed in this batch
             handler = handlers.get(fd)
             if handler is not None:
                 try:
@@ -341,6 +349,7 @@ class Engine:
         assert self._epoll is not None
         self._epoll.register(fd, mask)
         self._handlers[fd] = handler
+        self._fresh.add(fd)
 
     def _unregister(self, fd: int) -> None:
         if self._handlers.pop(fd, None) is not None and self._epoll is not None:

@@ -241,6 +241,35 @@ def test_readers_are_called_while_readable_and_removed(engine: Engine) -> None:
     b.close()
 
 
+def test_an_event_of_a_closed_fd_does_not_reach_the_fds_next_owner() -> None:
+    """A handler closes an fd that has an event later in the same batch, and a new socket
+    gets that fd number: the stale event must not be taken for the new socket's."""
+    a1, a2 = socket.socketpair()
+    b1, b2 = socket.socketpair()
+    spurious: list[int] = []
+    made: list[socket.socket] = []
+    with Engine() as eng:
+        def on_a() -> None:
+            a1.recv(10)
+            eng.remove_reader(b1)
+            reused = b1.fileno()
+            b1.close()
+            new, peer = socket.socketpair()        # takes the lowest free fd: b1's
+            made.extend((new, peer))
+            assert new.fileno() == reused
+            eng.add_reader(new, lambda: spurious.append(new.fileno()))
+            eng.call_later(0.05, eng.stop)
+
+        eng.add_reader(a1, on_a)
+        eng.add_reader(b1, lambda: None)
+        a2.send(b"a")                              # a is ready first, then b
+        b2.send(b"b")
+        eng.run()
+    assert spurious == []
+    for sock in (a1, a2, b2, *made):
+        sock.close()
+
+
 def test_close_while_running_is_refused(engine: Engine) -> None:
     with pytest.raises(RuntimeError, match="stop the engine"):
         on_engine(engine, engine.close)
@@ -298,6 +327,20 @@ def test_echo_and_a_large_transfer_both_ways(
         assert info(eng) == RelayInfo("echo", "tcp", (LO, port), server.address, 0, 1, 0, 0)
         eng.stop()
         thread.join(10)
+
+
+def test_an_idle_connection_holds_no_pipe(
+        engine: Engine, servers: Callable[..., Server]) -> None:
+    server = servers(echo)
+    relay, port = add_tcp(engine, server.address)
+    assert isinstance(relay, TcpRelay)
+    with connect(port) as client:
+        for _ in range(3):
+            client.sendall(b"ping")
+            assert client.recv(10) == b"ping"
+        (conn,) = on_engine(engine, lambda: list(relay.conns))
+        assert on_engine(engine, lambda: [way._r for way in conn.ways]) == [-1, -1]
+        assert engine.pipes.made <= 2
 
 
 def test_half_close_the_client_still_gets_the_whole_reply(
