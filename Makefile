@@ -6,8 +6,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMPS := .stamps
 # commands the project and its tests run, and the Debian packages that bring them
-TOOLS    := nft ip nsenter socat iperf3 dig ping curl
-APT_PKGS := nftables iproute2 util-linux socat iperf3 dnsutils iputils-ping curl procps \
+TOOLS    := nft ip nsenter socat iperf3 dig ping curl dnsmasq
+APT_PKGS := nftables iproute2 util-linux socat iperf3 dnsutils iputils-ping curl procps dnsmasq-base \
             python3-venv
 
 .PHONY: run test unit integration bench lint down clean deps
@@ -37,7 +37,7 @@ lint: deps
 
 deps: $(STAMPS)/apt $(STAMPS)/venv
 
-$(STAMPS)/apt:
+$(STAMPS)/apt: Makefile
 	@mkdir -p $(STAMPS)
 	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing venv"; \
