@@ -1,7 +1,8 @@
 """Benchmark of kernel port mappings in hns, hermetic: everything runs in a Sandbox.
 
-What it measures, on one NAT network ``bench`` with a VM ``srv`` running an iperf3
-server (port 5201) and a VM ``filler`` that only holds mappings:
+What it measures, in two sandboxes, each with a NAT network ``bench`` and a VM ``srv``
+running an iperf3 server (port 5201) reached through one mapping; the second sandbox
+also has a VM ``filler`` that holds ``--count`` more mappings:
 
 1. install: ``--count`` mappings (TCP, ports 30000 up, to ``filler``) through the Python
    API in one call of ``Service.add_port_mappings`` (one store transaction, one nft
@@ -10,16 +11,20 @@ server (port 5201) and a VM ``filler`` that only holds mappings:
    ``delete_port_mapping``, ``--trials`` times: median and p90; the same through the CLI
    (a subprocess each, so interpreter start-up counts), ``--cli-trials`` times;
 3. throughput: iperf3 (``-t --seconds``, ``-O 1``) from the outside namespace to the
-   host's uplink address at the port mapped to ``srv``, with one mapping and with
-   ``--count`` + 1 mappings, and a direct baseline from the host namespace to the VM's
-   own address (the outside has no route to the VM); each ``--runs`` times, median.
+   host's uplink address at the port mapped to ``srv``, with one mapping (first sandbox)
+   and with ``--count`` + 1 mappings (second sandbox), and a direct baseline from the host
+   namespace to the VM's own address (the outside has no route to the VM); the paths
+   are taken in turn, ``--runs`` rounds, and the median of each is reported.
    For information also the outside reaching the VM's address through the host without
    NAT (a route to the subnet added to the outside namespace for that run only): the
    same path as a mapped connection, so the ratio to it is the cost of the DNAT itself.
 
 How: a :class:`hns.testing.sandbox.Sandbox` (a namespace playing the host, one playing the
 outside network, a private state directory) is closed in a ``finally``, also on Ctrl-C
-or SIGTERM, and removes every namespace, process, link and nft table it made.  Times
+or SIGTERM, and removes every namespace, process, link and nft table it made.  Two
+sandboxes, rather than one measured before and after, let the throughput runs with one
+and with many mappings alternate: on a shared machine the rate drifts by tens of percent
+within a minute, and a comparison of runs made minutes apart measures the drift.  Times
 come from ``time.perf_counter``; throughput is iperf3's receiver figure.
 
 The goals are printed with PASS/MISS, not asserted: the exit status is 0 whether or not a
@@ -158,22 +163,43 @@ def iperf_gbps(client: Peer, host: str, port: int, seconds: int) -> float:
     return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-def median_gbps(client: Peer, host: str, port: int, args: argparse.Namespace) -> float:
-    return statistics.median(iperf_gbps(client, host, port, args.seconds)
-                             for _ in range(args.runs))
-
-
-def routed_gbps(sandbox: Sandbox, subnet: object, vm_ip: str,
-                args: argparse.Namespace) -> float:
-    """Outside -> VM address through the host, no NAT: a route for this run only."""
-    route = ["ip", "route", "add", str(subnet), "via", sandbox.uplink_ip]
-    result = sandbox.outside.run(route)
-    if result.returncode != 0:
-        raise RuntimeError(f"ip route add: {result.stderr.strip()}")
+def throughput(one: Sandbox, many: Sandbox, args: argparse.Namespace) -> Throughput:
+    """iperf3 through each path, the paths taken in turn (direct, routed, one mapping,
+    many mappings; ``--runs`` rounds) so that a busy moment of the machine hits them
+    alike; the median of each."""
+    srv_ip = str(one.service.get_vm("srv").ip)
+    subnet = str(one.service.get_network(NETWORK).subnet)
+    route = one.outside.run(["ip", "route", "add", subnet, "via", one.uplink_ip])
+    if route.returncode != 0:
+        raise RuntimeError(f"ip route add: {route.stderr.strip()}")
+    paths: list[tuple[Peer, str, int]] = [
+        (one.host, srv_ip, IPERF_PORT),                # direct: host -> VM address
+        (one.outside, srv_ip, IPERF_PORT),             # routed through the host, no NAT
+        (one.outside, one.uplink_ip, SRV_PORT),        # one mapping
+        (many.outside, many.uplink_ip, SRV_PORT),      # --count + 1 mappings
+    ]
+    samples: list[list[float]] = [[] for _ in paths]
     try:
-        return median_gbps(sandbox.outside, vm_ip, IPERF_PORT, args)
+        for i in range(args.runs):
+            _progress(f"  iperf3 round {i + 1}/{args.runs}")
+            for sample, (client, host, port) in zip(samples, paths, strict=True):
+                sample.append(iperf_gbps(client, host, port, args.seconds))
     finally:
-        sandbox.outside.run(["ip", "route", "del", str(subnet)])
+        one.outside.run(["ip", "route", "del", subnet])
+    direct, routed, single, scaled = (statistics.median(x) for x in samples)
+    return Throughput(direct, routed, single, scaled)
+
+
+def setup(sandbox: Sandbox) -> Service:
+    """The network, the VM ``srv`` with an iperf3 server, its one mapping."""
+    svc: Service = sandbox.service
+    _progress(f"sandbox {sandbox.host_netns}, state {sandbox.state_dir}")
+    svc.create_network(NETWORK, "nat")
+    srv = sandbox.vm("srv", NETWORK)
+    srv.popen(["iperf3", "-s", "-p", str(IPERF_PORT)])
+    wait_listening(srv, IPERF_PORT)
+    svc.add_port_mapping("srv", "tcp", SRV_PORT, IPERF_PORT)
+    return svc
 
 
 def bench_one_more(svc: Service, trials: int) -> tuple[Stats, Stats]:
@@ -202,36 +228,31 @@ def bench_cli_one_more(sandbox: Sandbox, trials: int) -> Stats:
 
 
 def run(args: argparse.Namespace) -> Results:
-    sandbox = Sandbox()
+    """Two sandboxes: one keeps a single mapping, the other gets ``--count`` more."""
+    sandboxes: list[Sandbox] = []
     try:
-        svc: Service = sandbox.service
-        _progress(f"sandbox {sandbox.host_netns}, state {sandbox.state_dir}")
-        svc.create_network(NETWORK, "nat")
-        srv = sandbox.vm("srv", NETWORK)
-        sandbox.vm("filler", NETWORK)
-        srv.popen(["iperf3", "-s", "-p", str(IPERF_PORT)])
-        wait_listening(srv, IPERF_PORT)
-        svc.add_port_mapping("srv", "tcp", SRV_PORT, IPERF_PORT)
-        _progress(f"iperf3 direct (host -> {srv.ip}) and with one mapping, {args.runs} x "
-                  f"{args.seconds} s each")
-        direct = median_gbps(sandbox.host, srv.ip, IPERF_PORT, args)
-        one = median_gbps(sandbox.outside, sandbox.uplink_ip, SRV_PORT, args)
-        routed = routed_gbps(sandbox, svc.get_network(NETWORK).subnet, srv.ip, args)
+        sandboxes.append(Sandbox())
+        sandboxes.append(Sandbox())
+        one, many = sandboxes
+        setup(one)
+        svc = setup(many)
+        many.vm("filler", NETWORK)
         _progress(f"installing {args.count} mappings in one call")
         batch = [PortMapping("filler", Protocol.TCP, FILL_BASE + i, IPERF_PORT)
                  for i in range(args.count)]
         install = timed(svc.add_port_mappings, batch)
         _progress(f"one more mapping: {args.trials} API and {args.cli_trials} CLI trials")
         one_more, one_less = bench_one_more(svc, args.trials)
-        cli_one_more = bench_cli_one_more(sandbox, args.cli_trials)
-        _progress(f"iperf3 with {args.count + 1} mappings")
-        many = median_gbps(sandbox.outside, sandbox.uplink_ip, SRV_PORT, args)
+        cli_one_more = bench_cli_one_more(many, args.cli_trials)
+        _progress(f"iperf3: {args.runs} rounds of 4 paths, {args.seconds} s each")
+        rates = throughput(one, many, args)
         delete_vm = timed(svc.delete_vm, "filler")
         return Results(args.count, install, delete_vm, one_more, one_less, cli_one_more,
-                       Throughput(direct, routed, one, many))
+                       rates)
     finally:
-        _progress("closing the sandbox")
-        sandbox.close()
+        _progress("closing the sandboxes")
+        for sandbox in sandboxes:
+            sandbox.close()
 
 
 def _stats_row(label: str, s: Stats) -> str:
