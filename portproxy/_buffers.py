@@ -39,15 +39,17 @@ class PipePool:
         self.size = size
         self.keep = keep
         self.made = 0
+        self.min_slots = size // 4096   # fewest page slots of any pipe made (see Way.drained)
         self._free: list[Pipe] = []
 
     def get(self) -> Pipe:
         if self._free:
             return self._free.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # may fail (EPERM) beyond fs.pipe-user-pages-soft: the default size then serves
-        with contextlib.suppress(OSError):
+        try:
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, self.size)
+        except OSError:     # EPERM beyond fs.pipe-user-pages-soft: a smaller pipe serves
+            self.min_slots = min(self.min_slots, fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) // 4096)
         self.made += 1
         return r, w
 
@@ -101,6 +103,15 @@ class Way:
         if self._w < 0:
             self._r, self._w = self._pool.get()
         return _splice(fd, self._w, n, None, None, SPLICE_FLAGS)
+
+    def drained(self, asked: int, got: int, pending: int) -> bool:
+        """Whether a fill that asked ``asked`` bytes and got ``got`` emptied its source.
+
+        A short read of a socket empties it, unless the pipe filled up first: every byte
+        takes at most one page slot, so a pipe holding fewer bytes than it has slots is
+        not full.  This spares the read that would only say EAGAIN.
+        """
+        return got < asked and (self.copying or pending < self._pool.min_slots)
 
     def drain(self, fd: int, n: int) -> int:
         """Write up to ``n`` buffered bytes to ``fd``; how many were written."""

@@ -8,11 +8,16 @@ both directions in rounds -- fill a half's buffer from its source while the stat
 it, drain it to its sink -- until a round moves nothing, or until a budget of rounds is
 spent, when it defers itself so other connections get their turn.
 
-A splice that fails with EAGAIN while the pipe holds bytes is ambiguous (the socket may
-be empty, or the pipe full: pipe capacity counts pages, not bytes), so the readable mark
-is kept; the next drain of the pipe leads to another try, which settles it.  EINVAL from
-splice switches that half to copying.  Every other error of a read or write is a reset
-of that side.  The actions of the pure state are carried out by :meth:`Connection._apply`.
+A short read empties the socket, so the readable mark is dropped without the read that
+would only say EAGAIN (new bytes bring a new edge) -- except once the peer's FIN or an
+error was reported: a FIN that came with the last bytes brings no new edge, so from then
+on the source is read until it says EOF.  A splice is short also when the pipe is full
+(pipe capacity counts page slots, not bytes), so its shortcut holds only while the pipe
+holds fewer bytes than it has slots; and a splice that fails with EAGAIN while the pipe
+holds bytes is ambiguous too, so the readable mark is kept: the next drain of the pipe
+leads to another try, which settles it.  EINVAL from splice switches that half to
+copying.  Every other error of a read or write is a reset of that side.  The actions of
+the pure state are carried out by :meth:`Connection._apply`.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ _ET_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _IN_MASK = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _OUT_MASK = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _ERR_MASK = select.EPOLLERR
+_HUP_MASK = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _CONNECT_MASK = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -191,8 +197,8 @@ class TcpRelay(Relay):
 class Connection:
     """The sockets, buffers and readiness of one relayed connection."""
 
-    __slots__ = ("closed", "engine", "fds", "rd", "relay", "socks", "state", "timer", "ways",
-                 "wr")
+    __slots__ = ("closed", "engine", "fds", "hup", "rd", "relay", "socks", "state", "timer",
+                 "ways", "wr")
 
     def __init__(self, relay: TcpRelay, client: socket.socket, target: socket.socket) -> None:
         engine = relay.engine
@@ -202,6 +208,7 @@ class Connection:
         self.fds = (client.fileno(), target.fileno())
         self.rd = [False, False]          # readiness seen and not yet used up, per Side
         self.wr = [False, False]
+        self.hup = [False, False]         # the peer's FIN (or an error) was reported
         self.ways = (Way(engine.pipes, engine.buffer_size, engine.splice),
                      Way(engine.pipes, engine.buffer_size, engine.splice))
         self.state = TcpConnection(engine.now(), relay.connect_timeout,
@@ -232,6 +239,8 @@ class Connection:
                 self.rd[side] = True
             if mask & _OUT_MASK:
                 self.wr[side] = True
+            if mask & _HUP_MASK:
+                self.hup[side] = True
             if self.state.state is _CONNECTING:
                 if side == 1 and mask & _CONNECT_MASK:
                     self._check_connected()
@@ -302,8 +311,9 @@ class Connection:
         way = self.ways[d]
         moved = 0
         if half.state is _OPEN and half.pending < half.capacity and self.rd[d]:
+            asked = half.capacity - half.pending
             try:
-                n = way.fill(self.fds[d], half.capacity - half.pending)
+                n = way.fill(self.fds[d], asked)
             except BlockingIOError:
                 if not half.pending:
                     self.rd[d] = False
@@ -316,6 +326,8 @@ class Connection:
                 if n:
                     half.pending += n          # TcpConnection.received, inlined
                     moved = n
+                    if way.drained(asked, n, half.pending) and not self.hup[d]:
+                        self.rd[d] = False     # edge-triggered: new bytes bring a new event
                 else:
                     moved = 1
                     self._apply(self.state.eof(half.direction))
