@@ -343,6 +343,18 @@ def test_an_idle_connection_holds_no_pipe(
         assert engine.pipes.made <= 2
 
 
+def test_a_fin_right_behind_the_last_bytes_is_passed_on(
+        engine: Engine, servers: Callable[..., Server]) -> None:
+    # data and FIN reach the relay together: the short read of the data must not make
+    # it forget the FIN (no new edge comes for it)
+    server = servers(lambda conn: conn.sendall(b"bye"))
+    _, port = add_tcp(engine, server.address)
+    for _ in range(30):
+        with connect(port) as client:
+            client.shutdown(socket.SHUT_WR)
+            assert recv_all(client) == b"bye"
+
+
 def test_half_close_the_client_still_gets_the_whole_reply(
         engine: Engine, servers: Callable[..., Server]) -> None:
     server = servers(read_all_then_reply)
