@@ -1,0 +1,281 @@
+"""The forwarding state of the DNS proxy, sans-IO: pending queries, upstreams, retries.
+
+Theory of operation
+-------------------
+Every query the proxy forwards gets an entry in the pending table, keyed by a fresh
+random 16-bit id, unique within the table: the id the upstream sees (the client's own id
+is never sent on).  The entry remembers the client (an opaque handle of the I/O layer),
+the client's id, the question, the query, the upstreams still to try and the deadline of
+the current try.  Each try has the same timeout, so the table, kept in insertion order,
+is also in deadline order: expiry pops from the front.
+
+A try ends with an answer, a failure the I/O layer reports (ICMP port unreachable, a
+TCP connection that fails) or its deadline; the two last move the query to the next
+upstream under a new id.  An answer SERVFAIL or REFUSED does too, while an upstream is
+left; after the last one the client gets that answer.  When no upstream is left, or none
+is configured, or the table is full, the client gets SERVFAIL from the proxy itself
+(``Reply.failed``).
+
+Answers are accepted only from the upstream the try went to, over the transport it
+used, with the id and the question of the query (:func:`portproxy.dnsmsg.check_answer`);
+anything else is dropped and counted (``dropped``).  A truncated answer (TC) to a client
+that asked over TCP is asked again over TCP from the same upstream; a UDP client gets it
+as it is and asks again over TCP itself, as RFC 1035 wants.
+
+The upstream that answered last is tried first next time, so a dead first nameserver
+costs one timeout, not one per query.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from portproxy import dnsmsg
+from portproxy.dnsmsg import MessageError, Query, Question, Rcode
+
+__all__ = [
+    "DEFAULT_MAX_PENDING",
+    "DEFAULT_TIMEOUT",
+    "MAX_UPSTREAMS",
+    "Action",
+    "CancelTcp",
+    "Forwarding",
+    "Reply",
+    "SendTcp",
+    "SendUdp",
+    "Upstream",
+    "source_key",
+    "upstreams_from_resolv",
+]
+
+DEFAULT_TIMEOUT = 1.5       # seconds per try
+DEFAULT_MAX_PENDING = 4096
+MAX_UPSTREAMS = 3           # glibc's MAXNS
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """A nameserver: canonical address text (no scope), port, scope (v6 link-local)."""
+
+    host: str
+    port: int = 53
+    scope: str = ""
+
+    @classmethod
+    def parse(cls, text: str, port: int = 53) -> Upstream:
+        """From resolv.conf's form (``192.0.2.1``, ``fe80::1%eth0``); ValueError else."""
+        address, _, scope = text.partition("%")
+        return cls(str(ipaddress.ip_address(address)), port, scope)
+
+    @property
+    def family(self) -> int:
+        return 6 if ":" in self.host else 4
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.host, self.port
+
+    def __str__(self) -> str:
+        host = f"{self.host}%{self.scope}" if self.scope else self.host
+        return f"[{host}]:{self.port}" if self.family == 6 else f"{host}:{self.port}"
+
+
+def source_key(sockaddr: tuple[object, ...]) -> tuple[str, int]:
+    """The ``Upstream.key`` of an address as ``recvfrom`` gives it."""
+    host = str(sockaddr[0]).partition("%")[0]
+    return str(ipaddress.ip_address(host)), int(str(sockaddr[1]))
+
+
+def upstreams_from_resolv(text: str, port: int = 53, exclude: Iterable[tuple[str, int]] = (),
+                          limit: int = MAX_UPSTREAMS) -> tuple[Upstream, ...]:
+    """The nameservers of a resolv.conf, in order, at most ``limit``; ``exclude`` (the
+    proxy's own listen addresses: no loops) and unparseable entries left out."""
+    skip = set(exclude)
+    found: list[Upstream] = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 2 or words[0] != "nameserver":
+            continue
+        try:
+            upstream = Upstream.parse(words[1], port)
+        except ValueError:
+            continue
+        if upstream.key not in skip and upstream not in found:
+            found.append(upstream)
+    return tuple(found[:limit])
+
+
+@dataclass(frozen=True, slots=True)
+class SendUdp:
+    key: int
+    upstream: Upstream
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendTcp:
+    key: int
+    upstream: Upstream
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTcp:
+    key: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    client: object
+    data: bytes
+    failed: bool        # the proxy answered SERVFAIL itself: no upstream answered
+
+
+Action = SendUdp | SendTcp | CancelTcp | Reply
+
+
+@dataclass(slots=True)
+class _Pending:
+    client: object
+    query: Query
+    data: bytes
+    tcp_client: bool
+    upstreams: list[Upstream]
+    key: int = -1
+    via_tcp: bool = False
+    deadline: float = 0.0
+    last_answer: bytes | None = None
+
+
+class Forwarding:
+    """The pending table.  Each method returns the actions the I/O layer must take."""
+
+    def __init__(self, *, timeout: float = DEFAULT_TIMEOUT,
+                 max_pending: int = DEFAULT_MAX_PENDING,
+                 randbits: Callable[[int], int] = secrets.randbits) -> None:
+        if timeout <= 0 or not 1 <= max_pending <= 32768:
+            raise ValueError("timeout must be positive, max_pending within 1..32768")
+        self.timeout = timeout
+        self.max_pending = max_pending
+        self.upstreams: tuple[Upstream, ...] = ()
+        self.dropped = 0            # answers that matched no pending query
+        self._randbits = randbits
+        self._pending: OrderedDict[int, _Pending] = OrderedDict()
+        self._good: Upstream | None = None
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def next_deadline(self) -> float | None:
+        for entry in self._pending.values():
+            return entry.deadline
+        return None
+
+    def query(self, client: object, query: Query, data: bytes, now: float, *,
+              tcp: bool = False) -> list[Action]:
+        """Forward ``query`` (``data``, as the client sent it) for ``client``."""
+        if not self.upstreams or len(self._pending) >= self.max_pending:
+            return [Reply(client, dnsmsg.servfail(query), True)]
+        entry = _Pending(client, query, data, tcp, self._order())
+        return self._send(entry, now)
+
+    def answer(self, data: bytes, source: tuple[str, int], now: float) -> list[Action]:
+        """A datagram from ``source`` (an ``Upstream.key``) on an upstream socket."""
+        entry = self._match(data)
+        if entry is None or entry.via_tcp or entry.upstreams[0].key != source:
+            self.dropped += 1
+            return []
+        return self._accept(entry, data, now)
+
+    def tcp_answer(self, key: int, data: bytes, now: float) -> list[Action]:
+        """The answer read from the TCP connection of try ``key``."""
+        entry = self._pending.get(key)
+        if entry is None or not entry.via_tcp or self._match(data) is not entry:
+            self.dropped += 1
+            return self.failed(key, None, now)
+        return self._accept(entry, data, now)
+
+    def failed(self, key: int, source: tuple[str, int] | None, now: float) -> list[Action]:
+        """Try ``key`` failed (from ``source``, when known): on to the next upstream."""
+        entry = self._pending.get(key)
+        if entry is None or (source is not None and entry.upstreams[0].key != source):
+            return []
+        del self._pending[key]
+        cancel: list[Action] = [CancelTcp(key)] if entry.via_tcp else []
+        return cancel + self._next(entry, now)
+
+    def expire(self, now: float) -> list[Action]:
+        """Move every try whose deadline has passed on to the next upstream."""
+        actions: list[Action] = []
+        while self._pending:
+            key, entry = next(iter(self._pending.items()))
+            if entry.deadline > now:
+                break
+            actions += self.failed(key, None, now)
+        return actions
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _order(self) -> list[Upstream]:
+        upstreams = list(self.upstreams)
+        if self._good in upstreams:
+            at = upstreams.index(self._good)
+            upstreams = upstreams[at:] + upstreams[:at]
+        return upstreams
+
+    def _fresh_key(self) -> int:
+        while True:
+            key = self._randbits(16)
+            if key not in self._pending:
+                return key
+
+    def _send(self, entry: _Pending, now: float) -> list[Action]:
+        entry.key = self._fresh_key()
+        entry.deadline = now + self.timeout
+        self._pending[entry.key] = entry
+        data = dnsmsg.with_id(entry.data, entry.key)
+        if entry.via_tcp:
+            return [SendTcp(entry.key, entry.upstreams[0], data)]
+        return [SendUdp(entry.key, entry.upstreams[0], data)]
+
+    def _next(self, entry: _Pending, now: float) -> list[Action]:
+        entry.upstreams.pop(0)
+        entry.via_tcp = False
+        if entry.upstreams:
+            return self._send(entry, now)
+        if entry.last_answer is not None:
+            return [Reply(entry.client, entry.last_answer, False)]
+        return [Reply(entry.client, dnsmsg.servfail(entry.query), True)]
+
+    def _match(self, data: bytes) -> _Pending | None:
+        if len(data) < dnsmsg.HEADER_LEN:
+            return None
+        entry = self._pending.get(int.from_bytes(data[:2], "big"))
+        if entry is None or not _answers(data, entry.key, entry.query.question):
+            return None
+        return entry
+
+    def _accept(self, entry: _Pending, data: bytes, now: float) -> list[Action]:
+        del self._pending[entry.key]
+        header = dnsmsg.Header.parse(data)
+        if header.tc and entry.tcp_client and not entry.via_tcp:
+            entry.via_tcp = True
+            return self._send(entry, now)
+        reply = dnsmsg.with_id(data, entry.query.id)
+        if header.rcode in (Rcode.SERVFAIL, Rcode.REFUSED) and len(entry.upstreams) > 1:
+            entry.last_answer = reply
+            return self._next(entry, now)
+        self._good = entry.upstreams[0]
+        return [Reply(entry.client, reply, False)]
+
+
+def _answers(data: bytes, key: int, question: Question) -> bool:
+    try:
+        dnsmsg.check_answer(data, key, question)
+    except MessageError:
+        return False
+    return True
