@@ -1,0 +1,146 @@
+"""Localhost forwarding, the pure half: which host loopback ports to serve, for which VM.
+
+The desired forwards are a function of the VMs' listening sockets alone:
+
+========================================  ==========================================
+VM socket bound to                        host listener -> target in the VM
+========================================  ==========================================
+``0.0.0.0`` or ``127.0.0.1``              ``127.0.0.1:P`` -> VM ``127.0.0.1:P``
+``::`` or ``::1``                         ``[::1]:P`` -> VM ``[::1]:P``
+``::`` dual stack (not IPV6_V6ONLY)       also ``127.0.0.1:P`` -> VM ``127.0.0.1:P``
+``::ffff:0.0.0.0``, ``::ffff:127.0.0.1``  ``127.0.0.1:P`` -> VM ``127.0.0.1:P``
+any other address                         nothing
+========================================  ==========================================
+
+Host and VM sides use the loopback address of the same family, so the VM sees a
+loopback client (as WSL's relay makes it), and a dual-stack socket is reached at host
+``127.0.0.1`` too (WSL's issue 4851).  Only loopback on the host: a VM's loopback
+service is never exposed on another host address.
+
+A host port (protocol, family, port) is served for one VM: the first to claim it.  Each
+claim gets a sequence number when it is first seen, and a claim keeps its number while
+the VM keeps wanting the key, so the holder stays the holder; when it lets go, the
+oldest remaining claim wins.  The others are reported as conflicts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from portproxy.tracker import DiagSocket
+
+__all__ = ["Claims", "ForwardKey", "Plan", "changes", "keys_of", "plan", "wanted_keys"]
+
+_V4_SERVED = frozenset({ipaddress.IPv4Address("0.0.0.0"), ipaddress.IPv4Address("127.0.0.1")})
+_V6_SERVED = frozenset({ipaddress.IPv6Address("::"), ipaddress.IPv6Address("::1")})
+_ANY6 = ipaddress.IPv6Address("::")
+
+
+@dataclass(frozen=True, order=True)
+class ForwardKey:
+    """A host loopback port: protocol ("tcp"/"udp"), family (4/6), port."""
+
+    protocol: str
+    family: int
+    port: int
+
+    @property
+    def loopback(self) -> str:
+        """The loopback address of the family: the host listens there, the relay dials the
+        same address inside the VM."""
+        return "127.0.0.1" if self.family == 4 else "::1"
+
+    @property
+    def socket_family(self) -> int:
+        return socket.AF_INET if self.family == 4 else socket.AF_INET6
+
+    def endpoint(self) -> str:
+        host = self.loopback
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+def keys_of(sock: DiagSocket) -> frozenset[ForwardKey]:
+    """The host ports a VM socket asks for (see the table in the module docstring)."""
+    try:
+        address = ipaddress.ip_address(sock.address.split("%", 1)[0])
+    except ValueError:
+        return frozenset()
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    families: tuple[int, ...]
+    if isinstance(address, ipaddress.IPv4Address):
+        families = (4,) if address in _V4_SERVED else ()
+    elif address not in _V6_SERVED:
+        families = ()
+    elif address == _ANY6 and not sock.v6only:
+        families = (6, 4)
+    else:
+        families = (6,)
+    return frozenset(ForwardKey(sock.protocol, f, sock.port) for f in families)
+
+
+def wanted_keys(sockets: Iterable[DiagSocket]) -> frozenset[ForwardKey]:
+    """Every host port a VM's listening sockets ask for."""
+    keys: set[ForwardKey] = set()
+    for sock in sockets:
+        keys |= keys_of(sock)
+    return frozenset(keys)
+
+
+class Claims:
+    """What each VM wants, with the order in which the claims were first seen."""
+
+    def __init__(self) -> None:
+        self._seq = itertools.count(1)
+        self._claims: dict[str, dict[ForwardKey, int]] = {}
+
+    def update(self, vm: str, keys: Iterable[ForwardKey]) -> None:
+        """``vm`` now wants exactly ``keys``: new ones are numbered, old ones keep theirs."""
+        old = self._claims.get(vm, {})
+        new = {k: old.get(k) or next(self._seq) for k in sorted(keys)}
+        if new:
+            self._claims[vm] = new
+        else:
+            self._claims.pop(vm, None)
+
+    def remove(self, vm: str) -> None:
+        self._claims.pop(vm, None)
+
+    def of(self, vm: str) -> frozenset[ForwardKey]:
+        return frozenset(self._claims.get(vm, ()))
+
+    def snapshot(self) -> dict[str, dict[ForwardKey, int]]:
+        return {vm: dict(keys) for vm, keys in self._claims.items()}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """``owners``: the VM served on each host port; ``conflicts``: (vm, key) -> holder."""
+
+    owners: Mapping[ForwardKey, str]
+    conflicts: Mapping[tuple[str, ForwardKey], str]
+
+
+def plan(claims: Mapping[str, Mapping[ForwardKey, int]]) -> Plan:
+    """Each key to the claim with the lowest sequence number (ties: the VM's name)."""
+    best: dict[ForwardKey, tuple[int, str]] = {}
+    for vm, keys in claims.items():
+        for key, seq in keys.items():
+            if key not in best or (seq, vm) < best[key]:
+                best[key] = (seq, vm)
+    owners = {key: vm for key, (_seq, vm) in sorted(best.items())}
+    conflicts = {(vm, key): owners[key] for vm, keys in claims.items() for key in keys
+                 if owners[key] != vm}
+    return Plan(owners, conflicts)
+
+
+def changes(current: Mapping[ForwardKey, str], desired: Mapping[ForwardKey, str]
+            ) -> tuple[list[ForwardKey], list[ForwardKey]]:
+    """(forwards to stop, forwards to start); a key whose VM changes is in both."""
+    stop = sorted(k for k, vm in current.items() if desired.get(k) != vm)
+    start = sorted(k for k, vm in desired.items() if current.get(k) != vm)
+    return stop, start

@@ -1,0 +1,117 @@
+"""portproxy.forward_plan: which host loopback ports serve which VM.  Pure, no root."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from portproxy.forward_plan import (
+    Claims,
+    ForwardKey,
+    Plan,
+    changes,
+    keys_of,
+    plan,
+    wanted_keys,
+)
+from portproxy.tracker import TCP_CLOSE, TCP_LISTEN, DiagSocket
+
+
+def tcp(address: str, port: int = 8080, v6only: bool = False) -> DiagSocket:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    return DiagSocket("tcp", family, address, port, TCP_LISTEN, 0, v6only)
+
+
+def key(family: int, port: int = 8080, protocol: str = "tcp") -> ForwardKey:
+    return ForwardKey(protocol, family, port)
+
+
+@pytest.mark.parametrize(("sock", "families"), [
+    (tcp("0.0.0.0"), {4}),
+    (tcp("127.0.0.1"), {4}),
+    (tcp("::"), {4, 6}),                       # dual stack: host 127.0.0.1 too (WSL 4851)
+    (tcp("::", v6only=True), {6}),
+    (tcp("::1"), {6}),
+    (tcp("::1", v6only=True), {6}),
+    (tcp("::ffff:127.0.0.1"), {4}),
+    (tcp("::ffff:0.0.0.0"), {4}),
+    (tcp("172.16.0.2"), set()),                # the VM's own address: not loopback
+    (tcp("127.0.0.2"), set()),
+    (tcp("2001:db8::2"), set()),
+    (tcp("fe80::1%eth0"), set()),
+    (tcp("not-an-address"), set()),
+], ids=lambda v: v.address if isinstance(v, DiagSocket) else None)
+def test_keys_of_a_socket(sock: DiagSocket, families: set[int]) -> None:
+    assert keys_of(sock) == {key(f) for f in families}
+
+
+def test_udp_sockets_ask_for_udp_ports() -> None:
+    sock = DiagSocket("udp", socket.AF_INET, "0.0.0.0", 53, TCP_CLOSE)
+    assert keys_of(sock) == {ForwardKey("udp", 4, 53)}
+
+
+def test_wanted_keys_of_a_vm_merge_its_sockets() -> None:
+    sockets = [tcp("0.0.0.0"), tcp("::", v6only=True), tcp("::1", port=9000), tcp("10.0.0.2")]
+    assert wanted_keys(sockets) == {key(4), key(6), key(6, 9000)}
+
+
+def test_endpoints_and_loopback_of_each_family() -> None:
+    assert key(4).endpoint() == "127.0.0.1:8080"
+    assert key(6).endpoint() == "[::1]:8080"
+    assert (key(4).socket_family, key(6).socket_family) == (socket.AF_INET, socket.AF_INET6)
+
+
+# who gets a host port
+
+
+def test_first_claim_wins_and_the_other_is_a_conflict() -> None:
+    claims = Claims()
+    claims.update("b", {key(4)})
+    claims.update("a", {key(4), key(6)})
+    result = plan(claims.snapshot())
+    assert result.owners == {key(4): "b", key(6): "a"}
+    assert result.conflicts == {("a", key(4)): "b"}
+
+
+def test_the_holder_keeps_a_port_while_it_wants_it() -> None:
+    claims = Claims()
+    claims.update("b", {key(4)})
+    claims.update("a", {key(4)})
+    claims.update("b", {key(4), key(4, 9000)})         # b changes, keeps its old claim
+    assert plan(claims.snapshot()).owners[key(4)] == "b"
+
+
+def test_the_oldest_remaining_claim_takes_over() -> None:
+    claims = Claims()
+    for vm in ("a", "b", "c"):
+        claims.update(vm, {key(4)})
+    claims.update("a", set())
+    assert plan(claims.snapshot()).owners == {key(4): "b"}
+    claims.remove("b")
+    assert plan(claims.snapshot()) == Plan({key(4): "c"}, {})
+    assert claims.of("a") == frozenset()
+
+
+def test_a_claim_given_up_and_made_again_goes_to_the_back() -> None:
+    claims = Claims()
+    claims.update("a", {key(4)})
+    claims.update("b", {key(4)})
+    claims.update("a", set())
+    claims.update("a", {key(4)})
+    assert plan(claims.snapshot()).owners == {key(4): "b"}
+
+
+def test_equal_claims_go_to_the_first_name() -> None:
+    result = plan({"b": {key(4): 1}, "a": {key(4): 1}})
+    assert result.owners == {key(4): "a"}
+    assert result.conflicts == {("b", key(4)): "a"}
+
+
+def test_changes_stop_and_start_what_differs() -> None:
+    current = {key(4): "a", key(6): "a", key(4, 9000): "b"}
+    desired = {key(4): "a", key(6): "b", key(4, 7000): "c"}
+    stop, start = changes(current, desired)
+    assert stop == sorted([key(6), key(4, 9000)])
+    assert start == sorted([key(6), key(4, 7000)])
+    assert changes(desired, desired) == ([], [])
