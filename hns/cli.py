@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from hns.errors import HnsError, KernelError
-from hns.model import HostPort, Network, Vm
+from hns.model import HostPort, Network, Vm, parse_on_off
 from hns.netns import netns_exists
 from hns.process import exec_in_netns
 from hns.service import DEFAULT_STATE_DIR, Service
@@ -54,6 +54,8 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--subnet", help="IPv4 CIDR (default: a free /20 in 172.16.0.0/12)")
     c.add_argument("--gateway", help="gateway address (default: the first of the subnet)")
     c.add_argument("--mtu", help="MTU (default 1500)")
+    c.add_argument("--localhost-forwarding", default="on", metavar="on|off",
+                   help="serve ports the VMs listen on at host localhost (default on)")
     net.add_parser("list", parents=[leaf], help="list networks")
     net.add_parser("show", parents=[leaf], help="show a network").add_argument("name")
     d = net.add_parser("delete", parents=[leaf], help="delete a network")
@@ -125,8 +127,9 @@ def _show(obj: Network | Vm, as_json: bool) -> None:
 
 def _network_cmd(svc: Service, args: argparse.Namespace) -> int:
     if args.action == "create":
-        _show(svc.create_network(args.name, args.type, args.subnet, args.gateway, args.mtu),
-              args.json)
+        forwarding = parse_on_off(args.localhost_forwarding, "--localhost-forwarding")
+        _show(svc.create_network(args.name, args.type, args.subnet, args.gateway, args.mtu,
+                                 forwarding), args.json)
     elif args.action == "list":
         nets = svc.list_networks()
         if args.json:

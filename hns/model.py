@@ -31,6 +31,7 @@ __all__ = [
     "parse_mtu",
     "parse_name",
     "parse_netns_name",
+    "parse_on_off",
     "parse_port",
     "parse_subnet",
 ]
@@ -112,6 +113,16 @@ def parse_mac(text: str) -> str:
     return mac
 
 
+def parse_on_off(text: str, what: str = "switch") -> bool:
+    """``on``/``off`` (also true/false, yes/no, 1/0, any case) as a bool."""
+    word = text.strip().lower()
+    if word in ("on", "true", "yes", "1"):
+        return True
+    if word in ("off", "false", "no", "0"):
+        return False
+    raise InvalidRequest(f"invalid {what} {text!r}: use on or off")
+
+
 def parse_mtu(value: int | str) -> int:
     try:
         mtu = int(value)
@@ -131,6 +142,7 @@ class Network:
     gateway: IPv4Address
     mtu: int
     bridge: str
+    localhost_forwarding: bool = True   # WSL's localhostForwarding
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -141,6 +153,7 @@ class Network:
             "Gateway": str(self.gateway),
             "Bridge": self.bridge,
             "Mtu": self.mtu,
+            "LocalhostForwarding": self.localhost_forwarding,
             "Ipams": [{
                 "Type": "Static",
                 "Subnets": [{

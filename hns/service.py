@@ -141,7 +141,8 @@ class Service:
     def create_network(self, name: str, type: NetworkType | str = NetworkType.NAT,
                        subnet: IPv4Network | str | None = None,
                        gateway: IPv4Address | str | None = None,
-                       mtu: int | str | None = None) -> Network:
+                       mtu: int | str | None = None,
+                       localhost_forwarding: bool = True) -> Network:
         name = parse_name(name, "network name")
         net_type = type if isinstance(type, NetworkType) else NetworkType.parse(type)
         pinned = parse_subnet(str(subnet)) if subnet is not None else None
@@ -172,13 +173,15 @@ class Service:
             net_id = str(uuid.uuid4())
             net = Network(id=net_id, name=name, type=net_type, subnet=chosen,
                           gateway=gw or ipam.default_gateway(chosen), mtu=size,
-                          bridge=naming.bridge_name(self.instance, net_id))
+                          bridge=naming.bridge_name(self.instance, net_id),
+                          localhost_forwarding=bool(localhost_forwarding))
             self.store.insert_network(db, net)
         try:
             self._apply_network(net)
         except BaseException:
             self._undo_network(net)
             raise
+        self._poke_daemon()
         return net
 
     def _apply_network(self, net: Network) -> None:
@@ -232,6 +235,7 @@ class Service:
             self.kernel.delete_link(net.bridge)
             with self.store.transaction() as db:
                 self.store.delete_network(db, net.id)
+        self._poke_daemon()
         return True
 
     # VMs
@@ -262,6 +266,7 @@ class Service:
             with self.store.transaction() as db:
                 self.store.delete_vm(db, vm.id)
             raise
+        self._poke_daemon()
         return vm
 
     def _apply_vm(self, vm: Vm, net: Network) -> None:
@@ -278,6 +283,13 @@ class Service:
             bridge=net.bridge, alias=naming.link_alias(self.instance, vm.id)))
         configure_vm_side(vm.netns, vm.ip, vm.prefixlen, vm.gateway)
         resolv.write_vm_resolv(vm.netns, self.host_netns)
+
+    def _poke_daemon(self) -> None:
+        """Tell a running daemon to reload now (it watches the VMs for localhost
+        forwarding).  Best effort: a daemon also notices within a second on its own."""
+        from portproxy.control import request
+        with contextlib.suppress(OSError, ValueError):
+            request(self.store.state_dir, "reload", timeout=1.0)
 
     def _teardown_vm(self, vm: Vm) -> None:
         from hns.kernel import kill_netns_processes
@@ -307,6 +319,7 @@ class Service:
                 else:  # a deleted VM's mappings are gone, remembered ones too
                     self.store.forget_port_mappings(db, vm.name)
                 self.store.delete_vm(db, vm.id)  # its mappings go with it (cascade)
+        self._poke_daemon()
         return True
 
     # port mappings (HNS's PortMapping policy; see hns/portmap.py)

@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS networks (
     subnet TEXT NOT NULL UNIQUE,
     gateway TEXT NOT NULL,
     mtu INTEGER NOT NULL,
-    bridge TEXT NOT NULL UNIQUE
+    bridge TEXT NOT NULL UNIQUE,
+    localhost_forwarding INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS vms (
     id TEXT PRIMARY KEY,
@@ -92,10 +93,10 @@ FROM vms v JOIN networks n ON n.id = v.network_id
 
 
 def _network(row: tuple[object, ...]) -> Network:
-    id_, name, type_, subnet, gateway, mtu, bridge = row
+    id_, name, type_, subnet, gateway, mtu, bridge, forwarding = row
     return Network(id=str(id_), name=str(name), type=NetworkType(type_),
                    subnet=IPv4Network(str(subnet)), gateway=IPv4Address(str(gateway)),
-                   mtu=int(str(mtu)), bridge=str(bridge))
+                   mtu=int(str(mtu)), bridge=str(bridge), localhost_forwarding=bool(forwarding))
 
 
 def _vm(row: tuple[object, ...]) -> Vm:
@@ -125,6 +126,14 @@ def _mapped_port(row: tuple[object, ...]) -> MappedPort:
     return MappedPort(_port_mapping(row[:5]), IPv4Address(str(row[5])), str(row[6]))
 
 
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Columns added after a database was made (CREATE TABLE IF NOT EXISTS keeps it)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(networks)")}
+    if "localhost_forwarding" not in columns:
+        db.execute("ALTER TABLE networks ADD COLUMN localhost_forwarding INTEGER NOT NULL "
+                   "DEFAULT 1")
+
+
 def _address(port: HostPort) -> str:
     return str(port.address) if port.address else ""
 
@@ -151,6 +160,7 @@ class Store:
                         db.execute(statement)
                 for statement in PORT_MAPPING_SCHEMA:
                     db.execute(statement)
+                _add_missing_columns(db)
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
                            (str(SCHEMA_VERSION),))
                 db.execute("INSERT OR IGNORE INTO meta VALUES ('instance', ?)",
@@ -200,12 +210,14 @@ class Store:
 
     def networks(self, db: sqlite3.Connection | None = None) -> list[Network]:
         rows = (db or self._db).execute(
-            "SELECT id, name, type, subnet, gateway, mtu, bridge FROM networks ORDER BY name")
+            "SELECT id, name, type, subnet, gateway, mtu, bridge, localhost_forwarding "
+            "FROM networks ORDER BY name")
         return [_network(r) for r in rows]
 
     def find_network(self, name: str, db: sqlite3.Connection | None = None) -> Network | None:
         row = (db or self._db).execute(
-            "SELECT id, name, type, subnet, gateway, mtu, bridge FROM networks WHERE name = ?",
+            "SELECT id, name, type, subnet, gateway, mtu, bridge, localhost_forwarding "
+            "FROM networks WHERE name = ?",
             (name,)).fetchone()
         return _network(row) if row else None
 
@@ -217,9 +229,9 @@ class Store:
 
     def insert_network(self, db: sqlite3.Connection, net: Network) -> None:
         try:
-            db.execute("INSERT INTO networks VALUES (?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO networks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (net.id, net.name, net.type.value, str(net.subnet), str(net.gateway),
-                        net.mtu, net.bridge))
+                        net.mtu, net.bridge, int(net.localhost_forwarding)))
             db.execute("INSERT OR REPLACE INTO remembered_subnets VALUES (?, ?)",
                        (net.name, str(net.subnet)))
         except sqlite3.IntegrityError as exc:
