@@ -19,7 +19,7 @@ import errno
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from hns.errors import KernelError
@@ -171,6 +171,10 @@ class NetnsExecutor:
                 raise KernelError(f"network namespace {self.name} does not exist",
                                   errno.ENOENT) from None
             raise
+
+    def submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
+        """Run ``fn(*args)`` in the namespace without waiting; its future."""
+        return self._pool.submit(fn, *args)
 
     @property
     def local(self) -> threading.local:

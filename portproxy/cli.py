@@ -109,7 +109,21 @@ def _status(svc: Any, args: argparse.Namespace) -> int:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    _print_forwards(answer.get("Forwards", []))
     return 0
+
+
+def _print_forwards(forwards: Sequence[dict[str, Any]]) -> None:
+    """The localhost forwards of ``hnsctl status``: one line per VM port."""
+    if not forwards:
+        return
+    header = ("VM", "PROTOCOL", "LISTEN", "STATE", "CONNECTIONS")
+    rows = [(f["Vm"], f["Protocol"], f["Listen"], f["State"], str(f.get("Connections", 0)))
+            for f in forwards]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print("localhost forwarding:")
+    for row in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 HANDLERS: dict[str, Callable[[Any, argparse.Namespace], int]] = {

@@ -25,6 +25,7 @@ from hns.netns import enter_netns
 from hns.store import Store
 from portproxy.control import control_path, request
 from portproxy.engine import Engine
+from portproxy.forwarder import Forwarder
 from portproxy.proxies import StaticProxies
 
 __all__ = ["Component", "Daemon", "sd_notify"]
@@ -67,6 +68,7 @@ class Daemon:
         self.poll_interval = poll_interval
         self.engine = Engine()
         self.components: list[Component] = [StaticProxies(self.engine, store, retry_interval)]
+        self.components.append(Forwarder(self.engine, store, retry_interval=retry_interval))
         self._version = -1
         self._control: socket.socket | None = None
 

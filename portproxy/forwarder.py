@@ -1,0 +1,311 @@
+"""Localhost forwarding: a server that listens inside a NAT VM is reachable at host
+``localhost`` on the same port, as WSL's localhost relay makes it.
+
+Theory of operation
+-------------------
+:class:`Forwarder` is a component of the daemon and lives on the engine thread.
+``reconcile`` (at start and whenever the state changes) makes the watched VMs what the
+state says: every VM on a network with localhost forwarding on.  Each watched VM has a
+:class:`~portproxy.tracker.VmTracker` (which sockets listen in its namespace) and a
+:class:`~portproxy.vmdial.VmDialer` (sockets made in its namespace, for the relays to
+dial with).  One timer polls every tracker each ``poll_interval`` (20 ms; the tracker's
+gate makes an idle poll cost a few microseconds).  When a VM's listening sockets change,
+its claims (:class:`~portproxy.forward_plan.Claims`) follow and the plan is made again
+(:func:`~portproxy.forward_plan.plan`, pure): forwards whose VM changed or went are
+stopped, new ones started.
+
+A forward is a listening (TCP) or bound (UDP) socket on host ``127.0.0.1:P`` or
+``[::1]:P`` -- loopback only, in the daemon's namespace, i.e. the host -- handed to the
+relay engine with the VM's dialer, so every connection or flow goes to the VM's own
+loopback of the same family.  TCP listeners set SO_REUSEADDR (a TIME_WAIT left by an
+earlier forward must not block the port); UDP sockets do not, or they could share the
+port with another socket of the host that set it.  A host port that cannot be bound
+(in use: "conflict: host port in use") is logged once, shown in the status and retried
+every ``retry_interval`` until it is free.  Stopping a forward closes its listener and
+resets its connections.
+
+A VM whose namespace cannot be opened (not made yet, gone) is retried every
+``full_interval`` (1 s), when its namespace is also checked for having been replaced
+under the same name (``restore`` after a reboot), by inode.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from hns.errors import HnsError
+from hns.model import Vm
+from hns.store import Store
+from portproxy.engine import Engine, Relay, RelayInfo, TimerHandle
+from portproxy.forward_plan import Claims, ForwardKey, Plan, changes, plan, wanted_keys
+from portproxy.tracker import VmTracker
+from portproxy.vmdial import DEFAULT_POOL_SIZE, VmDialer
+
+__all__ = ["FULL_INTERVAL", "POLL_INTERVAL", "Forwarder", "open_loopback"]
+
+log = logging.getLogger("hns.daemon")
+
+POLL_INTERVAL = 0.02      # s between two polls of every VM's sockstat gate
+FULL_INTERVAL = 1.0       # s between two full dumps of a VM (and namespace checks)
+HOST_PORT_IN_USE = "conflict: host port in use"
+
+
+def open_loopback(key: ForwardKey) -> socket.socket:
+    """The host end of a forward: non-blocking, listening (TCP) or bound (UDP)."""
+    kind = socket.SOCK_STREAM if key.protocol == "tcp" else socket.SOCK_DGRAM
+    sock = socket.socket(key.socket_family, kind | socket.SOCK_CLOEXEC)
+    try:
+        if key.family == 6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((key.loopback, key.port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass
+class _Watch:
+    """One watched VM."""
+
+    vm: Vm
+    tracker: VmTracker
+    dialer: VmDialer
+    ready: bool = False
+    error: str | None = None
+    next_check: float = 0.0
+
+
+@dataclass
+class _Forward:
+    """One host port served (or waiting to be) for one VM."""
+
+    key: ForwardKey
+    vm: str
+    relay: Relay | None = None
+    error: str | None = None
+    retry: TimerHandle | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"localhost {self.vm} {self.key.protocol} {self.key.endpoint()}"
+
+
+class Forwarder:
+    """Serves on host loopback the ports the VMs listen on (a daemon component)."""
+
+    def __init__(self, engine: Engine, store: Store, *, poll_interval: float = POLL_INTERVAL,
+                 full_interval: float = FULL_INTERVAL, retry_interval: float = 2.0,
+                 pool_size: int = DEFAULT_POOL_SIZE) -> None:
+        self.engine = engine
+        self.store = store
+        self.poll_interval = poll_interval
+        self.full_interval = full_interval
+        self.retry_interval = retry_interval
+        self.pool_size = pool_size
+        self._watches: dict[str, _Watch] = {}          # by VM name
+        self._claims = Claims()
+        self._plan = Plan({}, {})
+        self._forwards: dict[ForwardKey, _Forward] = {}
+        self._timer: TimerHandle | None = None
+
+    # -- the Component protocol -----------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Watch exactly the VMs on networks with localhost forwarding on."""
+        on = {n.id for n in self.store.networks() if n.localhost_forwarding}
+        desired = {vm.name: vm for vm in self.store.vms() if vm.network_id in on}
+        for name, watch in list(self._watches.items()):
+            if desired.get(name) != watch.vm:
+                self._unwatch(name)
+        for name, vm in desired.items():
+            if name not in self._watches:
+                self._watch(vm)
+        self._replan()
+        if self._watches and self._timer is None:
+            self._timer = self.engine.call_later(self.poll_interval, self._tick)
+
+    def status(self) -> dict[str, Any]:
+        infos = {info.name: info for info in self.engine.relays()}
+        rows = [self._row(name, key, infos) for name in sorted(self._watches)
+                for key in sorted(self._claims.of(name))]
+        return {"Forwards": rows}
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for key in list(self._forwards):
+            self._stop(key)
+        for name in list(self._watches):
+            self._unwatch(name)
+
+    # -- VMs ------------------------------------------------------------------------------
+
+    def _watch(self, vm: Vm) -> None:
+        watch = _Watch(vm, VmTracker(vm.netns, full_interval=self.full_interval),
+                       VmDialer(vm.netns, self.engine.call_soon_threadsafe, self.pool_size))
+        self._watches[vm.name] = watch
+        self._open(watch, self.engine.now())
+
+    def _unwatch(self, name: str) -> None:
+        watch = self._watches.pop(name)
+        self._claims.remove(name)
+        watch.tracker.close()
+        watch.dialer.close()
+
+    def _open(self, watch: _Watch, now: float) -> bool:
+        """Start tracking the VM's namespace; False (and retried later) if it cannot."""
+        watch.next_check = now + self.full_interval
+        try:
+            watch.tracker.open()
+            watch.tracker.poll(now)
+        except (OSError, HnsError) as exc:
+            watch.tracker.close()
+            self._failed(watch, str(exc))
+            return False
+        watch.ready, watch.error = True, None
+        log.debug("vm %s: watching %s", watch.vm.name, watch.vm.netns)
+        self._claims.update(watch.vm.name, wanted_keys(watch.tracker.sockets))
+        return True
+
+    def _reset(self, watch: _Watch, reason: str) -> None:
+        """Forget what the VM had; it is opened again at its next check."""
+        watch.tracker.close()
+        watch.dialer.close()
+        watch.tracker = VmTracker(watch.vm.netns, full_interval=self.full_interval)
+        watch.dialer = VmDialer(watch.vm.netns, self.engine.call_soon_threadsafe,
+                                self.pool_size)
+        watch.ready = False
+        self._claims.remove(watch.vm.name)
+        self._failed(watch, reason)
+
+    def _failed(self, watch: _Watch, reason: str) -> None:
+        if watch.error != reason:
+            log.warning("vm %s: cannot watch its listening sockets: %s (retrying)",
+                        watch.vm.name, reason)
+        watch.error = reason
+
+    def _tick(self) -> None:
+        self._timer = None
+        try:
+            self._poll_all(self.engine.now())
+        finally:
+            if self._watches and self._timer is None:
+                self._timer = self.engine.call_later(self.poll_interval, self._tick)
+
+    def _poll_all(self, now: float) -> None:
+        changed = False
+        for watch in list(self._watches.values()):
+            try:
+                changed |= self._poll(watch, now)
+            except Exception as exc:     # one VM must not stop the others' polling
+                log.exception("vm %s: poll failed", watch.vm.name)
+                self._reset(watch, str(exc))
+                changed = True
+        if changed:
+            self._replan()
+
+    def _poll(self, watch: _Watch, now: float) -> bool:
+        """Poll one VM; True when its claims may have changed."""
+        if now >= watch.next_check:
+            if not watch.ready:
+                return self._open(watch, now)
+            watch.next_check = now + self.full_interval
+            if watch.tracker.replaced():
+                self._reset(watch, f"namespace {watch.vm.netns} is gone or was replaced")
+                return True
+        if not watch.ready:
+            return False
+        try:
+            if not watch.tracker.poll(now):
+                return False
+        except OSError as exc:
+            self._reset(watch, str(exc))
+            return True
+        self._claims.update(watch.vm.name, wanted_keys(watch.tracker.sockets))
+        return True
+
+    # -- forwards -------------------------------------------------------------------------
+
+    def _replan(self) -> None:
+        old = self._plan
+        self._plan = plan(self._claims.snapshot())
+        for (vm, key), holder in self._plan.conflicts.items():
+            if old.conflicts.get((vm, key)) != holder:
+                log.warning("vm %s: %s %s is not forwarded: held by vm %s", vm, key.protocol,
+                            key.endpoint(), holder)
+        current = {key: f.vm for key, f in self._forwards.items()}
+        stop, start = changes(current, self._plan.owners)
+        for key in stop:
+            self._stop(key)
+        for key in start:
+            forward = _Forward(key, self._plan.owners[key])
+            self._forwards[key] = forward
+            self._start(forward)
+
+    def _start(self, forward: _Forward) -> None:
+        forward.retry = None
+        watch = self._watches.get(forward.vm)
+        if self._forwards.get(forward.key) is not forward or watch is None:
+            return
+        key = forward.key
+        try:
+            sock = open_loopback(key)
+            target = (key.loopback, key.port)
+            if key.protocol == "tcp":
+                forward.relay = self.engine.add_tcp(sock, target, name=forward.name,
+                                                    dial=watch.dialer.tcp)
+            else:
+                forward.relay = self.engine.add_udp(sock, target, name=forward.name,
+                                                    dial=watch.dialer.udp)
+        except OSError as exc:
+            self._retry(forward, HOST_PORT_IN_USE if exc.errno == errno.EADDRINUSE else
+                        f"error: {os.strerror(exc.errno) if exc.errno else exc}")
+            return
+        forward.error = None
+        log.info("vm %s: forwarding %s %s", forward.vm, key.protocol, key.endpoint())
+
+    def _retry(self, forward: _Forward, error: str) -> None:
+        if forward.error != error:
+            log.warning("vm %s: cannot forward %s %s: %s (retrying every %gs)", forward.vm,
+                        forward.key.protocol, forward.key.endpoint(), error,
+                        self.retry_interval)
+        forward.error = error
+        forward.retry = self.engine.call_later(self.retry_interval,
+                                               lambda: self._start(forward))
+
+    def _stop(self, key: ForwardKey) -> None:
+        forward = self._forwards.pop(key)
+        if forward.retry is not None:
+            forward.retry.cancel()
+        if forward.relay is not None:
+            self.engine.remove(forward.relay)
+            log.info("vm %s: stopped forwarding %s %s", forward.vm, key.protocol,
+                     key.endpoint())
+
+    def _row(self, vm: str, key: ForwardKey, infos: dict[str, RelayInfo]) -> dict[str, Any]:
+        holder = self._plan.conflicts.get((vm, key))
+        forward = self._forwards.get(key)
+        info = infos.get(forward.name) if forward is not None and forward.vm == vm else None
+        if holder is not None:
+            state = f"conflict: held by vm {holder}"
+        elif forward is None or forward.vm != vm:
+            state = "pending"
+        elif forward.relay is not None:
+            state = "forwarding"
+        else:
+            state = forward.error or "pending"
+        return {"Vm": vm, "Protocol": key.protocol, "Family": f"ipv{key.family}",
+                "Port": key.port, "Listen": key.endpoint(), "Connect": key.endpoint(),
+                "State": state, "Connections": info.connections if info is not None else 0}

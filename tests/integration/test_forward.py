@@ -1,0 +1,209 @@
+"""Localhost forwarding: servers inside NAT VMs reached at the host's loopback, with real
+clients (curl, dig, socat) in the sandbox's host namespace, where the daemon runs."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from nsutil import udp_ask, wait_for, wait_listening
+from test_daemon import DaemonProc
+
+from hns.testing import Peer, Sandbox, SandboxVm
+
+# Answers every request with a fixed word: tells which VM a connection reached.
+HTTP_WORD = "sed -n /^.$/q; echo HTTP/1.0 200 OK; echo; echo {word}"
+# ... or with the client's address as the server sees it.
+HTTP_PEER = "sed -n /^.$/q; echo HTTP/1.0 200 OK; echo; echo $SOCAT_PEERADDR"
+
+
+@pytest.fixture
+def daemon(hns_sandbox: Sandbox) -> Iterator[DaemonProc]:
+    d = DaemonProc(hns_sandbox)
+    d.start()
+    yield d
+    d.kill()
+
+
+def forwards(daemon: DaemonProc, vm: str | None = None) -> list[dict[str, Any]]:
+    return [f for f in daemon.status().get("Forwards", []) if vm is None or f["Vm"] == vm]
+
+
+def state_of(daemon: DaemonProc, vm: str, protocol: str, family: str, port: int) -> str | None:
+    for f in forwards(daemon, vm):
+        if (f["Protocol"], f["Family"], f["Port"]) == (protocol, family, port):
+            return str(f["State"])
+    return None
+
+
+def curl(peer: Peer, url: str) -> subprocess.CompletedProcess[str]:
+    return peer.run(["curl", "-sS", "-g", "--max-time", "10", url])  # type: ignore[no-any-return]
+
+
+def reaches(peer: Peer, url: str, expect: str | None = None) -> bool:
+    result = curl(peer, url)
+    return result.returncode == 0 and (expect is None or result.stdout.strip() == expect)
+
+
+def refused(peer: Peer, url: str) -> bool:
+    return curl(peer, url).returncode == 7            # curl: could not connect
+
+
+def is_loopback(text: str) -> bool:
+    address = ipaddress.ip_address(text.strip().strip("[]"))
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def serve(vm: SandboxVm, port: int, listen: str = "TCP-LISTEN", bind: str | None = None,
+          answer: str = HTTP_PEER, extra: str = "") -> subprocess.Popen[Any]:
+    address = f"{listen}:{port},reuseaddr,fork" + (f",bind={bind}" if bind else "") + extra
+    proc = vm.popen(["socat", address, f"SYSTEM:{answer}"])
+    wait_listening(vm, port)
+    return proc
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    proc.kill()
+    proc.communicate(timeout=10)
+
+
+@pytest.mark.parametrize(("listen", "bind", "urls"), [
+    ("TCP4-LISTEN", "127.0.0.1", ["http://127.0.0.1:{port}/"]),
+    ("TCP4-LISTEN", "0.0.0.0", ["http://127.0.0.1:{port}/", "http://localhost:{port}/"]),
+    ("TCP6-LISTEN", "[::]", ["http://[::1]:{port}/", "http://127.0.0.1:{port}/"]),
+    ("TCP6-LISTEN", "[::1]", ["http://[::1]:{port}/"]),
+], ids=["127.0.0.1", "0.0.0.0", "dual-stack", "::1"])
+def test_vm_server_reached_at_host_localhost(hns_sandbox: Sandbox, nat_vm: SandboxVm,
+                                            daemon: DaemonProc, listen: str, bind: str,
+                                            urls: list[str]) -> None:
+    port = 8080
+    extra = ",ipv6only=0" if bind == "[::]" else ""
+    serve(nat_vm, port, listen, bind, extra=extra)
+    for url in (u.format(port=port) for u in urls):
+        wait_for(lambda url=url: reaches(hns_sandbox.host, url), f"{url} through the forward")
+        assert is_loopback(curl(hns_sandbox.host, url).stdout)  # the VM sees a loopback client
+    families = {f["Family"] for f in forwards(daemon, nat_vm.name)}
+    assert families == ({"ipv4", "ipv6"} if bind == "[::]" else
+                        {"ipv6"} if bind == "[::1]" else {"ipv4"})
+    assert all(f["State"] == "forwarding" for f in forwards(daemon))
+
+
+def test_only_the_family_the_vm_listens_on(hns_sandbox: Sandbox, nat_vm: SandboxVm,
+                                          daemon: DaemonProc) -> None:
+    serve(nat_vm, 8081, "TCP6-LISTEN", "[::]", extra=",ipv6only=1")
+    wait_for(lambda: reaches(hns_sandbox.host, "http://[::1]:8081/"), "the v6 forward")
+    assert refused(hns_sandbox.host, "http://127.0.0.1:8081/")   # a v6-only socket
+
+
+def test_server_on_another_address_is_not_forwarded(hns_sandbox: Sandbox, nat_vm: SandboxVm,
+                                                   daemon: DaemonProc) -> None:
+    serve(nat_vm, 8082, "TCP4-LISTEN", nat_vm.ip)
+    serve(nat_vm, 8083, "TCP4-LISTEN", "127.0.0.1")
+    wait_for(lambda: reaches(hns_sandbox.host, "http://127.0.0.1:8083/"), "the 8083 forward")
+    assert refused(hns_sandbox.host, "http://127.0.0.1:8082/")
+    assert [f["Port"] for f in forwards(daemon)] == [8083]
+
+
+def test_udp_dns_through_the_forward(hns_sandbox: Sandbox, nat_vm: SandboxVm,
+                                     daemon: DaemonProc) -> None:
+    nat_vm.popen(["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--pid-file=",
+                  "--port=5300", "--listen-address=127.0.0.1", "--bind-interfaces",
+                  "--no-resolv", "--no-hosts", "--address=/forward.test/192.0.2.7"])
+    wait_listening(nat_vm, 5300, udp=True)
+    wait_for(lambda: state_of(daemon, nat_vm.name, "udp", "ipv4", 5300) == "forwarding",
+             "the UDP forward")
+    for transport in ("+notcp", "+tcp"):      # dnsmasq also listens on TCP 5300
+        result = hns_sandbox.host.run(["dig", "@127.0.0.1", "-p", "5300", "+short", "+tries=3",
+                                       "+time=2", transport, "forward.test"])
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "192.0.2.7"
+
+
+def test_udp_echo_dual_stack(hns_sandbox: Sandbox, nat_vm: SandboxVm,
+                             daemon: DaemonProc) -> None:
+    nat_vm.popen(["socat", "UDP6-RECVFROM:5301,reuseaddr,fork,ipv6only=0",
+                  "SYSTEM:echo $SOCAT_PEERADDR"])
+    wait_listening(nat_vm, 5301, udp=True)
+    for host in ("127.0.0.1", "::1"):
+        wait_for(lambda host=host: udp_ask(hns_sandbox.host, host, 5301, tries=1) != "",
+                 f"the UDP forward on {host}")
+        assert is_loopback(udp_ask(hns_sandbox.host, host, 5301))  # a loopback client
+
+
+def test_server_stops_then_host_port_refuses(hns_sandbox: Sandbox, nat_vm: SandboxVm,
+                                             daemon: DaemonProc) -> None:
+    proc = serve(nat_vm, 8084, "TCP4-LISTEN", "0.0.0.0")
+    wait_for(lambda: reaches(hns_sandbox.host, "http://127.0.0.1:8084/"), "the forward")
+    stop(proc)
+    wait_for(lambda: refused(hns_sandbox.host, "http://127.0.0.1:8084/"), "the port to close")
+    assert forwards(daemon) == []
+
+
+def test_busy_host_port_is_reported_then_taken_when_free(
+        hns_sandbox: Sandbox, nat_vm: SandboxVm, daemon: DaemonProc) -> None:
+    squatter = hns_sandbox.host.popen(["socat", "TCP4-LISTEN:8085,bind=127.0.0.1,reuseaddr",
+                                       "SYSTEM:echo squatter"])
+    wait_listening(hns_sandbox.host, 8085)
+    serve(nat_vm, 8085, "TCP4-LISTEN", "0.0.0.0", answer=HTTP_WORD.format(word="vm0"))
+    wait_for(lambda: (state_of(daemon, nat_vm.name, "tcp", "ipv4", 8085) or "")
+             .startswith("conflict: host port"), "the conflict to show")
+    stop(squatter)
+    wait_for(lambda: reaches(hns_sandbox.host, "http://127.0.0.1:8085/", "vm0"),
+             "the forward once the port is free")
+    assert state_of(daemon, nat_vm.name, "tcp", "ipv4", 8085) == "forwarding"
+
+
+def test_two_vms_on_one_port_first_wins(hns_sandbox: Sandbox, nat_vm: SandboxVm,
+                                        make_vm: Any, daemon: DaemonProc) -> None:
+    second = make_vm()
+    url = "http://127.0.0.1:8086/"
+    first_server = serve(nat_vm, 8086, answer=HTTP_WORD.format(word=nat_vm.name))
+    wait_for(lambda: reaches(hns_sandbox.host, url, nat_vm.name), "the first VM's forward")
+    serve(second, 8086, answer=HTTP_WORD.format(word=second.name))
+    wait_for(lambda: state_of(daemon, second.name, "tcp", "ipv4", 8086)
+             == f"conflict: held by vm {nat_vm.name}", "the conflict to show")
+    assert reaches(hns_sandbox.host, url, nat_vm.name)
+    stop(first_server)                                  # the other VM takes over
+    wait_for(lambda: reaches(hns_sandbox.host, url, second.name), "the second VM's forward")
+
+
+def test_network_with_forwarding_off(hns_sandbox: Sandbox, nat_vm: SandboxVm,
+                                     daemon: DaemonProc) -> None:
+    made = hns_sandbox.hnsctl("--json", "network", "create", "quiet", "--type", "nat",
+                              "--localhost-forwarding", "off")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["LocalhostForwarding"] is False
+    quiet = hns_sandbox.vm("quiet0", "quiet")
+    serve(quiet, 8087, "TCP4-LISTEN", "0.0.0.0")
+    serve(nat_vm, 8088, "TCP4-LISTEN", "0.0.0.0")      # the daemon watches this one
+    wait_for(lambda: reaches(hns_sandbox.host, "http://127.0.0.1:8088/"), "the other forward")
+    assert refused(hns_sandbox.host, "http://127.0.0.1:8087/")
+    assert forwards(daemon, "quiet0") == []
+
+
+def test_never_exposed_beyond_host_loopback(hns_sandbox: Sandbox, nat_vm: SandboxVm,
+                                           daemon: DaemonProc) -> None:
+    serve(nat_vm, 8089, "TCP6-LISTEN", "[::]", extra=",ipv6only=0")
+    wait_for(lambda: reaches(hns_sandbox.host, "http://127.0.0.1:8089/"), "the forward")
+    wait_for(lambda: reaches(hns_sandbox.host, "http://[::1]:8089/"), "the v6 forward")
+    for url in (f"http://{hns_sandbox.uplink_ip}:8089/", f"http://[{hns_sandbox.uplink_ip6}]:8089/"):
+        assert refused(hns_sandbox.outside, url)
+        assert refused(hns_sandbox.host, url)
+    listeners = hns_sandbox.host.run(["ss", "-Hlnt", "sport = :8089"]).stdout.split()
+    assert sorted(w for w in listeners if w.endswith(":8089")) == ["127.0.0.1:8089", "[::1]:8089"]
+
+
+def test_vm_delete_ends_its_forwards(hns_sandbox: Sandbox, make_vm: Any,
+                                     daemon: DaemonProc) -> None:
+    vm = make_vm()
+    serve(vm, 8090)
+    wait_for(lambda: reaches(hns_sandbox.host, "http://127.0.0.1:8090/"), "the forward")
+    assert hns_sandbox.hnsctl("vm", "delete", vm.name).returncode == 0
+    assert refused(hns_sandbox.host, "http://127.0.0.1:8090/")   # the CLI told the daemon
+    assert forwards(daemon) == []
