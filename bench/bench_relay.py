@@ -487,6 +487,8 @@ def print_table(r: Results, args: argparse.Namespace) -> None:
         print(f"  {way:<38}{by_p['P1']:8.2f}{by_p['P4']:8.2f}   {ratios}")
     cpu = ", ".join(f"{p}: {s:.1f} s" for p, s in r.engine_cpu_s.items())
     print(f"  engine CPU time during its runs ({args.seconds + 1} s each): {cpu}")
+    print("  (the engine is one thread: its kernel TCP work on both connections runs on one "
+          "CPU, while\n  forwarding and DNAT spread over all of them -- it shows with -P 4)")
     print(f"\nconnection rate ({args.conns} short connections, Python selectors client; "
           f"conn/s)")
     for way, by_c in r.rate.items():
