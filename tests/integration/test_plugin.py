@@ -34,12 +34,13 @@ def user_dir(tmp_path: Path) -> Path:
 def test_example_runs_twice_and_in_parallel_leaving_nothing(user_dir: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    before = netns_names()
     for args in ((), (), ("-n", "2")):
         result = run_pytest(user_dir, *args)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "2 passed" in result.stdout
-    assert netns_names() == before
+        # the plugin's own session check fails a run that leaves anything behind (other
+        # tests of this suite make namespaces meanwhile, so no global before/after here)
+        assert "left behind" not in result.stdout
 
 
 def test_session_fails_naming_what_a_test_left_behind(tmp_path: Path) -> None:
