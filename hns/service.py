@@ -282,7 +282,7 @@ class Service:
             host_ifname=vm.host_ifname, netns=vm.netns, mac=vm.mac, mtu=vm.mtu,
             bridge=net.bridge, alias=naming.link_alias(self.instance, vm.id)))
         configure_vm_side(vm.netns, vm.ip, vm.prefixlen, vm.gateway)
-        resolv.write_vm_resolv(vm.netns, self.host_netns)
+        resolv.write_vm_resolv(vm.netns, self.host_netns, vm.gateway)
 
     def _poke_daemon(self) -> None:
         """Tell a running daemon to reload now (it watches the VMs for localhost
@@ -466,7 +466,7 @@ class Service:
             if netns_exists(vm.netns) and self.kernel.link_exists(vm.host_ifname):
                 self.kernel.attach_port(vm.host_ifname, by_id[vm.network_id].bridge)
                 configure_vm_side(vm.netns, vm.ip, vm.prefixlen, vm.gateway)
-                resolv.write_vm_resolv(vm.netns, self.host_netns)
+                resolv.write_vm_resolv(vm.netns, self.host_netns, vm.gateway)
                 continue
             self._teardown_vm(vm)
             self._apply_vm(vm, by_id[vm.network_id])
