@@ -110,6 +110,7 @@ def _status(svc: Any, args: argparse.Namespace) -> int:
         for row in [header, *rows]:
             print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     _print_forwards(answer.get("Forwards", []))
+    _print_dns(answer.get("Dns", []))
     return 0
 
 
@@ -122,6 +123,19 @@ def _print_forwards(forwards: Sequence[dict[str, Any]]) -> None:
             for f in forwards]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print("localhost forwarding:")
+    for row in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _print_dns(entries: Sequence[dict[str, Any]]) -> None:
+    """The DNS proxy of ``hnsctl status``: one line per NAT network."""
+    if not entries:
+        return
+    header = ("NETWORK", "LISTEN", "UPSTREAMS", "STATE", "QUERIES", "FAILURES")
+    rows = [(e["Network"], e["Listen"], ",".join(e["Upstreams"]) or "-", e["State"],
+             str(e["Queries"]), str(e["Failures"])) for e in entries]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print("dns proxy:")
     for row in [header, *rows]:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 

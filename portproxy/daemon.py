@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from hns.netns import enter_netns
 from hns.store import Store
 from portproxy.control import control_path, request
+from portproxy.dns import DnsProxy
 from portproxy.engine import Engine
 from portproxy.forwarder import Forwarder
 from portproxy.proxies import StaticProxies
@@ -69,6 +70,7 @@ class Daemon:
         self.engine = Engine()
         self.components: list[Component] = [StaticProxies(self.engine, store, retry_interval)]
         self.components.append(Forwarder(self.engine, store, retry_interval=retry_interval))
+        self.components.append(DnsProxy(self.engine, store, host_netns, retry_interval))
         self._version = -1
         self._control: socket.socket | None = None
 

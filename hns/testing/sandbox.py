@@ -193,6 +193,20 @@ class Sandbox:
         kw.setdefault("check", False)
         return subprocess.run([*self.hnsctl_argv(), *args], **kw)
 
+    def set_host_resolv(self, text: str) -> str:
+        """Write the host namespace's resolv.conf (``/etc/netns/<host_netns>/resolv.conf``,
+        what hns and its DNS proxy read; ``host.run`` sees it as ``/etc/resolv.conf``);
+        replaced atomically, removed by :meth:`close`.  Returns its path."""
+        directory = os.path.join(_etc_netns(), self.host_netns)
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "resolv.conf")
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".resolv.")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        return path
+
     def vm(self, name: str, network: str, **kw: Any) -> SandboxVm:
         """Create a VM through the service and wrap it."""
         vm = SandboxVm(self.service.create_vm(name, network, **kw))
@@ -222,6 +236,7 @@ class Sandbox:
         for ns in (self.host_netns, self.outside_netns):
             kill_netns_processes(ns)
             delete_netns(ns)
+            shutil.rmtree(os.path.join(_etc_netns(), ns), ignore_errors=True)
         if self._instance:
             from hns.naming import netns_prefix
             from hns.resolv import remove_vm_resolv
@@ -241,6 +256,11 @@ class Sandbox:
         self.close()
 
 
+def _etc_netns() -> str:
+    from hns.resolv import ETC_NETNS
+    return ETC_NETNS
+
+
 def leftovers() -> list[str]:
     """What sandboxes made in this process and did not remove."""
     from hns.naming import netns_prefix
@@ -250,6 +270,8 @@ def leftovers() -> list[str]:
     with _lock:
         prefixes = tuple(netns_prefix(i) for i in _instances)
         found = [f"netns {ns}" for ns in sorted(_made_netns & existing)]
+        found += [f"{ETC_NETNS}/{ns}" for ns in sorted(_made_netns)
+                  if os.path.exists(os.path.join(ETC_NETNS, ns))]
     if prefixes:
         found += [f"netns {ns}" for ns in sorted(existing) if ns.startswith(prefixes)]
         with contextlib.suppress(FileNotFoundError):
