@@ -30,6 +30,7 @@ integration: deps
 bench: deps
 	$(BIN)/python bench/bench_vm.py
 	$(BIN)/python bench/bench_portmap.py
+	$(BIN)/python bench/bench_relay.py
 
 lint: deps
 	$(BIN)/ruff check hns nat portproxy tests bench examples
