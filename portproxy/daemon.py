@@ -69,7 +69,8 @@ class Daemon:
         self.poll_interval = poll_interval
         self.engine = Engine()
         self.components: list[Component] = [StaticProxies(self.engine, store, retry_interval)]
-        self.components.append(Forwarder(self.engine, store, retry_interval=retry_interval))
+        # first: a forward gives way to a static proxy before the proxy binds its port
+        self.components.insert(0, Forwarder(self.engine, store, retry_interval=retry_interval))
         self.components.append(DnsProxy(self.engine, store, host_netns, retry_interval))
         self._version = -1
         self._control: socket.socket | None = None

@@ -20,7 +20,10 @@ service is never exposed on another host address.
 A host port (protocol, family, port) is served for one VM: the first to claim it.  Each
 claim gets a sequence number when it is first seen, and a claim keeps its number while
 the VM keeps wanting the key, so the holder stays the holder; when it lets go, the
-oldest remaining claim wins.  The others are reported as conflicts.
+oldest remaining claim wins.  The others are reported as conflicts.  A static port
+proxy (``hnsctl portproxy``) listening on the same port of the same family, on every
+address or on loopback, is configuration and wins over forwarding: the port is
+*reserved* and every claim on it is a conflict.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from portproxy.netsh import PortProxy
 from portproxy.tracker import DiagSocket
 
-__all__ = ["Claims", "ForwardKey", "Plan", "changes", "keys_of", "plan", "wanted_keys"]
+__all__ = ["Claims", "ForwardKey", "Plan", "changes", "keys_of", "plan", "reserved_by",
+           "wanted_keys"]
 
 _V4_SERVED = frozenset({ipaddress.IPv4Address("0.0.0.0"), ipaddress.IPv4Address("127.0.0.1")})
 _V6_SERVED = frozenset({ipaddress.IPv6Address("::"), ipaddress.IPv6Address("::1")})
@@ -117,24 +122,41 @@ class Claims:
         return {vm: dict(keys) for vm, keys in self._claims.items()}
 
 
+def reserved_by(proxies: Iterable[PortProxy]) -> dict[ForwardKey, str]:
+    """The host ports that static port proxies hold (every address or loopback), each
+    with the proxy's name."""
+    reserved: dict[ForwardKey, str] = {}
+    for proxy in proxies:
+        address = proxy.listen_address
+        if address.is_unspecified or str(address) in ("127.0.0.1", "::1"):
+            key = ForwardKey(proxy.protocol, proxy.listen_family, proxy.listen_port)
+            reserved.setdefault(key, proxy.name)
+    return reserved
+
+
 @dataclass(frozen=True)
 class Plan:
-    """``owners``: the VM served on each host port; ``conflicts``: (vm, key) -> holder."""
+    """``owners``: the VM served on each host port; ``conflicts``: (vm, key) -> why it
+    is not served for that VM ("held by vm X", "reserved by portproxy ...")."""
 
     owners: Mapping[ForwardKey, str]
     conflicts: Mapping[tuple[str, ForwardKey], str]
 
 
-def plan(claims: Mapping[str, Mapping[ForwardKey, int]]) -> Plan:
-    """Each key to the claim with the lowest sequence number (ties: the VM's name)."""
+def plan(claims: Mapping[str, Mapping[ForwardKey, int]],
+         reserved: Mapping[ForwardKey, str] | None = None) -> Plan:
+    """Each key to the claim with the lowest sequence number (ties: the VM's name),
+    unless it is ``reserved``."""
+    reserved = reserved or {}
     best: dict[ForwardKey, tuple[int, str]] = {}
     for vm, keys in claims.items():
         for key, seq in keys.items():
             if key not in best or (seq, vm) < best[key]:
                 best[key] = (seq, vm)
-    owners = {key: vm for key, (_seq, vm) in sorted(best.items())}
-    conflicts = {(vm, key): owners[key] for vm, keys in claims.items() for key in keys
-                 if owners[key] != vm}
+    owners = {key: vm for key, (_seq, vm) in sorted(best.items()) if key not in reserved}
+    conflicts = {(vm, key): f"reserved by {reserved[key]}" if key in reserved else
+                 f"held by vm {owners[key]}"
+                 for vm, keys in claims.items() for key in keys if owners.get(key) != vm}
     return Plan(owners, conflicts)
 
 

@@ -8,8 +8,11 @@ Theory of operation
 state says: every VM on a network with localhost forwarding on.  Each watched VM has a
 :class:`~portproxy.tracker.VmTracker` (which sockets listen in its namespace) and a
 :class:`~portproxy.vmdial.VmDialer` (sockets made in its namespace, for the relays to
-dial with).  One timer polls every tracker each ``poll_interval`` (20 ms; the tracker's
-gate makes an idle poll cost a few microseconds).  When a VM's listening sockets change,
+dial with).  One timer polls every tracker, each ``poll_interval`` + ``poll_per_vm`` x
+the number of VMs (20 ms + 1 ms per VM: a wake-up costs more than a VM's poll, so the
+polls are batched; the interval grows with the VMs so that the cost stays below 2 % of
+a core -- see :mod:`portproxy.tracker` for the figures).  When a VM's listening
+sockets change,
 its claims (:class:`~portproxy.forward_plan.Claims`) follow and the plan is made again
 (:func:`~portproxy.forward_plan.plan`, pure): forwards whose VM changed or went are
 stopped, new ones started.
@@ -25,7 +28,7 @@ every ``retry_interval`` until it is free.  Stopping a forward closes its listen
 resets its connections.
 
 A VM whose namespace cannot be opened (not made yet, gone) is retried every
-``full_interval`` (1 s), when its namespace is also checked for having been replaced
+``full_interval`` (2 s), when its namespace is also checked for having been replaced
 under the same name (``restore`` after a reboot), by inode.
 """
 
@@ -41,17 +44,27 @@ from typing import Any
 from hns.errors import HnsError
 from hns.model import Vm
 from hns.store import Store
+from portproxy.config import ProxyConfig
 from portproxy.engine import Engine, Relay, RelayInfo, TimerHandle
-from portproxy.forward_plan import Claims, ForwardKey, Plan, changes, plan, wanted_keys
+from portproxy.forward_plan import (
+    Claims,
+    ForwardKey,
+    Plan,
+    changes,
+    plan,
+    reserved_by,
+    wanted_keys,
+)
 from portproxy.tracker import VmTracker
 from portproxy.vmdial import DEFAULT_POOL_SIZE, VmDialer
 
-__all__ = ["FULL_INTERVAL", "POLL_INTERVAL", "Forwarder", "open_loopback"]
+__all__ = ["FULL_INTERVAL", "POLL_INTERVAL", "POLL_PER_VM", "Forwarder", "open_loopback"]
 
 log = logging.getLogger("hns.daemon")
 
-POLL_INTERVAL = 0.02      # s between two polls of every VM's sockstat gate
-FULL_INTERVAL = 1.0       # s between two full dumps of a VM (and namespace checks)
+POLL_INTERVAL = 0.02      # s between two polls of every VM's sockstat gate ...
+POLL_PER_VM = 0.001       # ... plus this much per watched VM
+FULL_INTERVAL = 2.0       # s between two full dumps of a VM (and namespace checks)
 HOST_PORT_IN_USE = "conflict: host port in use"
 
 
@@ -105,15 +118,18 @@ class Forwarder:
     """Serves on host loopback the ports the VMs listen on (a daemon component)."""
 
     def __init__(self, engine: Engine, store: Store, *, poll_interval: float = POLL_INTERVAL,
-                 full_interval: float = FULL_INTERVAL, retry_interval: float = 2.0,
-                 pool_size: int = DEFAULT_POOL_SIZE) -> None:
+                 poll_per_vm: float = POLL_PER_VM, full_interval: float = FULL_INTERVAL,
+                 retry_interval: float = 2.0, pool_size: int = DEFAULT_POOL_SIZE) -> None:
         self.engine = engine
         self.store = store
         self.poll_interval = poll_interval
+        self.poll_per_vm = poll_per_vm
         self.full_interval = full_interval
         self.retry_interval = retry_interval
         self.pool_size = pool_size
         self._watches: dict[str, _Watch] = {}          # by VM name
+        self._proxies = ProxyConfig(store)
+        self._reserved: dict[ForwardKey, str] = {}
         self._claims = Claims()
         self._plan = Plan({}, {})
         self._forwards: dict[ForwardKey, _Forward] = {}
@@ -125,6 +141,7 @@ class Forwarder:
         """Watch exactly the VMs on networks with localhost forwarding on."""
         on = {n.id for n in self.store.networks() if n.localhost_forwarding}
         desired = {vm.name: vm for vm in self.store.vms() if vm.network_id in on}
+        self._reserved = reserved_by(self._proxies.list())
         for name, watch in list(self._watches.items()):
             if desired.get(name) != watch.vm:
                 self._unwatch(name)
@@ -133,7 +150,11 @@ class Forwarder:
                 self._watch(vm)
         self._replan()
         if self._watches and self._timer is None:
-            self._timer = self.engine.call_later(self.poll_interval, self._tick)
+            self._timer = self.engine.call_later(self.interval(), self._tick)
+
+    def interval(self) -> float:
+        """Seconds between two polls: longer with more VMs, so the cost stays bounded."""
+        return self.poll_interval + self.poll_per_vm * len(self._watches)
 
     def status(self) -> dict[str, Any]:
         infos = {info.name: info for info in self.engine.relays()}
@@ -202,7 +223,7 @@ class Forwarder:
             self._poll_all(self.engine.now())
         finally:
             if self._watches and self._timer is None:
-                self._timer = self.engine.call_later(self.poll_interval, self._tick)
+                self._timer = self.engine.call_later(self.interval(), self._tick)
 
     def _poll_all(self, now: float) -> None:
         changed = False
@@ -240,11 +261,11 @@ class Forwarder:
 
     def _replan(self) -> None:
         old = self._plan
-        self._plan = plan(self._claims.snapshot())
-        for (vm, key), holder in self._plan.conflicts.items():
-            if old.conflicts.get((vm, key)) != holder:
-                log.warning("vm %s: %s %s is not forwarded: held by vm %s", vm, key.protocol,
-                            key.endpoint(), holder)
+        self._plan = plan(self._claims.snapshot(), self._reserved)
+        for (vm, key), reason in self._plan.conflicts.items():
+            if old.conflicts.get((vm, key)) != reason:
+                log.warning("vm %s: %s %s is not forwarded: %s", vm, key.protocol,
+                            key.endpoint(), reason)
         current = {key: f.vm for key, f in self._forwards.items()}
         stop, start = changes(current, self._plan.owners)
         for key in stop:
@@ -295,11 +316,11 @@ class Forwarder:
                      key.endpoint())
 
     def _row(self, vm: str, key: ForwardKey, infos: dict[str, RelayInfo]) -> dict[str, Any]:
-        holder = self._plan.conflicts.get((vm, key))
+        conflict = self._plan.conflicts.get((vm, key))
         forward = self._forwards.get(key)
         info = infos.get(forward.name) if forward is not None and forward.vm == vm else None
-        if holder is not None:
-            state = f"conflict: held by vm {holder}"
+        if conflict is not None:
+            state = f"conflict: {conflict}"
         elif forward is None or forward.vm != vm:
             state = "pending"
         elif forward.relay is not None:

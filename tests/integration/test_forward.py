@@ -207,3 +207,22 @@ def test_vm_delete_ends_its_forwards(hns_sandbox: Sandbox, make_vm: Any,
     assert hns_sandbox.hnsctl("vm", "delete", vm.name).returncode == 0
     assert refused(hns_sandbox.host, "http://127.0.0.1:8090/")   # the CLI told the daemon
     assert forwards(daemon) == []
+
+
+def test_a_static_port_proxy_on_the_port_wins(hns_sandbox: Sandbox, nat_vm: SandboxVm,
+                                             make_vm: Any, daemon: DaemonProc) -> None:
+    other = make_vm()
+    serve(other, 9091, "TCP4-LISTEN", other.ip, answer=HTTP_WORD.format(word="proxied"))
+    serve(nat_vm, 8091, "TCP4-LISTEN", "0.0.0.0", answer=HTTP_WORD.format(word="forwarded"))
+    url = "http://127.0.0.1:8091/"
+    wait_for(lambda: reaches(hns_sandbox.host, url, "forwarded"), "the forward")
+    added = hns_sandbox.hnsctl("portproxy", "add", "v4tov4", "listenport=8091",
+                               f"connectaddress={other.ip}", "connectport=9091")
+    assert added.returncode == 0, added.stderr
+    # the forward gives the port up at once and the proxy takes it (no retry needed)
+    assert reaches(hns_sandbox.host, url, "proxied")
+    assert state_of(daemon, nat_vm.name, "tcp", "ipv4", 8091) == \
+        "conflict: reserved by portproxy v4tov4 tcp 0.0.0.0:8091"
+    removed = hns_sandbox.hnsctl("portproxy", "delete", "v4tov4", "listenport=8091")
+    assert removed.returncode == 0, removed.stderr
+    wait_for(lambda: reaches(hns_sandbox.host, url, "forwarded"), "the forward to come back")

@@ -13,8 +13,10 @@ from portproxy.forward_plan import (
     changes,
     keys_of,
     plan,
+    reserved_by,
     wanted_keys,
 )
+from portproxy.netsh import PortProxy, parse_add
 from portproxy.tracker import TCP_CLOSE, TCP_LISTEN, DiagSocket
 
 
@@ -71,7 +73,7 @@ def test_first_claim_wins_and_the_other_is_a_conflict() -> None:
     claims.update("a", {key(4), key(6)})
     result = plan(claims.snapshot())
     assert result.owners == {key(4): "b", key(6): "a"}
-    assert result.conflicts == {("a", key(4)): "b"}
+    assert result.conflicts == {("a", key(4)): "held by vm b"}
 
 
 def test_the_holder_keeps_a_port_while_it_wants_it() -> None:
@@ -105,7 +107,7 @@ def test_a_claim_given_up_and_made_again_goes_to_the_back() -> None:
 def test_equal_claims_go_to_the_first_name() -> None:
     result = plan({"b": {key(4): 1}, "a": {key(4): 1}})
     assert result.owners == {key(4): "a"}
-    assert result.conflicts == {("b", key(4)): "a"}
+    assert result.conflicts == {("b", key(4)): "held by vm a"}
 
 
 def test_changes_stop_and_start_what_differs() -> None:
@@ -115,3 +117,34 @@ def test_changes_stop_and_start_what_differs() -> None:
     assert stop == sorted([key(6), key(4, 9000)])
     assert start == sorted([key(6), key(4, 7000)])
     assert changes(desired, desired) == ([], [])
+
+
+# static port proxies come first
+
+
+def proxy(words: str, kind: str = "v4tov4") -> PortProxy:
+    return parse_add(kind, words.split())
+
+
+def test_static_proxies_on_every_address_or_loopback_reserve_their_port() -> None:
+    reserved = reserved_by([
+        proxy("listenport=8080 connectaddress=10.0.0.2"),                       # 0.0.0.0
+        proxy("listenport=9000 listenaddress=127.0.0.1 connectaddress=10.0.0.2 "
+              "protocol=udp"),
+        proxy("listenport=7000 connectaddress=10.0.0.2", "v6tov4"),             # ::
+        proxy("listenport=6000 listenaddress=198.51.100.2 connectaddress=10.0.0.2"),
+        proxy("listenport=5000 listenaddress=127.0.0.2 connectaddress=10.0.0.2"),
+    ])
+    assert set(reserved) == {key(4, 8080), ForwardKey("udp", 4, 9000), key(6, 7000)}
+    assert reserved[key(4, 8080)] == "portproxy v4tov4 tcp 0.0.0.0:8080"
+
+
+def test_a_reserved_port_is_nobodys_and_every_claim_is_told_why() -> None:
+    claims = Claims()
+    claims.update("a", {key(4), key(6)})
+    claims.update("b", {key(4)})
+    result = plan(claims.snapshot(), {key(4): "portproxy v4tov4 tcp 0.0.0.0:8080"})
+    assert result.owners == {key(6): "a"}
+    assert result.conflicts == {
+        ("a", key(4)): "reserved by portproxy v4tov4 tcp 0.0.0.0:8080",
+        ("b", key(4)): "reserved by portproxy v4tov4 tcp 0.0.0.0:8080"}
