@@ -54,9 +54,11 @@ def seed(state: Path) -> None:
 
 
 @pytest.fixture
-def svc(tmp_path: Path) -> Iterator[Service]:
+def svc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
     seed(tmp_path / "state")
     with Service(tmp_path / "state", nft=FakeNft()) as service:
+        # the conntrack flush is netlink in the host namespace: not for unit tests
+        monkeypatch.setattr(service, "_flush_udp_conntrack", lambda batch: None)
         yield service
 
 

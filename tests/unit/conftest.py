@@ -1,0 +1,24 @@
+"""Unit tests never touch the kernel: a guard that turns any attempt into a failure.
+
+The unit suite runs as root in CI; without this, a test that reached the real kernel
+driver would change the machine's own network namespace.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import pytest
+
+
+def _refuse(*args: object, **kwargs: object) -> NoReturn:
+    raise AssertionError("a unit test reached the kernel (netlink, a namespace or nft)")
+
+
+@pytest.fixture(autouse=True)
+def _no_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("hns.kernel.HostKernel.__init__", _refuse)
+    monkeypatch.setattr("hns.kernel.configure_vm_side", _refuse)
+    monkeypatch.setattr("hns.netns.create_netns", _refuse)
+    monkeypatch.setattr("hns.netns.NetnsExecutor.__init__", _refuse)
+    monkeypatch.setattr("hns.process.run", _refuse)
