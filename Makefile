@@ -31,6 +31,7 @@ bench: deps
 	$(BIN)/python bench/bench_vm.py
 	$(BIN)/python bench/bench_portmap.py
 	$(BIN)/python bench/bench_relay.py
+	$(BIN)/python bench/bench_forward.py
 
 lint: deps
 	$(BIN)/ruff check hns nat portproxy tests bench examples

@@ -128,7 +128,7 @@ class Forwarder:
         self.retry_interval = retry_interval
         self.pool_size = pool_size
         self._watches: dict[str, _Watch] = {}          # by VM name
-        self._proxies = ProxyConfig(store)
+        self._proxies: ProxyConfig | None = None      # made on first use: it does I/O
         self._reserved: dict[ForwardKey, str] = {}
         self._claims = Claims()
         self._plan = Plan({}, {})
@@ -141,6 +141,8 @@ class Forwarder:
         """Watch exactly the VMs on networks with localhost forwarding on."""
         on = {n.id for n in self.store.networks() if n.localhost_forwarding}
         desired = {vm.name: vm for vm in self.store.vms() if vm.network_id in on}
+        if self._proxies is None:
+            self._proxies = ProxyConfig(self.store)
         self._reserved = reserved_by(self._proxies.list())
         for name, watch in list(self._watches.items()):
             if desired.get(name) != watch.vm:

@@ -203,13 +203,16 @@ def parse_sockstat(data: bytes) -> dict[str, int]:
 
 
 def gate_v4(data: bytes) -> bytes:
-    """The part of ``/proc/net/sockstat`` that the gate compares: the TCP and UDP in-use
-    counts (a few C-level calls; the line also holds counters that change all the time,
-    some of them for the whole machine).  ``sockstat6`` holds nothing but counts of the
-    namespace and is compared whole."""
-    tcp = data.find(b"TCP: inuse ") + 11
-    udp = data.find(b"UDP: inuse ", tcp) + 11
-    return data[tcp:data.find(b" ", tcp)] + b"/" + data[udp:data.find(b" ", udp)]
+    """The counters of the namespace in ``/proc/net/sockstat`` that the gate compares:
+    sockets used, TCP in use, TCP time-wait, UDP in use (a few C-level calls; the lines
+    also hold machine-wide counters, which change all the time).  ``sockstat6`` holds
+    nothing but counters of the namespace and is compared whole."""
+    used = data.find(b"used ") + 5
+    tcp = data.find(b"TCP: inuse ", used) + 11
+    tw = data.find(b" tw ", tcp) + 4
+    udp = data.find(b"UDP: inuse ", tw) + 11
+    return b"/".join((data[used:data.find(b"\n", used)], data[tcp:data.find(b" ", tcp)],
+                      data[tw:data.find(b" ", tw)], data[udp:data.find(b" ", udp)]))
 
 
 def dumps_for(old: Mapping[str, int] | None, new: Mapping[str, int]) -> list[Dump]:
@@ -354,8 +357,8 @@ class VmTracker:
         if full:
             self._next_full = now + self.full_interval
             dumps: Iterable[Dump] = DUMPS
-        else:
-            dumps = dumps_for(self._counts, counts)
+        else:   # equal in-use counts but other counters moved: a change may hide behind them
+            dumps = dumps_for(self._counts, counts) or DUMPS
         self._counts = counts
         changed = False
         for dump in dumps:

@@ -22,6 +22,7 @@ from portproxy.tracker import (
     DiagSocket,
     build_request,
     dumps_for,
+    gate_v4,
     is_listening,
     listening,
     parse_messages,
@@ -168,6 +169,17 @@ def test_sockstat_gives_the_in_use_counters_only() -> None:
     # time-wait, allocation and memory figures change all the time: they are not the gate
     assert parse_sockstat(SOCKSTAT.replace(b"tw 4", b"tw 9").replace(b"mem 2", b"mem 7")) \
         == parse_sockstat(SOCKSTAT)
+
+
+def test_the_v4_gate_holds_the_counters_of_the_namespace() -> None:
+    assert gate_v4(SOCKSTAT) == b"12/3/4/1"              # used, TCP inuse, tw, UDP inuse
+    machine = (SOCKSTAT.replace(b"orphan 0", b"orphan 5").replace(b"alloc 15", b"alloc 300")
+               .replace(b"mem 1427", b"mem 9").replace(b"mem 2", b"mem 70"))
+    assert gate_v4(machine) == gate_v4(SOCKSTAT)        # machine-wide: not the gate
+    assert gate_v4(SOCKSTAT.replace(b"TCP: inuse 3", b"TCP: inuse 13")) == b"12/13/4/1"
+    assert gate_v4(SOCKSTAT.replace(b"UDP: inuse 1", b"UDP: inuse 0")) == b"12/3/4/0"
+    assert gate_v4(SOCKSTAT.replace(b"used 12", b"used 11").replace(b"tw 4", b"tw 5")) \
+        == b"11/3/5/1"
 
 
 def test_only_the_dumps_whose_counter_changed() -> None:
