@@ -25,7 +25,13 @@ class DaemonProc:
     def start(self) -> None:
         self.proc = subprocess.Popen([*self.sandbox.hnsctl_argv(), "daemon"],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(lambda: self.status().get("Running") is True, "the daemon to answer")
+        def answering() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                _, err = self.proc.communicate()
+                raise AssertionError(f"the daemon exited ({self.proc.returncode}): {err}")
+            return self.status().get("Running") is True
+        wait_for(answering, "the daemon to answer")
 
     def status(self) -> dict[str, Any]:
         result = self.sandbox.hnsctl("--json", "status")
