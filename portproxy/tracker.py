@@ -12,16 +12,20 @@ of the namespace (``pread`` of a file kept open: 2-3 us each in a tight loop, 6-
 in a daemon that sleeps between polls, its caches cold) count the sockets *in use* per
 protocol -- hashed sockets: a ``listen()``, the ``close()`` of a listener and a UDP
 ``bind()`` all change the count (so do connections; that costs a dump, not a mistake).
-:meth:`VmTracker.poll` reads the gate -- the TCP and UDP in-use counts of ``sockstat``
-(its lines also hold machine-wide counters that change all the time) and ``sockstat6``
-whole -- and dumps only the family x protocol whose count changed, and all four every
-``full_interval`` as a safety net: a listener closed and another opened between two
-polls leave the counts equal.  Measured in the daemon (2 vCPUs, virtualised): an idle
-poll of one VM costs 20-25 us, a wake-up of the loop 100-200 us, a full poll 200-300
-us; so the forwarder polls every VM every 20 ms + 1 ms per VM (40 ms for 20 VMs, about
-1.4 % of a core) and makes the full dumps every 2 s (0.3 % more for 20 VMs; every
-second it was 0.6 %): a new listener is seen within one poll interval, a replaced one
-within 2 s.
+:meth:`VmTracker.poll` reads the gate -- the counters of the namespace in ``sockstat``
+(sockets used, TCP in use and in time-wait, UDP in use; the lines also hold machine-wide
+counters, which change all the time) and ``sockstat6`` whole -- and dumps the family x
+protocol whose in-use count changed.  When only the other counters moved (a connection
+went to time-wait, a socket was made or freed) a change may hide behind equal in-use
+counts -- a ``listen()`` while a connection closes -- so all four are dumped; without
+that, a VM with connections coming and going missed listeners until the safety net.
+That safety net is all four dumps every ``full_interval``: a listener closed and
+another opened between two polls leave every counter equal.  Measured in the daemon
+(2 vCPUs, virtualised): an idle poll of one VM costs 20-25 us, a wake-up of the loop
+100-200 us, a full poll 200-300 us; so the forwarder polls every VM every 20 ms + 1 ms
+per VM (40 ms for 20 VMs, about 1.4 % of a core) and makes the full dumps every 2 s
+(0.3 % more for 20 VMs; every second it was 0.6 %): a new listener is seen within one
+poll interval, a replaced one within 2 s.
 
 Namespaces: the netlink socket and the sockstat files are opened by a short-lived thread
 inside the VM namespace (:func:`hns.netns.run_in_netns`) and then used from the engine
