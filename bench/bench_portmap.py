@@ -36,20 +36,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import signal
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from types import FrameType
 from typing import Any
+
+from harness import run_hermetic
 
 from hns.model import PortMapping, Protocol
 from hns.service import Service
-from hns.testing.sandbox import Peer, Sandbox, leftovers, missing_requirements
+from hns.testing.sandbox import Peer, Sandbox
 
 NETWORK = "bench"
 IPERF_PORT = 5201
@@ -319,36 +317,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    reason = missing_requirements() or (None if shutil.which("iperf3") else
-                                        "iperf3 is missing (Debian: iperf3)")
-    if reason:
-        print(f"bench: cannot run: {reason}", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, _sigterm)
-    try:
-        results = run(args)
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        traceback.print_exc()
-        print(f"bench: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    left = leftovers()
-    if left:
-        print(f"bench: error: left behind: {', '.join(left)}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(results.to_json(), indent=2))
-    else:
-        print_table(results)
-    return 0
+    def report(results: Results) -> None:
+        if args.json:
+            print(json.dumps(results.to_json(), indent=2))
+        else:
+            print_table(results)
+    return run_hermetic(lambda: run(args), report, tools=("iperf3",))
 
 
 if __name__ == "__main__":

@@ -36,17 +36,14 @@ import json
 import os
 import resource
 import selectors
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from types import FrameType
 from typing import Any
 
 NETWORK = "bench"
@@ -536,40 +533,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     roles = {"engine": role_engine, "echo": role_echo, "client": role_client}
     if args.role in roles:
         return roles[args.role](args)
-    from hns.testing.sandbox import leftovers, missing_requirements
-    reason = missing_requirements() or next(
-        (f"{tool} is missing" for tool in ("iperf3", "socat") if not shutil.which(tool)), None)
-    if reason:
-        print(f"bench: cannot run: {reason}", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, _sigterm)
-    try:
-        results = run(args)
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        traceback.print_exc()
-        print(f"bench: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    left = leftovers()
-    if left:
-        print(f"bench: error: left behind: {', '.join(left)}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(asdict(results) | {"goals": goals(results, args.idle)}, indent=2))
-    else:
-        print_table(results, args)
-    return 0
+    def report(results: Results) -> None:
+        if args.json:
+            print(json.dumps(asdict(results) | {"goals": goals(results, args.idle)}, indent=2))
+        else:
+            print_table(results, args)
+    from harness import run_hermetic
+    return run_hermetic(lambda: run(args), report, tools=("iperf3", "socat"))
 
 
 if __name__ == "__main__":

@@ -26,18 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from types import FrameType
 from typing import Any
 
+from harness import run_hermetic
+
 from hns.service import Service
-from hns.testing.sandbox import Sandbox, leftovers, missing_requirements
+from hns.testing.sandbox import Sandbox
 
 NETWORK = "bench"
 GOAL_CREATE_MEDIAN_MS = 150.0
@@ -243,35 +242,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _sigterm(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    reason = missing_requirements()
-    if reason:
-        print(f"bench: cannot run: {reason}", file=sys.stderr)
-        return 1
-    signal.signal(signal.SIGTERM, _sigterm)
-    try:
-        results = run(args)
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        traceback.print_exc()
-        print(f"bench: error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    left = leftovers()
-    if left:
-        print(f"bench: error: left behind: {', '.join(left)}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(results.to_json(), indent=2))
-    else:
-        print_table(results)
-    return 0
+    def report(results: Results) -> None:
+        if args.json:
+            print(json.dumps(results.to_json(), indent=2))
+        else:
+            print_table(results)
+    return run_hermetic(lambda: run(args), report)
 
 
 if __name__ == "__main__":
