@@ -13,7 +13,8 @@ import fcntl
 import os
 import secrets
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import NamedTuple
@@ -138,6 +139,22 @@ def _address(port: HostPort) -> str:
     return str(port.address) if port.address else ""
 
 
+def _retry_busy(fn: Callable[[], None], patience: float = 60.0) -> None:
+    """Run ``fn`` again while SQLite says the database is locked without having waited
+    (the journal-mode switch and WAL recovery do that), for up to ``patience`` seconds."""
+    deadline = time.monotonic() + patience
+    delay = 0.005
+    while True:
+        try:
+            fn()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
 def _integrity(exc: sqlite3.IntegrityError, what: str) -> AlreadyExists:
     return AlreadyExists(f"{what} conflicts with an existing object ({exc})")
 
@@ -152,22 +169,30 @@ class Store:
             self._db = sqlite3.connect(self.state_dir / "hns.db", timeout=60,
                                        isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout = 60000")
-            self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA foreign_keys = ON")
-            with self.transaction() as db:
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                for statement in PORT_MAPPING_SCHEMA:
-                    db.execute(statement)
-                _add_missing_columns(db)
-                db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
-                           (str(SCHEMA_VERSION),))
-                db.execute("INSERT OR IGNORE INTO meta VALUES ('instance', ?)",
-                           (secrets.token_hex(2),))
+            _retry_busy(lambda: self._setup_schema())
             self.instance = self._meta("instance")
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"cannot open the state store in {self.state_dir}: {exc}") from None
+
+    def _setup_schema(self) -> None:
+        # Switching to WAL takes an exclusive lock and SQLite reports a busy database
+        # at once, without waiting, when another process holds it: only switch when the
+        # database is not in WAL mode already (it stays so, the mode is persistent).
+        mode = self._db.execute("PRAGMA journal_mode").fetchone()
+        if mode is None or str(mode[0]).lower() != "wal":
+            self._db.execute("PRAGMA journal_mode = WAL")
+        with self.transaction() as db:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            for statement in PORT_MAPPING_SCHEMA:
+                db.execute(statement)
+            _add_missing_columns(db)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
+                       (str(SCHEMA_VERSION),))
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('instance', ?)",
+                       (secrets.token_hex(2),))
 
     def close(self) -> None:
         self._db.close()
