@@ -50,12 +50,18 @@ def _build_parser() -> argparse.ArgumentParser:
         dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     c = net.add_parser("create", parents=[leaf], help="create a network")
     c.add_argument("name")
-    c.add_argument("--type", required=True, help="network type: nat")
-    c.add_argument("--subnet", help="IPv4 CIDR (default: a free /20 in 172.16.0.0/12)")
-    c.add_argument("--gateway", help="gateway address (default: the first of the subnet)")
+    c.add_argument("--type", required=True,
+                   help="nat (own subnet) or mirrored (the VMs share the host's addresses)")
+    c.add_argument("--subnet", help="NAT: IPv4 CIDR (default: a free /20 in 172.16.0.0/12)")
+    c.add_argument("--gateway", help="NAT: gateway address (default: the first of the subnet)")
     c.add_argument("--mtu", help="MTU (default 1500)")
     c.add_argument("--localhost-forwarding", default="on", metavar="on|off",
-                   help="serve ports the VMs listen on at host localhost (default on)")
+                   help="NAT: serve ports the VMs listen on at host localhost (default on)")
+    c.add_argument("--ignored-ports", metavar="LIST",
+                   help="mirrored: ports never forwarded, e.g. 22,8000-8010")
+    c.add_argument("--host-address-loopback", metavar="on|off",
+                   help="mirrored: the host reaches a VM's ports at its own address too "
+                        "(default off)")
     net.add_parser("list", parents=[leaf], help="list networks")
     net.add_parser("show", parents=[leaf], help="show a network").add_argument("name")
     d = net.add_parser("delete", parents=[leaf], help="delete a network")
@@ -128,8 +134,10 @@ def _show(obj: Network | Vm, as_json: bool) -> None:
 def _network_cmd(svc: Service, args: argparse.Namespace) -> int:
     if args.action == "create":
         forwarding = parse_on_off(args.localhost_forwarding, "--localhost-forwarding")
+        loopback = (parse_on_off(args.host_address_loopback, "--host-address-loopback")
+                    if args.host_address_loopback is not None else None)
         _show(svc.create_network(args.name, args.type, args.subnet, args.gateway, args.mtu,
-                                 forwarding), args.json)
+                                 forwarding, args.ignored_ports, loopback), args.json)
     elif args.action == "list":
         nets = svc.list_networks()
         if args.json:

@@ -9,6 +9,7 @@ never see pyroute2 types.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -16,19 +17,25 @@ import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Interface, ip_interface, ip_network
 from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from hns.errors import KernelError
+from hns.mirrored import HostView, MirrorSpec, host_view
 from hns.netns import NetnsExecutor, netns_path, run_in_netns
 
-__all__ = ["EndpointSpec", "HostKernel", "configure_vm_side", "kill_netns_processes"]
+__all__ = ["EndpointSpec", "HostKernel", "configure_mirrored_vm", "configure_vm_side",
+           "kill_netns_processes"]
 
 T = TypeVar("T")
 BRIDGE_MODE_HAIRPIN = 1  # IFLA_BRPORT_MODE: see HostKernel.attach_port
+IFA_F_NODAD = 0x02
+IFA_F_NOPREFIXROUTE = 0x200
+RT_TABLE_MAIN = 254
+RTPROT_KERNEL = 2
 
 
 @contextmanager
@@ -158,6 +165,11 @@ class HostKernel:
                 ipr.link("add", ifname=name, kind="bridge", mtu=mtu)
                 index = _index(ipr, name)
             ipr.link("set", index=index, ifalias=alias, mtu=mtu)
+            # no duplicate address detection: the bridge's IPv6 (mirrored networks) works
+            # at once instead of after a second or two
+            with contextlib.suppress(OSError), \
+                    open(f"/proc/sys/net/ipv6/conf/{name}/accept_dad", "w") as f:
+                f.write("0")
             have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"])
                     for a in ipr.get_addr(index=index, family=socket.AF_INET)}
             if (str(gateway), prefixlen) not in have:
@@ -176,6 +188,47 @@ class HostKernel:
         except OSError as exc:
             raise KernelError(f"cannot enable IPv4 forwarding: {exc.strerror}",
                               exc.errno) from None
+
+    def enable_forwarding6(self) -> None:
+        """IPv6 forwarding on; interfaces that take router advertisements (accept_ra=1)
+        are set to 2 first, so that they go on taking them with forwarding on."""
+        def write() -> None:
+            conf = "/proc/sys/net/ipv6/conf"
+            for dev in sorted(os.listdir(conf)):
+                path = f"{conf}/{dev}/accept_ra"
+                with contextlib.suppress(OSError), open(path) as f:
+                    if f.read().strip() == "1":
+                        with open(path, "w") as w:
+                            w.write("2")
+            with open(f"{conf}/all/forwarding", "w") as f:
+                f.write("1")
+        try:
+            self.run(write)
+        except OSError as exc:
+            raise KernelError(f"cannot enable IPv6 forwarding: {exc.strerror}",
+                              exc.errno) from None
+
+    def ensure_address6(self, ifname: str, address: IPv6Interface) -> None:
+        """Add an IPv6 address (no duplicate address detection) if the link lacks it."""
+        def ensure(ipr: Any) -> None:
+            index = _index(ipr, ifname)
+            if index is None:
+                raise KernelError(f"{ifname} does not exist", errno.ENODEV)
+            have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index,
+                                                                    family=socket.AF_INET6)}
+            if str(address.ip) not in have:
+                ipr.addr("add", index=index, address=str(address.ip),
+                         prefixlen=address.network.prefixlen, flags=IFA_F_NODAD)
+        with _netlink(f"cannot add {address} to {ifname}"):
+            self._call(ensure)
+
+    def host_view(self, skip_links: frozenset[str] = frozenset()) -> HostView:
+        """The host's addresses and main-table routes to mirrore into VMs (leaving out
+        ``lo`` and ``skip_links``)."""
+        def collect(ipr: Any) -> HostView:
+            return _read_view(ipr, skip_links)
+        with _netlink("cannot read the host's addresses and routes"):
+            return self._call(collect)
 
     def add_endpoint(self, spec: EndpointSpec) -> None:
         """A veth pair: host side on the bridge, the peer as ``eth0`` in the VM namespace."""
@@ -248,3 +301,90 @@ def kill_netns_processes(netns: str) -> int:
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
     return killed
+
+
+def _read_view(ipr: Any, skip_links: frozenset[str]) -> HostView:
+    names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+    skip = {i for i, n in names.items() if n in skip_links or n == "lo"}
+    addresses = []
+    for msg in ipr.get_addr():
+        addr = msg.get_attr("IFA_ADDRESS")
+        if msg["index"] in skip or addr is None or msg["scope"] != 0:   # global only
+            continue
+        addresses.append((names.get(msg["index"], "?"),
+                          ip_interface(f"{addr}/{msg['prefixlen']}")))
+    routes, defaults = [], []
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+            oif = msg.get_attr("RTA_OIF")
+            if msg["type"] != 1 or oif in skip or msg.get_attr("RTA_TABLE") != RT_TABLE_MAIN:
+                continue
+            zero = "0.0.0.0" if family == socket.AF_INET else "::"
+            dst = ip_network(f"{msg.get_attr('RTA_DST') or zero}/{msg['dst_len']}",
+                             strict=False)
+            if dst.prefixlen == 0:
+                defaults.append(names.get(oif, "?"))
+            routes.append((names.get(oif, "?"), dst, int(msg.get_attr("RTA_PRIORITY") or 0)))
+    return host_view(addresses, routes, defaults)
+
+
+def configure_mirrored_vm(spec: MirrorSpec) -> None:
+    """Inside a mirrored VM: lo and eth0 up, the transit and mirrored addresses on eth0
+    (stale ones removed), the host's routes through the transit gateway, rp_filter off
+    and accept_local on; the VM's ``hns-mirror`` nft table is applied by the caller."""
+    def configure() -> None:
+        for path, value in (("ipv4/conf/all/rp_filter", "0"), ("ipv4/conf/eth0/rp_filter", "0"),
+                            ("ipv4/conf/all/accept_local", "1"),
+                            ("ipv4/conf/eth0/accept_local", "1"),
+                            ("ipv6/conf/eth0/accept_ra", "0"),
+                            ("ipv6/conf/eth0/accept_dad", "0")):
+            with open(f"/proc/sys/net/{path}", "w") as f:
+                f.write(value)
+        with IPRoute() as ipr:
+            ipr.link("set", index=1, state="up")
+            index = _index(ipr, "eth0")
+            if index is None:
+                raise KernelError(f"eth0 is missing in {spec.netns}", errno.ENODEV)
+            ipr.link("set", index=index, state="up")
+            _set_addresses(ipr, index, spec)
+            _set_routes(ipr, index, spec)
+    with _netlink(f"cannot configure the network of {spec.netns}"):
+        run_in_netns(spec.netns, configure)
+
+
+def _set_addresses(ipr: Any, index: int, spec: MirrorSpec) -> None:
+    transit = {spec.transit4, spec.transit6}
+    want = {str(a): a for a in spec.addresses()}
+    have = {}
+    for msg in ipr.get_addr(index=index):
+        addr = msg.get_attr("IFA_ADDRESS")
+        if addr is not None and msg["scope"] == 0:
+            have[f"{addr}/{msg['prefixlen']}"] = msg
+    for key, msg in have.items():
+        if key not in want:
+            ipr.addr("del", index=index, address=key.split("/")[0], prefixlen=msg["prefixlen"])
+    for key, iface in want.items():
+        if key in have:
+            continue
+        flags = IFA_F_NODAD if iface.version == 6 else 0
+        if iface not in transit:
+            flags |= IFA_F_NOPREFIXROUTE
+        ipr.addr("add", index=index, address=str(iface.ip),
+                 prefixlen=iface.network.prefixlen, flags=flags)
+
+
+def _set_routes(ipr: Any, index: int, spec: MirrorSpec) -> None:
+    """Replace every non-kernel route of the main table with the mirrored ones."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
+            if msg["proto"] == RTPROT_KERNEL or msg.get_attr("RTA_TABLE") != RT_TABLE_MAIN:
+                continue
+            ipr.route("del", family=family, table=RT_TABLE_MAIN, dst_len=msg["dst_len"],
+                      dst=msg.get_attr("RTA_DST"), priority=msg.get_attr("RTA_PRIORITY"),
+                      oif=msg.get_attr("RTA_OIF"), gateway=msg.get_attr("RTA_GATEWAY"))
+    for dst, gateway, source, metric in spec.routes():
+        args: dict[str, Any] = {"dst": str(dst), "gateway": str(gateway), "oif": index,
+                                "priority": metric}
+        if source is not None:
+            args["prefsrc"] = str(source)
+        ipr.route("replace", **args)

@@ -25,6 +25,7 @@ __all__ = [
     "PortMapping",
     "Protocol",
     "Vm",
+    "format_port_list",
     "parse_host_address",
     "parse_ipv4",
     "parse_mac",
@@ -33,6 +34,7 @@ __all__ = [
     "parse_netns_name",
     "parse_on_off",
     "parse_port",
+    "parse_port_list",
     "parse_subnet",
 ]
 
@@ -49,6 +51,7 @@ PORT_RE = re.compile(r"[0-9]{1,5}")
 
 class NetworkType(enum.Enum):
     NAT = "NAT"
+    MIRRORED = "Mirrored"   # shared IP: the VM appears with the host's addresses
 
     @classmethod
     def parse(cls, text: str) -> NetworkType:
@@ -142,9 +145,17 @@ class Network:
     gateway: IPv4Address
     mtu: int
     bridge: str
-    localhost_forwarding: bool = True   # WSL's localhostForwarding
+    localhost_forwarding: bool = True   # WSL's localhostForwarding (NAT only)
+    ignored_ports: tuple[int, ...] = ()  # mirrored: never forwarded (WSL's ignoredPorts)
+    host_address_loopback: bool = False  # mirrored: WSL's hostAddressLoopback
+
+    @property
+    def mirrored(self) -> bool:
+        return self.type is NetworkType.MIRRORED
 
     def to_json(self) -> dict[str, Any]:
+        mirrored = {"IgnoredPorts": list(self.ignored_ports),
+                    "HostAddressLoopback": self.host_address_loopback} if self.mirrored else {}
         return {
             "ID": self.id,
             "Name": self.name,
@@ -153,7 +164,8 @@ class Network:
             "Gateway": str(self.gateway),
             "Bridge": self.bridge,
             "Mtu": self.mtu,
-            "LocalhostForwarding": self.localhost_forwarding,
+            "LocalhostForwarding": self.localhost_forwarding and not self.mirrored,
+            **mirrored,
             "Ipams": [{
                 "Type": "Static",
                 "Subnets": [{
@@ -235,6 +247,40 @@ def parse_port(value: int | str, what: str = "port") -> int:
     if not 1 <= value <= 65535:
         raise InvalidRequest(f"invalid {what} {value}: must be between 1 and 65535")
     return value
+
+
+def parse_port_list(text: str | None, what: str = "port list") -> tuple[int, ...]:
+    """``22,8000-8010`` as a sorted tuple of distinct ports (empty text: no port); at most
+    4096 ports in all."""
+    if text is None or not text.strip():
+        return ()
+    ports: set[int] = set()
+    for item in text.split(","):
+        word = item.strip()
+        low, sep, high = word.partition("-")
+        if not word or (sep and not high):
+            raise InvalidRequest(f"invalid {what} {text!r}: empty item")
+        first = parse_port(low.strip(), what)
+        last = parse_port(high.strip(), what) if sep else first
+        if last < first:
+            raise InvalidRequest(f"invalid {what} {text!r}: range {word} runs backwards")
+        ports.update(range(first, last + 1))
+        if len(ports) > 4096:
+            raise InvalidRequest(f"invalid {what} {text!r}: more than 4096 ports")
+    return tuple(sorted(ports))
+
+
+def format_port_list(ports: tuple[int, ...]) -> str:
+    """The inverse of :func:`parse_port_list`, with ranges folded: ``22,8000-8010``."""
+    items: list[str] = []
+    i = 0
+    while i < len(ports):
+        j = i
+        while j + 1 < len(ports) and ports[j + 1] == ports[j] + 1:
+            j += 1
+        items.append(str(ports[i]) if i == j else f"{ports[i]}-{ports[j]}")
+        i = j + 1
+    return ",".join(items)
 
 
 def parse_host_address(text: str | IPv4Address | None) -> IPv4Address | None:

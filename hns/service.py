@@ -18,11 +18,18 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Interface
 from typing import TYPE_CHECKING
 
 from hns import ipam, naming, portmap, resolv
 from hns.errors import AlreadyExists, Conflict, HnsError, InvalidRequest, KernelError
+from hns.mirrored import (
+    TRANSIT_POOL,
+    TRANSIT_PREFIXLEN,
+    mirror_spec,
+    transit6_gateway,
+    transit6_subnet,
+)
 from hns.model import (
     DEFAULT_MTU,
     HostPort,
@@ -36,10 +43,13 @@ from hns.model import (
     parse_mtu,
     parse_name,
     parse_netns_name,
+    parse_port,
+    parse_port_list,
     parse_subnet,
 )
 from hns.netns import create_netns, delete_netns, list_netns, netns_exists
 from hns.store import MappedPort, Store
+from nat.mirror import render_vm_table
 from nat.nft import Nft, NftRunner
 from nat.ruleset import (
     NatSpec,
@@ -142,9 +152,23 @@ class Service:
                        subnet: IPv4Network | str | None = None,
                        gateway: IPv4Address | str | None = None,
                        mtu: int | str | None = None,
-                       localhost_forwarding: bool = True) -> Network:
+                       localhost_forwarding: bool = True,
+                       ignored_ports: str | tuple[int, ...] | None = None,
+                       host_address_loopback: bool | None = None) -> Network:
+        """A NAT network, or a mirrored one (``type`` "mirrored": the VMs share the host's
+        addresses; ``ignored_ports`` and ``host_address_loopback`` are for it only)."""
         name = parse_name(name, "network name")
         net_type = type if isinstance(type, NetworkType) else NetworkType.parse(type)
+        mirrored = net_type is NetworkType.MIRRORED
+        if not mirrored and (ignored_ports is not None or host_address_loopback is not None):
+            raise InvalidRequest("--ignored-ports and --host-address-loopback are for "
+                                 "mirrored networks")
+        if mirrored and (subnet is not None or gateway is not None):
+            raise InvalidRequest("a mirrored network has no subnet of its own: its VMs have "
+                                 "the host's addresses (drop --subnet and --gateway)")
+        ignored = (parse_port_list(ignored_ports, "ignored ports")
+                   if isinstance(ignored_ports, str) or ignored_ports is None
+                   else tuple(sorted({parse_port(p, "ignored port") for p in ignored_ports})))
         pinned = parse_subnet(str(subnet)) if subnet is not None else None
         gw = parse_ipv4(str(gateway), "gateway") if gateway is not None else None
         if gw is not None and pinned is None:
@@ -164,7 +188,12 @@ class Service:
                 chosen = pinned
             else:
                 remembered = self.store.remembered_subnet(name, db)
-                choice = ipam.choose_subnet([n for _, n in others + host_taken], remembered)
+                if remembered is not None and mirrored != remembered.subnet_of(TRANSIT_POOL):
+                    remembered = None   # the name was used for a network of the other type
+                pools, size_of = (((TRANSIT_POOL,), TRANSIT_PREFIXLEN) if mirrored else
+                                  (ipam.DEFAULT_POOLS, ipam.DEFAULT_PREFIXLEN))
+                choice = ipam.choose_subnet([n for _, n in others + host_taken], remembered,
+                                            pools, size_of)
                 chosen = choice.subnet
                 if choice.replaced is not None:
                     log.warning("the address range %s remembered for network %s collides with "
@@ -174,7 +203,8 @@ class Service:
             net = Network(id=net_id, name=name, type=net_type, subnet=chosen,
                           gateway=gw or ipam.default_gateway(chosen), mtu=size,
                           bridge=naming.bridge_name(self.instance, net_id),
-                          localhost_forwarding=bool(localhost_forwarding))
+                          localhost_forwarding=bool(localhost_forwarding),
+                          ignored_ports=ignored, host_address_loopback=bool(host_address_loopback))
             self.store.insert_network(db, net)
         try:
             self._apply_network(net)
@@ -185,10 +215,19 @@ class Service:
         return net
 
     def _apply_network(self, net: Network) -> None:
-        self.kernel.ensure_bridge(net.bridge, net.gateway, net.subnet.prefixlen, net.mtu,
-                                  naming.link_alias(self.instance, net.id))
+        self._ensure_bridge(net)
         self.kernel.enable_forwarding()
+        if net.mirrored:
+            self.kernel.enable_forwarding6()
         self._sync_nat()
+
+    def _ensure_bridge(self, net: Network) -> bool:
+        made = self.kernel.ensure_bridge(net.bridge, net.gateway, net.subnet.prefixlen,
+                                         net.mtu, naming.link_alias(self.instance, net.id))
+        if net.mirrored:
+            self.kernel.ensure_address6(net.bridge, IPv6Interface(
+                f"{transit6_gateway(self.instance, net.subnet)}/64"))
+        return made
 
     def _undo_network(self, net: Network) -> None:
         with contextlib.suppress(HnsError):
@@ -208,8 +247,9 @@ class Service:
         """Render the whole NAT table from the state and apply it atomically; leave out
         the networks in ``exclude`` and the port mappings of the host ports in ``drop``."""
         table_name = naming.nft_table_name(self.instance)
-        specs = [NatSpec(n.id, n.subnet, n.bridge) for n in self.store.networks()
-                 if n.id not in exclude and n.type is NetworkType.NAT]
+        specs = [NatSpec(n.id, n.subnet, n.bridge,
+                         transit6_subnet(self.instance, n.subnet) if n.mirrored else None)
+                 for n in self.store.networks() if n.id not in exclude]
         if specs:
             ids = {s.id for s in specs}
             mapped = portmap.specs(m for m in self.store.port_mappings()
@@ -270,7 +310,7 @@ class Service:
         return vm
 
     def _apply_vm(self, vm: Vm, net: Network) -> None:
-        from hns.kernel import EndpointSpec, configure_vm_side
+        from hns.kernel import EndpointSpec
         try:
             create_netns(vm.netns)
         except KernelError as exc:
@@ -281,7 +321,19 @@ class Service:
         self.kernel.add_endpoint(EndpointSpec(
             host_ifname=vm.host_ifname, netns=vm.netns, mac=vm.mac, mtu=vm.mtu,
             bridge=net.bridge, alias=naming.link_alias(self.instance, vm.id)))
-        configure_vm_side(vm.netns, vm.ip, vm.prefixlen, vm.gateway)
+        self._configure_vm_side(vm, net)
+
+    def _configure_vm_side(self, vm: Vm, net: Network) -> None:
+        from hns.kernel import configure_mirrored_vm, configure_vm_side
+        if net.mirrored:
+            ours = frozenset(n.bridge for n in self.store.networks())
+            spec = mirror_spec(vm, self.instance, self.kernel.host_view(skip_links=ours))
+            configure_mirrored_vm(spec)
+            Nft(vm.netns).apply(render_vm_table(vm.interface, spec.transit4.ip,
+                                                spec.transit6.ip, spec.view.primary4,
+                                                spec.view.primary6))
+        else:
+            configure_vm_side(vm.netns, vm.ip, vm.prefixlen, vm.gateway)
         resolv.write_vm_resolv(vm.netns, self.host_netns, vm.gateway)
 
     def _poke_daemon(self) -> None:
@@ -454,19 +506,18 @@ class Service:
         made: list[str] = []
         networks = self.store.networks()
         for net in networks:
-            if self.kernel.ensure_bridge(net.bridge, net.gateway, net.subnet.prefixlen,
-                                         net.mtu, naming.link_alias(self.instance, net.id)):
+            if self._ensure_bridge(net):
                 made.append(f"bridge {net.bridge} of network {net.name}")
         if networks:
             self.kernel.enable_forwarding()
+            if any(n.mirrored for n in networks):
+                self.kernel.enable_forwarding6()
             self._sync_nat()
         by_id = {n.id: n for n in networks}
-        from hns.kernel import configure_vm_side
         for vm in self.store.vms():
             if netns_exists(vm.netns) and self.kernel.link_exists(vm.host_ifname):
                 self.kernel.attach_port(vm.host_ifname, by_id[vm.network_id].bridge)
-                configure_vm_side(vm.netns, vm.ip, vm.prefixlen, vm.gateway)
-                resolv.write_vm_resolv(vm.netns, self.host_netns, vm.gateway)
+                self._configure_vm_side(vm, by_id[vm.network_id])
                 continue
             self._teardown_vm(vm)
             self._apply_vm(vm, by_id[vm.network_id])

@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import NamedTuple
 
 from hns.errors import AlreadyExists, Conflict, NotFound, StateError
-from hns.model import HostPort, Network, NetworkType, PortMapping, Protocol, Vm
+from hns.model import (
+    HostPort,
+    Network,
+    NetworkType,
+    PortMapping,
+    Protocol,
+    Vm,
+    format_port_list,
+    parse_port_list,
+)
 
 __all__ = ["MappedPort", "Store"]
 
@@ -35,7 +44,9 @@ CREATE TABLE IF NOT EXISTS networks (
     gateway TEXT NOT NULL,
     mtu INTEGER NOT NULL,
     bridge TEXT NOT NULL UNIQUE,
-    localhost_forwarding INTEGER NOT NULL DEFAULT 1
+    localhost_forwarding INTEGER NOT NULL DEFAULT 1,
+    ignored_ports TEXT NOT NULL DEFAULT '',
+    host_address_loopback INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS vms (
     id TEXT PRIMARY KEY,
@@ -93,11 +104,17 @@ FROM vms v JOIN networks n ON n.id = v.network_id
 """
 
 
+NETWORK_COLUMNS = ("id, name, type, subnet, gateway, mtu, bridge, localhost_forwarding, "
+                   "ignored_ports, host_address_loopback")
+
+
 def _network(row: tuple[object, ...]) -> Network:
-    id_, name, type_, subnet, gateway, mtu, bridge, forwarding = row
+    id_, name, type_, subnet, gateway, mtu, bridge, forwarding, ignored, loopback = row
     return Network(id=str(id_), name=str(name), type=NetworkType(type_),
                    subnet=IPv4Network(str(subnet)), gateway=IPv4Address(str(gateway)),
-                   mtu=int(str(mtu)), bridge=str(bridge), localhost_forwarding=bool(forwarding))
+                   mtu=int(str(mtu)), bridge=str(bridge), localhost_forwarding=bool(forwarding),
+                   ignored_ports=parse_port_list(str(ignored)),
+                   host_address_loopback=bool(loopback))
 
 
 def _vm(row: tuple[object, ...]) -> Vm:
@@ -133,6 +150,11 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
     if "localhost_forwarding" not in columns:
         db.execute("ALTER TABLE networks ADD COLUMN localhost_forwarding INTEGER NOT NULL "
                    "DEFAULT 1")
+    if "ignored_ports" not in columns:
+        db.execute("ALTER TABLE networks ADD COLUMN ignored_ports TEXT NOT NULL DEFAULT ''")
+    if "host_address_loopback" not in columns:
+        db.execute("ALTER TABLE networks ADD COLUMN host_address_loopback INTEGER NOT NULL "
+                   "DEFAULT 0")
 
 
 def _address(port: HostPort) -> str:
@@ -235,15 +257,12 @@ class Store:
 
     def networks(self, db: sqlite3.Connection | None = None) -> list[Network]:
         rows = (db or self._db).execute(
-            "SELECT id, name, type, subnet, gateway, mtu, bridge, localhost_forwarding "
-            "FROM networks ORDER BY name")
+            f"SELECT {NETWORK_COLUMNS} FROM networks ORDER BY name")
         return [_network(r) for r in rows]
 
     def find_network(self, name: str, db: sqlite3.Connection | None = None) -> Network | None:
         row = (db or self._db).execute(
-            "SELECT id, name, type, subnet, gateway, mtu, bridge, localhost_forwarding "
-            "FROM networks WHERE name = ?",
-            (name,)).fetchone()
+            f"SELECT {NETWORK_COLUMNS} FROM networks WHERE name = ?", (name,)).fetchone()
         return _network(row) if row else None
 
     def network(self, name: str, db: sqlite3.Connection | None = None) -> Network:
@@ -254,9 +273,11 @@ class Store:
 
     def insert_network(self, db: sqlite3.Connection, net: Network) -> None:
         try:
-            db.execute("INSERT INTO networks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute(f"INSERT INTO networks ({NETWORK_COLUMNS}) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (net.id, net.name, net.type.value, str(net.subnet), str(net.gateway),
-                        net.mtu, net.bridge, int(net.localhost_forwarding)))
+                        net.mtu, net.bridge, int(net.localhost_forwarding),
+                        format_port_list(net.ignored_ports), int(net.host_address_loopback)))
             db.execute("INSERT OR REPLACE INTO remembered_subnets VALUES (?, ?)",
                        (net.name, str(net.subnet)))
         except sqlite3.IntegrityError as exc:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 __all__ = [
     "Chain",
@@ -148,8 +148,11 @@ def render_replace(table: Table) -> str:
     return render_delete(table.family, table.name) + table.render()
 
 
-def masquerade_rule(subnet: IPv4Network, bridge: str, comment: str) -> str:
+def masquerade_rule(subnet: IPv4Network | IPv6Network, bridge: str, comment: str) -> str:
     """Masquerade what the subnet sends anywhere but back into its own bridge."""
+    if isinstance(subnet, IPv6Network):
+        return (f'ip6 saddr {subnet} oifname != "{_ifname(bridge)}" masquerade '
+                f'comment "{_comment(comment)}"')
     return (f'ip saddr {IPv4Network(subnet)} oifname != "{_ifname(bridge)}" masquerade '
             f'comment "{_comment(comment)}"')
 
@@ -161,6 +164,7 @@ class NatSpec:
     id: str
     subnet: IPv4Network
     bridge: str
+    subnet6: IPv6Network | None = None    # mirrored networks' transit prefix
 
 
 def _port(value: int) -> int:
@@ -241,6 +245,8 @@ def nat_table(name: str, networks: Iterable[NatSpec],
     nets = sorted(networks, key=lambda n: n.id)
     rules: Sequence[str] = [
         *(masquerade_rule(n.subnet, n.bridge, f"net:{n.id}") for n in nets),
+        *(masquerade_rule(n.subnet6, n.bridge, f"net6:{n.id}") for n in nets
+          if n.subnet6 is not None),
         *(hairpin_rule(n.subnet, f"hairpin:{n.id}") for n in nets),
     ]
     postrouting = Chain("postrouting", tuple(rules), type="nat", hook="postrouting",

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from hns.model import Network, NetworkType
+from hns.model import Network
 from hns.resolv import host_resolv_path
 from hns.store import Store
 from portproxy._dnsio import DnsServer, Listener
@@ -93,7 +93,7 @@ class DnsProxy:
 
     def reconcile(self) -> None:
         """Listen on the gateway of every NAT network, and only there."""
-        desired = {n.id: n for n in self.store.networks() if n.type is NetworkType.NAT}
+        desired = {n.id: n for n in self.store.networks()}   # NAT and mirrored
         try:
             self.server.upstreams()     # read (and log) the host's resolv.conf early
         except Exception:

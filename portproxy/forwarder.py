@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hns.errors import HnsError
-from hns.model import Vm
+from hns.model import NetworkType, Vm
 from hns.store import Store
 from portproxy.config import ProxyConfig
 from portproxy.engine import Engine, Relay, RelayInfo, TimerHandle
@@ -139,7 +139,8 @@ class Forwarder:
 
     def reconcile(self) -> None:
         """Watch exactly the VMs on networks with localhost forwarding on."""
-        on = {n.id for n in self.store.networks() if n.localhost_forwarding}
+        on = {n.id for n in self.store.networks()   # mirrored: see portproxy/mirror.py
+              if n.localhost_forwarding and n.type is NetworkType.NAT}
         desired = {vm.name: vm for vm in self.store.vms() if vm.network_id in on}
         if self._proxies is None:
             self._proxies = ProxyConfig(self.store)

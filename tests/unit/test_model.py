@@ -182,9 +182,14 @@ def test_network_type_parse(text: str) -> None:
     assert NetworkType.parse(text) is NetworkType.NAT
 
 
+@pytest.mark.parametrize("text", ["mirrored", "Mirrored", "MIRRORED"])
+def test_network_type_parse_mirrored(text: str) -> None:
+    assert NetworkType.parse(text) is NetworkType.MIRRORED
+
+
 @pytest.mark.parametrize("text", ["bridge", "", "nat ", "transparent"])
 def test_network_type_parse_refuses_with_choices(text: str) -> None:
-    with pytest.raises(InvalidRequest, match=r"choose from: nat\)"):
+    with pytest.raises(InvalidRequest, match=r"choose from: nat, mirrored\)"):
         NetworkType.parse(text)
 
 
