@@ -110,6 +110,7 @@ def _status(svc: Any, args: argparse.Namespace) -> int:
         for row in [header, *rows]:
             print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     _print_forwards(answer.get("Forwards", []))
+    _print_mirrored(answer.get("Mirrored", []))
     _print_dns(answer.get("Dns", []))
     return 0
 
@@ -123,6 +124,20 @@ def _print_forwards(forwards: Sequence[dict[str, Any]]) -> None:
             for f in forwards]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print("localhost forwarding:")
+    for row in [header, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _print_mirrored(entries: Sequence[dict[str, Any]]) -> None:
+    """The ports of mirrored VMs in ``hnsctl status``: one line per VM port and direction."""
+    if not entries:
+        return
+    header = ("VM", "PROTOCOL", "PORT", "DIRECTION", "STATE", "CONNECTIONS")
+    rows = [(e["Vm"], f"{e['Protocol']}/{e['Family']}", str(e["Port"]),
+             e["Direction"] + (" (and host address)" if e.get("Inbound") else ""), e["State"],
+             str(e.get("Connections", 0))) for e in entries]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print("mirrored networks:")
     for row in [header, *rows]:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 

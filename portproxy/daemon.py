@@ -27,6 +27,7 @@ from portproxy.control import control_path, request
 from portproxy.dns import DnsProxy
 from portproxy.engine import Engine
 from portproxy.forwarder import Forwarder
+from portproxy.mirror import Mirror
 from portproxy.proxies import StaticProxies
 
 __all__ = ["Component", "Daemon", "sd_notify"]
@@ -71,6 +72,9 @@ class Daemon:
         self.components: list[Component] = [StaticProxies(self.engine, store, retry_interval)]
         # first: a forward gives way to a static proxy before the proxy binds its port
         self.components.insert(0, Forwarder(self.engine, store, retry_interval=retry_interval))
+        # after the static proxies: a port they hold is the host's
+        self.components.append(Mirror(self.engine, store, host_netns,
+                                      retry_interval=retry_interval))
         self.components.append(DnsProxy(self.engine, store, host_netns, retry_interval))
         self._version = -1
         self._control: socket.socket | None = None

@@ -300,8 +300,8 @@ class VmTracker:
     from the engine thread, :meth:`close` at the end.  The constructor does no I/O.
     """
 
-    def __init__(self, netns: str, *, full_interval: float = 2.0) -> None:
-        self.netns = netns
+    def __init__(self, netns: str | None, *, full_interval: float = 2.0) -> None:
+        self.netns = netns                  # None: this process's namespace
         self.full_interval = full_interval
         self.sockets: frozenset[DiagSocket] = frozenset()
         self.dumps = 0                      # dumps made so far (for tests and benchmarks)

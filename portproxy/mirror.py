@@ -1,0 +1,451 @@
+"""Mirrored networks in the daemon: port coordination, inbound DNAT, loopback sharing,
+and keeping the VMs' addresses in step with the host's (see docs/mirrored.md).
+
+Theory of operation
+-------------------
+:class:`Mirror` is a daemon component on the engine thread.  ``reconcile`` watches
+every VM of a mirrored network (a :class:`~portproxy.tracker.VmTracker` and a
+:class:`~portproxy.vmdial.VmDialer` each) and, while there is one, the host namespace
+too (another tracker).  A timer polls the trackers (the cost model of localhost
+forwarding: 20 ms + 1 ms per VM) and, every ``view_interval``, reads the host's
+addresses and routes.
+
+When the sockets change, the VMs' claims and the host's keys are planned again
+(:func:`portproxy.mirror_plan.plan`, pure) and the differences applied:
+
+- *inbound*: elements of the maps of the host table ``inet hns-<inst>-mirror``
+  (``nat.mirror``), one nft transaction per change;
+- *to VM*: a host loopback listener relayed into the VM (dialing inside its namespace);
+- *to host*: a listener on the VM's loopback (made by a thread inside the VM's
+  namespace) relayed to the host's loopback.
+
+Every socket the component listens on is remembered by inode and left out of what the
+trackers report, so its own listeners never count as the host's or a VM's.  A listener
+that cannot be bound is retried every ``retry_interval``.
+
+When the host's view changes, every mirrored VM is configured again
+(:func:`hns.kernel.configure_mirrored_vm` and its ``hns-mirror`` table) and the host
+table is rendered again with the new addresses.  The table exists while the daemon runs
+and a mirrored VM exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hns.errors import HnsError
+from hns.mirrored import HostView, mirror_spec
+from hns.model import Network, Vm
+from hns.naming import nft_table_name
+from hns.netns import run_in_netns
+from hns.store import Store
+from nat.mirror import InboundPort, inbound_table, render_inbound_elements, render_vm_table
+from nat.nft import Nft
+from portproxy.engine import Engine, Relay, TimerHandle
+from portproxy.forward_plan import Claims, ForwardKey
+from portproxy.forwarder import FULL_INTERVAL, POLL_INTERVAL, POLL_PER_VM, open_loopback
+from portproxy.mirror_plan import Claim, MirrorPlan, host_keys, plan, vm_claims
+from portproxy.tracker import DiagSocket, VmTracker
+from portproxy.vmdial import VmDialer
+
+__all__ = ["VIEW_INTERVAL", "Mirror"]
+
+log = logging.getLogger("hns.daemon")
+
+VIEW_INTERVAL = 1.0       # s between two reads of the host's addresses and routes
+
+
+@dataclass
+class _Watch:
+    vm: Vm
+    net: Network
+    tracker: VmTracker
+    dialer: VmDialer
+    ready: bool = False
+    error: str | None = None
+    next_check: float = 0.0
+    claims: dict[ForwardKey, Claim] = field(default_factory=dict)
+
+
+@dataclass
+class _Listener:
+    """One listener of the component: host loopback -> VM, or VM loopback -> host."""
+
+    vm: str
+    key: ForwardKey
+    to_host: bool
+    target: str
+    relay: Relay | None = None
+    inode: int = 0
+    error: str | None = None
+    retry: TimerHandle | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        where = "to host" if self.to_host else "to vm"
+        return f"mirrored {self.vm} {where} {self.key.protocol} {self.key.endpoint()}"
+
+
+class Mirror:
+    """The daemon's part of mirrored networks (a daemon component)."""
+
+    def __init__(self, engine: Engine, store: Store, host_netns: str | None, *,
+                 poll_interval: float = POLL_INTERVAL, poll_per_vm: float = POLL_PER_VM,
+                 full_interval: float = FULL_INTERVAL, view_interval: float = VIEW_INTERVAL,
+                 retry_interval: float = 2.0) -> None:
+        self.engine = engine
+        self.store = store
+        self.host_netns = host_netns
+        self.poll_interval = poll_interval
+        self.poll_per_vm = poll_per_vm
+        self.full_interval = full_interval
+        self.view_interval = view_interval
+        self.retry_interval = retry_interval
+        self.table = f"{nft_table_name(store.instance)}-mirror"
+        self._nft = Nft(None)             # the daemon runs inside the host namespace
+        self._kernel: Any = None          # hns.kernel.HostKernel, made on first use
+        self._view: HostView | None = None
+        self._next_view = 0.0
+        self._host: VmTracker | None = None
+        self._watches: dict[str, _Watch] = {}
+        self._order = Claims()
+        self._reserved: dict[tuple[str, int], str] = {}
+        self._plan = MirrorPlan()
+        self._inbound: dict[ForwardKey, InboundPort] = {}
+        self._table_made = False
+        self._listeners: dict[tuple[str, ForwardKey, bool], _Listener] = {}
+        self._own: set[int] = set()
+        self._timer: TimerHandle | None = None
+
+    # -- the Component protocol -----------------------------------------------------------
+
+    def reconcile(self) -> None:
+        nets = {n.id: n for n in self.store.networks() if n.mirrored}
+        desired = {vm.name: vm for vm in self.store.vms() if vm.network_id in nets}
+        for name, watch in list(self._watches.items()):
+            if desired.get(name) != watch.vm or nets.get(watch.net.id) != watch.net:
+                self._unwatch(name)
+        self._reserved = {(m.mapping.protocol.keyword, m.mapping.external_port):
+                          f"the port mapping of vm {m.mapping.vm}"
+                          for m in self.store.port_mappings()}
+        if not desired:
+            self._stop_all()
+            return
+        self._open_host()
+        for name, vm in desired.items():
+            if name not in self._watches:
+                self._watch(vm, nets[vm.network_id])
+        self._refresh_view(force=self._view is None)
+        self._replan()
+        if self._timer is None:
+            self._timer = self.engine.call_later(self.interval(), self._tick)
+
+    def interval(self) -> float:
+        return self.poll_interval + self.poll_per_vm * (len(self._watches) + 1)
+
+    def status(self) -> dict[str, Any]:
+        rows = []
+        for name in sorted(self._watches):
+            for key in sorted(self._watches[name].claims):
+                rows.append(self._row(name, key, to_host=False))
+        for (name, key) in sorted(self._plan.reverse):
+            rows.append(self._row(name, key, to_host=True))
+        return {"Mirrored": rows}
+
+    def close(self) -> None:
+        self._stop_all()
+        if self._kernel is not None:
+            self._kernel.close()
+            self._kernel = None
+
+    # -- watching -------------------------------------------------------------------------
+
+    def _stop_all(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for name in list(self._watches):
+            self._unwatch(name)
+        for ident in list(self._listeners):
+            self._stop(ident)
+        self._plan = MirrorPlan()
+        self._inbound = {}
+        if self._host is not None:
+            self._host.close()
+            self._host = None
+        if self._table_made:
+            try:
+                self._nft.apply(f"table inet {self.table} {{}}\ndelete table inet {self.table}\n")
+            except HnsError as exc:
+                log.warning("cannot delete nft table %s: %s", self.table, exc)
+            self._table_made = False
+        self._view = None
+
+    def _open_host(self) -> None:
+        if self._host is None:
+            host = VmTracker(self.host_netns, full_interval=self.full_interval)
+            host.open()
+            host.poll(self.engine.now())
+            self._host = host
+
+    def _watch(self, vm: Vm, net: Network) -> None:
+        watch = _Watch(vm, net, VmTracker(vm.netns, full_interval=self.full_interval),
+                       VmDialer(vm.netns, self.engine.call_soon_threadsafe))
+        self._watches[vm.name] = watch
+        self._open(watch, self.engine.now())
+
+    def _unwatch(self, name: str) -> None:
+        watch = self._watches.pop(name)
+        self._order.remove(name)
+        for ident in [i for i in self._listeners if i[0] == name]:
+            self._stop(ident)
+        watch.tracker.close()
+        watch.dialer.close()
+
+    def _open(self, watch: _Watch, now: float) -> bool:
+        watch.next_check = now + self.full_interval
+        try:
+            watch.tracker.open()
+            watch.tracker.poll(now)
+        except (OSError, HnsError) as exc:
+            watch.tracker.close()
+            watch.tracker = VmTracker(watch.vm.netns, full_interval=self.full_interval)
+            if watch.error != str(exc):
+                log.warning("vm %s: cannot watch its sockets: %s (retrying)", watch.vm.name, exc)
+            watch.error = str(exc)
+            return False
+        watch.ready, watch.error = True, None
+        self._update_claims(watch)
+        return True
+
+    def _sockets(self, tracker: VmTracker) -> list[DiagSocket]:
+        return [s for s in tracker.sockets if s.inode not in self._own]
+
+    def _update_claims(self, watch: _Watch) -> None:
+        primary = [a for a in (self._view.primary4, self._view.primary6) if a is not None] \
+            if self._view is not None else []
+        watch.claims = vm_claims(self._sockets(watch.tracker), primary,
+                                 watch.net.ignored_ports)
+        self._order.update(watch.vm.name, watch.claims)
+
+    def _tick(self) -> None:
+        self._timer = None
+        try:
+            self._poll_all(self.engine.now())
+        except Exception:
+            log.exception("mirrored networks: poll failed")
+        finally:
+            if self._watches and self._timer is None:
+                self._timer = self.engine.call_later(self.interval(), self._tick)
+
+    def _poll_all(self, now: float) -> None:
+        changed = False
+        if self._host is not None:
+            changed |= self._host.poll(now)
+        for watch in list(self._watches.values()):
+            if not watch.ready:
+                if now >= watch.next_check:
+                    changed |= self._open(watch, now)
+                continue
+            if now >= watch.next_check:
+                watch.next_check = now + self.full_interval
+                if watch.tracker.replaced():
+                    self._reopen(watch)
+                    changed = True
+                    continue
+            try:
+                if watch.tracker.poll(now):
+                    self._update_claims(watch)
+                    changed = True
+            except OSError as exc:
+                log.warning("vm %s: %s", watch.vm.name, exc)
+                self._reopen(watch)
+                changed = True
+        if now >= self._next_view:
+            changed |= self._refresh_view()
+        if changed:
+            self._replan()
+
+    def _reopen(self, watch: _Watch) -> None:
+        for ident in [i for i in self._listeners if i[0] == watch.vm.name]:
+            self._stop(ident)
+        watch.tracker.close()
+        watch.dialer.close()
+        watch.tracker = VmTracker(watch.vm.netns, full_interval=self.full_interval)
+        watch.dialer = VmDialer(watch.vm.netns, self.engine.call_soon_threadsafe)
+        watch.ready, watch.claims = False, {}
+        self._order.remove(watch.vm.name)
+
+    # -- the host's view ------------------------------------------------------------------
+
+    def _refresh_view(self, force: bool = False) -> bool:
+        """Read the host's addresses and routes; on a change configure every VM again and
+        render the host table.  True when the view changed."""
+        self._next_view = self.engine.now() + self.view_interval
+        if self._kernel is None:
+            from hns.kernel import HostKernel
+            self._kernel = HostKernel(None)
+        bridges = frozenset(n.bridge for n in self.store.networks())
+        try:
+            view = self._kernel.host_view(skip_links=bridges)
+        except HnsError as exc:
+            log.warning("cannot read the host's addresses: %s", exc)
+            return False
+        if view == self._view and not force:
+            return False
+        if self._view is not None:
+            log.info("the host's addresses or routes changed: mirroring them again")
+        self._view = view
+        for watch in self._watches.values():
+            self._configure(watch, view)
+            self._update_claims(watch)
+        self._render_table()
+        return True
+
+    def _configure(self, watch: _Watch, view: HostView) -> None:
+        from hns.kernel import configure_mirrored_vm
+        spec = mirror_spec(watch.vm, self.store.instance, view)
+        try:
+            configure_mirrored_vm(spec)
+            Nft(watch.vm.netns).apply(render_vm_table(
+                watch.vm.interface, spec.transit4.ip, spec.transit6.ip, view.primary4,
+                view.primary6))
+        except (HnsError, OSError) as exc:
+            log.warning("vm %s: cannot mirror the host's addresses: %s", watch.vm.name, exc)
+
+    def _render_table(self) -> None:
+        addresses = [a.ip for a in self._view.addresses] if self._view is not None else []
+        try:
+            self._nft.apply(inbound_table(self.table, addresses, self._inbound.values()))
+            self._table_made = True
+        except HnsError as exc:
+            log.error("cannot make nft table %s: %s", self.table, exc)
+
+    # -- applying the plan ----------------------------------------------------------------
+
+    def _replan(self) -> None:
+        if self._host is None:
+            return
+        addresses = [a.ip for a in self._view.addresses] if self._view is not None else []
+        held, local = host_keys(self._sockets(self._host), addresses)
+        claims = {name: w.claims for name, w in self._watches.items()}
+        ignored = {name: w.net.ignored_ports for name, w in self._watches.items()}
+        old, self._plan = self._plan, plan(claims, self._order.snapshot(), held, local,
+                                           self._reserved, ignored)
+        for (vm, key), reason in self._plan.conflicts.items():
+            if old.conflicts.get((vm, key)) != reason:
+                log.warning("vm %s: %s port %d (IPv%d) is not forwarded: %s", vm,
+                            key.protocol, key.port, key.family, reason)
+        self._apply_inbound()
+        self._apply_listeners()
+
+    def _inbound_port(self, vm: str, key: ForwardKey) -> InboundPort:
+        watch = self._watches[vm]
+        spec = mirror_spec(watch.vm, self.store.instance, self._view or HostView())
+        target = spec.transit4.ip if key.family == 4 else spec.transit6.ip
+        return InboundPort(key.protocol, key.port, target, watch.net.host_address_loopback)
+
+    def _apply_inbound(self) -> None:
+        desired = {key: self._inbound_port(vm, key)
+                   for key, (vm, claim) in self._plan.owners.items() if claim.inbound}
+        gone = [p for k, p in self._inbound.items() if desired.get(k) != p]
+        new = [p for k, p in desired.items() if self._inbound.get(k) != p]
+        if not gone and not new:
+            return
+        self._inbound = desired
+        script = (render_inbound_elements("delete", self.table, gone)
+                  + render_inbound_elements("add", self.table, new))
+        try:
+            self._nft.apply(script)
+        except HnsError as exc:
+            log.debug("incremental change of %s refused (%s): rendering it whole", self.table,
+                      exc)
+            self._render_table()
+
+    def _apply_listeners(self) -> None:
+        desired: dict[tuple[str, ForwardKey, bool], str] = {
+            (vm, key, False): claim.target for key, (vm, claim) in self._plan.owners.items()}
+        desired.update({(vm, key, True): key.loopback for vm, key in self._plan.reverse})
+        for ident, listener in list(self._listeners.items()):
+            if desired.get(ident) != listener.target:
+                self._stop(ident)
+        for ident, target in desired.items():
+            if ident not in self._listeners:
+                listener = _Listener(ident[0], ident[1], ident[2], target)
+                self._listeners[ident] = listener
+                self._start(listener)
+
+    def _start(self, listener: _Listener) -> None:
+        listener.retry = None
+        ident = (listener.vm, listener.key, listener.to_host)
+        watch = self._watches.get(listener.vm)
+        if self._listeners.get(ident) is not listener or watch is None:
+            return
+        key = listener.key
+        try:
+            if listener.to_host:
+                sock = run_in_netns(watch.vm.netns, open_loopback, key)
+            else:
+                sock = open_loopback(key)
+        except (OSError, HnsError) as exc:
+            code = getattr(exc, "errno", None)
+            self._retry(listener, "port in use" if code == errno.EADDRINUSE else str(exc))
+            return
+        listener.inode = os.fstat(sock.fileno()).st_ino
+        self._own.add(listener.inode)
+        target = (listener.target, key.port)
+        if listener.to_host:
+            dial_tcp, dial_udp = None, None       # the engine's namespace: the host
+        else:
+            dial_tcp, dial_udp = watch.dialer.tcp, watch.dialer.udp
+        if key.protocol == "tcp":
+            listener.relay = self.engine.add_tcp(sock, target, name=listener.name,
+                                                 dial=dial_tcp)
+        else:
+            listener.relay = self.engine.add_udp(sock, target, name=listener.name,
+                                                 dial=dial_udp)
+        listener.error = None
+        log.info("vm %s: %s", listener.vm, listener.name)
+
+    def _retry(self, listener: _Listener, error: str) -> None:
+        if listener.error != error:
+            log.warning("%s: cannot listen: %s (retrying every %gs)", listener.name, error,
+                        self.retry_interval)
+        listener.error = error
+        listener.retry = self.engine.call_later(self.retry_interval,
+                                                lambda: self._start(listener))
+
+    def _stop(self, ident: tuple[str, ForwardKey, bool]) -> None:
+        listener = self._listeners.pop(ident)
+        if listener.retry is not None:
+            listener.retry.cancel()
+        if listener.relay is not None:
+            self.engine.remove(listener.relay)
+            log.info("vm %s: stopped %s", listener.vm, listener.name)
+        self._own.discard(listener.inode)
+
+    def _row(self, vm: str, key: ForwardKey, to_host: bool) -> dict[str, Any]:
+        listener = self._listeners.get((vm, key, to_host))
+        conflict = None if to_host else self._plan.conflicts.get((vm, key))
+        if conflict is not None:
+            state = f"conflict: {conflict}"
+        elif listener is None:
+            state = "pending"
+        elif listener.relay is not None:
+            state = "forwarding"
+        else:
+            state = listener.error or "pending"
+        owner = self._plan.owners.get(key)
+        inbound = not to_host and owner is not None and owner[0] == vm and owner[1].inbound
+        connections = 0
+        if listener is not None and listener.relay is not None:
+            with contextlib.suppress(Exception):
+                connections = listener.relay.info().connections
+        return {"Vm": vm, "Protocol": key.protocol, "Family": f"ipv{key.family}",
+                "Port": key.port, "Direction": "to host" if to_host else "to vm",
+                "Inbound": inbound, "State": state, "Connections": connections}

@@ -1,0 +1,185 @@
+"""Port coordination of mirrored networks, the pure half (see docs/mirrored.md).
+
+Inputs are the listening sockets of each mirrored VM and of the host (as sock_diag
+reports them, the daemon's own relay sockets already left out), the host's mirrored
+addresses, the host ports that kernel port mappings hold, and each VM's ignored ports.
+
+A VM socket asks for a key (protocol, family, port) -- what it is bound to decides
+where it is served:
+
+=========================================  ===========  ==============================
+VM socket bound to                         inbound      host loopback relay dials
+=========================================  ===========  ==============================
+``0.0.0.0``                                yes          VM ``127.0.0.1``
+``127.0.0.1``                              no           VM ``127.0.0.1``
+``::``                                     yes          VM ``::1`` (and, dual stack,
+                                                        the IPv4 key too)
+``::1``                                    no           VM ``::1``
+the primary mirrored address               yes          that address
+=========================================  ===========  ==============================
+
+*Inbound* means: the host's address:port reaches the VM (kernel DNAT).  A loopback-only
+VM socket is never exposed on a host address.
+
+A key is not taken from the host: when the host itself listens on the port (on a
+wildcard, loopback or one of its addresses) or a kernel port mapping holds it, every
+claim on it is a conflict.  Between VMs, the first claim seen holds the key (the
+sequence numbers of :class:`~portproxy.forward_plan.Claims`).  Ignored ports are never
+claimed.
+
+The other direction: each host socket listening on loopback or a wildcard is served
+inside every mirrored VM on the VM's loopback of the family (``reverse``), except in a
+VM that listens on that key itself and for its ignored ports.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from portproxy.forward_plan import ForwardKey
+from portproxy.tracker import DiagSocket
+
+__all__ = ["Claim", "MirrorPlan", "host_keys", "plan", "vm_claims"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_ANY4 = ipaddress.IPv4Address("0.0.0.0")
+_ANY6 = ipaddress.IPv6Address("::")
+_LOOP4 = ipaddress.IPv4Address("127.0.0.1")
+_LOOP6 = ipaddress.IPv6Address("::1")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a VM wants for one key: the address its relay dials in the VM, and whether
+    the host's address reaches it too (inbound)."""
+
+    target: str
+    inbound: bool
+
+
+def _address(sock: DiagSocket) -> IPAddress | None:
+    try:
+        address = ipaddress.ip_address(sock.address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _socket_claims(sock: DiagSocket, primary: Iterable[IPAddress]
+                   ) -> list[tuple[ForwardKey, Claim]]:
+    address = _address(sock)
+    if address is None:
+        return []
+    key = ForwardKey(sock.protocol, address.version, sock.port)
+    if address == _ANY4:
+        return [(key, Claim("127.0.0.1", True))]
+    if address == _LOOP4:
+        return [(key, Claim("127.0.0.1", False))]
+    if address == _ANY6:
+        found = [(key, Claim("::1", True))]
+        if not sock.v6only:
+            found.append((ForwardKey(sock.protocol, 4, sock.port), Claim("127.0.0.1", True)))
+        return found
+    if address == _LOOP6:
+        return [(key, Claim("::1", False))]
+    if address in set(primary):
+        return [(key, Claim(str(address), True))]
+    return []
+
+
+def vm_claims(sockets: Iterable[DiagSocket], primary: Iterable[IPAddress],
+              ignored: Iterable[int] = ()) -> dict[ForwardKey, Claim]:
+    """The keys a VM's listening sockets ask for; with several sockets on one key, the
+    relay dials loopback if any of them is on loopback or a wildcard, and the key is
+    inbound if any of them is."""
+    primary, skip = tuple(primary), frozenset(ignored)
+    claims: dict[ForwardKey, Claim] = {}
+    for sock in sockets:
+        if sock.port in skip:
+            continue
+        for key, claim in _socket_claims(sock, primary):
+            old = claims.get(key)
+            if old is None:
+                claims[key] = claim
+                continue
+            loop = key.loopback
+            target = loop if loop in (old.target, claim.target) else old.target
+            claims[key] = Claim(target, old.inbound or claim.inbound)
+    return claims
+
+
+def host_keys(sockets: Iterable[DiagSocket], addresses: Iterable[IPAddress]
+              ) -> tuple[frozenset[ForwardKey], frozenset[ForwardKey]]:
+    """(keys the host holds, keys it serves on loopback): a socket on a wildcard or
+    loopback holds its key and is served on loopback; one on a host address holds it."""
+    own = frozenset(addresses)
+    held: set[ForwardKey] = set()
+    local: set[ForwardKey] = set()
+    for sock in sockets:
+        address = _address(sock)
+        if address is None:
+            continue
+        keys = [ForwardKey(sock.protocol, address.version, sock.port)]
+        if address == _ANY6 and not sock.v6only:
+            keys.append(ForwardKey(sock.protocol, 4, sock.port))
+        if address.is_unspecified or address.is_loopback:
+            held.update(keys)
+            if address.is_unspecified or address in (_LOOP4, _LOOP6):
+                local.update(keys)
+        elif address in own:
+            held.update(keys)
+    return frozenset(held), frozenset(local)
+
+
+@dataclass(frozen=True)
+class MirrorPlan:
+    """``owners``: the VM served on each key, with its claim; ``conflicts``: (vm, key) ->
+    why not; ``reverse``: (vm, key) of each host loopback service served in a VM."""
+
+    owners: Mapping[ForwardKey, tuple[str, Claim]] = field(default_factory=dict)
+    conflicts: Mapping[tuple[str, ForwardKey], str] = field(default_factory=dict)
+    reverse: frozenset[tuple[str, ForwardKey]] = frozenset()
+
+
+def plan(claims: Mapping[str, Mapping[ForwardKey, Claim]],
+         order: Mapping[str, Mapping[ForwardKey, int]],
+         host_held: frozenset[ForwardKey], host_local: frozenset[ForwardKey],
+         reserved: Mapping[tuple[str, int], str] | None = None,
+         ignored: Mapping[str, Iterable[int]] | None = None) -> MirrorPlan:
+    """Owners and conflicts of the VMs' claims, and the reverse forwards.
+
+    ``order``: each claim's sequence number (lowest first); ``reserved``: (protocol,
+    port) -> what holds it (a kernel port mapping); ``ignored``: each VM's ignored
+    ports (for the reverse direction; its claims come without them).
+    """
+    reserved = reserved or {}
+    best: dict[ForwardKey, tuple[int, str]] = {}
+    conflicts: dict[tuple[str, ForwardKey], str] = {}
+    for vm, keys in claims.items():
+        for key in keys:
+            if key in host_held:
+                conflicts[(vm, key)] = "the host listens on it"
+                continue
+            holder = reserved.get((key.protocol, key.port))
+            if holder is not None:
+                conflicts[(vm, key)] = f"held by {holder}"
+                continue
+            seq = order.get(vm, {}).get(key, 0)
+            if key not in best or (seq, vm) < best[key]:
+                best[key] = (seq, vm)
+    owners = {key: (vm, claims[vm][key]) for key, (_seq, vm) in sorted(best.items())}
+    for vm, keys in claims.items():
+        for key in keys:
+            holder_vm = owners.get(key, (vm, None))[0]
+            if holder_vm != vm and (vm, key) not in conflicts:
+                conflicts[(vm, key)] = f"held by vm {holder_vm}"
+    ignored = ignored or {}
+    reverse = frozenset(
+        (vm, key) for vm in claims for key in host_local
+        if key not in claims[vm] and key.port not in set(ignored.get(vm, ())))
+    return MirrorPlan(owners, conflicts, reverse)

@@ -1,0 +1,197 @@
+"""Mirrored networks with the daemon: inbound at the host's address, loopback both ways,
+conflicts with the host and ignored ports -- with curl, socat and real sockets."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from nsutil import udp_ask, wait_for, wait_listening
+from test_daemon import DaemonProc
+from test_forward import curl, reaches, refused, serve, stop
+
+from hns.testing import Peer, Sandbox, SandboxVm
+
+HOST = "198.51.100.2"
+HOST6 = "2001:db8:100::2"
+OUTSIDE = "198.51.100.1"
+
+
+@pytest.fixture
+def daemon(hns_sandbox: Sandbox) -> Iterator[DaemonProc]:
+    d = DaemonProc(hns_sandbox)
+    d.start()
+    yield d
+    d.kill()
+
+
+def mirrored(sandbox: Sandbox, name: str = "M", *flags: str) -> str:
+    result = sandbox.hnsctl("network", "create", name, "--type", "mirrored", *flags)
+    assert result.returncode == 0, result.stderr
+    return name
+
+
+@pytest.fixture
+def mvm(hns_sandbox: Sandbox) -> SandboxVm:
+    return hns_sandbox.vm("box", mirrored(hns_sandbox))
+
+
+def rows(daemon: DaemonProc, vm: str | None = None) -> list[dict[str, Any]]:
+    return [r for r in daemon.status().get("Mirrored", []) if vm is None or r["Vm"] == vm]
+
+
+def state_of(daemon: DaemonProc, vm: str, port: int, family: str = "ipv4",
+             direction: str = "to vm", protocol: str = "tcp") -> str | None:
+    for r in rows(daemon, vm):
+        if (r["Protocol"], r["Family"], r["Port"], r["Direction"]) == (
+                protocol, family, port, direction):
+            return str(r["State"])
+    return None
+
+
+def until(predicate: Callable[[], bool], what: str) -> None:
+    wait_for(predicate, what, attempts=300)
+
+
+def serve_host(peer: Peer, port: int, bind: str, answer: str = "host") -> subprocess.Popen[Any]:
+    proc = peer.popen(["socat", f"TCP-LISTEN:{port},reuseaddr,fork,bind={bind}",
+                       f"SYSTEM:sed -n /^.$/q; echo HTTP/1.0 200 OK; echo; echo {answer}"])
+    wait_listening(peer, port)
+    return proc
+
+
+def test_outside_reaches_a_vm_server_at_the_host_address(
+        hns_sandbox: Sandbox, mvm: SandboxVm, daemon: DaemonProc) -> None:
+    server = serve(mvm, 8080)
+    # the VM's server sees the outside client's own address
+    until(lambda: reaches(hns_sandbox.outside, f"http://{HOST}:8080/", OUTSIDE),
+          "the outside to reach the VM at the host's address")
+    assert state_of(daemon, "box", 8080) == "forwarding"
+    stop(server)
+    until(lambda: refused(hns_sandbox.outside, f"http://{HOST}:8080/"),
+          "the port to be released")
+    until(lambda: state_of(daemon, "box", 8080) is None, "the status row to go")
+
+
+def test_outside_reaches_a_vm_server_over_ipv6(hns_sandbox: Sandbox, mvm: SandboxVm,
+                                               daemon: DaemonProc) -> None:
+    serve(mvm, 8081, "TCP6-LISTEN", bind="[::]", extra=",ipv6only=1")
+
+    def peer_seen() -> str:
+        result = curl(hns_sandbox.outside, f"http://[{HOST6}]:8081/")
+        return str(ipaddress.ip_address(result.stdout.strip().strip("[]"))) \
+            if result.returncode == 0 else ""
+    until(lambda: peer_seen() == "2001:db8:100::1",
+          "the outside to reach the VM at the host's IPv6 address")
+    assert refused(hns_sandbox.outside, f"http://{HOST}:8081/")     # v6only: not on IPv4
+
+
+def test_outside_reaches_a_vm_udp_server(hns_sandbox: Sandbox, mvm: SandboxVm,
+                                         daemon: DaemonProc) -> None:
+    mvm.popen(["socat", "UDP4-RECVFROM:5353,reuseaddr,fork", "SYSTEM:echo $SOCAT_PEERADDR"])
+    wait_listening(mvm, 5353, udp=True)
+    until(lambda: udp_ask(hns_sandbox.outside, HOST, 5353, tries=1) == OUTSIDE,
+          "a UDP answer from the VM at the host's address")
+
+
+def test_server_bound_to_the_mirrored_address(hns_sandbox: Sandbox, mvm: SandboxVm,
+                                              daemon: DaemonProc) -> None:
+    serve(mvm, 8082, bind=HOST)
+    until(lambda: reaches(hns_sandbox.outside, f"http://{HOST}:8082/", OUTSIDE),
+          "the outside to reach a server bound to the mirrored address")
+    until(lambda: reaches(hns_sandbox.host, "http://127.0.0.1:8082/"),
+          "host loopback to reach it too")
+
+
+def test_host_loopback_reaches_the_vm(hns_sandbox: Sandbox, mvm: SandboxVm,
+                                      daemon: DaemonProc) -> None:
+    serve(mvm, 8083)
+    until(lambda: reaches(hns_sandbox.host, "http://127.0.0.1:8083/", "127.0.0.1"),
+          "host 127.0.0.1 to reach the VM (a loopback client there)")
+
+
+def test_vm_loopback_loopback_server_is_not_exposed(hns_sandbox: Sandbox, mvm: SandboxVm,
+                                                    daemon: DaemonProc) -> None:
+    serve(mvm, 8084, bind="127.0.0.1")
+    until(lambda: reaches(hns_sandbox.host, "http://127.0.0.1:8084/"),
+          "host loopback to reach the VM's loopback server")
+    assert refused(hns_sandbox.outside, f"http://{HOST}:8084/")
+
+
+def test_vm_loopback_reaches_a_host_loopback_service(hns_sandbox: Sandbox, mvm: SandboxVm,
+                                                     daemon: DaemonProc) -> None:
+    server = serve_host(hns_sandbox.host, 9090, "127.0.0.1")
+    until(lambda: reaches(mvm, "http://127.0.0.1:9090/", "host"),
+          "the VM's 127.0.0.1:9090 to reach the host's")
+    assert state_of(daemon, "box", 9090, direction="to host") == "forwarding"
+    # while the host holds the port the VM cannot take it (WSL's rule) ...
+    taken = mvm.run(["socat", "TCP4-LISTEN:9090,bind=0.0.0.0", "-"], timeout=10)
+    assert taken.returncode != 0 and "Address already in use" in taken.stderr
+    stop(server)
+    # ... and when the host lets go, so does the VM's loopback
+    until(lambda: state_of(daemon, "box", 9090, direction="to host") is None,
+          "the reverse forward to go")
+    assert refused(mvm, "http://127.0.0.1:9090/")
+
+
+def test_a_port_the_host_listens_on_is_not_taken_over(hns_sandbox: Sandbox, mvm: SandboxVm,
+                                                      daemon: DaemonProc) -> None:
+    host_server = serve_host(hns_sandbox.host, 7070, "0.0.0.0")
+    serve(mvm, 7070, bind=HOST)      # a wildcard bind is refused there: see the test above
+    until(lambda: (state_of(daemon, "box", 7070) or "").startswith("conflict"),
+          "the conflict in the status")
+    assert state_of(daemon, "box", 7070) == "conflict: the host listens on it"
+    assert reaches(hns_sandbox.outside, f"http://{HOST}:7070/", "host")
+    stop(host_server)
+    until(lambda: reaches(hns_sandbox.outside, f"http://{HOST}:7070/", OUTSIDE),
+          "the VM to get the port once the host lets go")
+
+
+def test_ignored_ports_are_never_forwarded(hns_sandbox: Sandbox, daemon: DaemonProc) -> None:
+    vm = hns_sandbox.vm("box", mirrored(hns_sandbox, "M", "--ignored-ports", "6000-6001"))
+    serve_host(hns_sandbox.host, 6001, "127.0.0.1")
+    serve(vm, 6000)
+    serve(vm, 6002)                              # not ignored: a witness
+    until(lambda: reaches(hns_sandbox.outside, f"http://{HOST}:6002/", OUTSIDE),
+          "the witness port to be forwarded")
+    assert refused(hns_sandbox.outside, f"http://{HOST}:6000/")
+    assert refused(hns_sandbox.host, "http://127.0.0.1:6000/")
+    assert state_of(daemon, "box", 6000) is None
+    assert state_of(daemon, "box", 6001, direction="to host") is None
+    serve(vm, 6001, bind="0.0.0.0")              # the host's ignored port is free in the VM
+
+
+def test_two_mirrored_vms_first_one_wins(hns_sandbox: Sandbox, daemon: DaemonProc) -> None:
+    net = mirrored(hns_sandbox)
+    first, second = hns_sandbox.vm("one", net), hns_sandbox.vm("two", net)
+    serve(first, 8090, answer="sed -n /^.$/q; echo HTTP/1.0 200 OK; echo; echo one")
+    until(lambda: reaches(hns_sandbox.outside, f"http://{HOST}:8090/", "one"), "vm one")
+    serve(second, 8090, answer="sed -n /^.$/q; echo HTTP/1.0 200 OK; echo; echo two")
+    until(lambda: state_of(daemon, "two", 8090) == "conflict: held by vm one",
+          "vm two's conflict")
+    assert reaches(hns_sandbox.outside, f"http://{HOST}:8090/", "one")
+
+
+def test_mirrored_beside_nat(hns_sandbox: Sandbox, mvm: SandboxVm, nat_vm: SandboxVm,
+                             daemon: DaemonProc) -> None:
+    serve(mvm, 8085, answer="sed -n /^.$/q; echo HTTP/1.0 200 OK; echo; echo mirrored")
+    serve(nat_vm, 8086, answer="sed -n /^.$/q; echo HTTP/1.0 200 OK; echo; echo nat")
+    until(lambda: reaches(hns_sandbox.outside, f"http://{HOST}:8085/", "mirrored"),
+          "the mirrored VM from outside")
+    until(lambda: reaches(hns_sandbox.host, "http://127.0.0.1:8086/", "nat"),
+          "the NAT VM at host localhost")
+    assert refused(hns_sandbox.outside, f"http://{HOST}:8086/")   # NAT: no port mapping
+    result = curl(hns_sandbox.outside, f"http://{HOST}:8085/")
+    assert result.stdout.strip() == "mirrored"
+
+
+def test_daemon_stop_removes_the_inbound_table(hns_sandbox: Sandbox, mvm: SandboxVm,
+                                               daemon: DaemonProc) -> None:
+    table = f"inet hns-{hns_sandbox.service.instance}-mirror"
+    tables = hns_sandbox.host.run(["nft", "list", "tables"]).stdout
+    assert table in tables
+    assert daemon.stop() == 0
+    assert table not in hns_sandbox.host.run(["nft", "list", "tables"]).stdout
