@@ -553,10 +553,17 @@ class Service:
                     if not dry_run:
                         resolv.remove_vm_resolv(entry)
         table = f"inet {naming.nft_table_name(self.instance)}"
-        if not networks and table in self.nft.list_tables():
+        tables = self.nft.list_tables()
+        if not networks and table in tables:
             found.append(f"nft table {table}")
             if not dry_run:
                 self._sync_nat()
+        # the daemon's inbound table of mirrored networks, left by a daemon that was killed
+        mirror = f"{naming.nft_table_name(self.instance)}-mirror"
+        if f"inet {mirror}" in tables and not any(n.mirrored for n in networks):
+            found.append(f"nft table inet {mirror}")
+            if not dry_run:
+                self.nft.apply(render_delete("inet", mirror))
         return found
 
 

@@ -195,3 +195,50 @@ def test_daemon_stop_removes_the_inbound_table(hns_sandbox: Sandbox, mvm: Sandbo
     assert table in tables
     assert daemon.stop() == 0
     assert table not in hns_sandbox.host.run(["nft", "list", "tables"]).stdout
+
+
+def test_host_address_loopback(hns_sandbox: Sandbox, daemon: DaemonProc) -> None:
+    on = hns_sandbox.vm("on", mirrored(hns_sandbox, "On", "--host-address-loopback", "on"))
+    serve(on, 8087)
+    until(lambda: reaches(hns_sandbox.outside, f"http://{HOST}:8087/", OUTSIDE),
+          "the port to be forwarded")
+    # the host reaching its own address reaches the VM, from the transit gateway
+    result = curl(hns_sandbox.host, f"http://{HOST}:8087/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(hns_sandbox.service.get_network("On").gateway)
+
+
+def test_without_host_address_loopback_the_host_address_is_the_hosts(
+        hns_sandbox: Sandbox, mvm: SandboxVm, daemon: DaemonProc) -> None:
+    serve(mvm, 8088)
+    until(lambda: reaches(hns_sandbox.outside, f"http://{HOST}:8088/", OUTSIDE),
+          "the port to be forwarded")
+    assert refused(hns_sandbox.host, f"http://{HOST}:8088/")
+
+
+def test_vm_addresses_follow_the_host(hns_sandbox: Sandbox, mvm: SandboxVm,
+                                      daemon: DaemonProc) -> None:
+    def vm_addresses() -> str:
+        return str(mvm.run(["ip", "-o", "addr", "show", "dev", "eth0"]).stdout)
+
+    hns_sandbox.host.run(["ip", "addr", "add", "198.51.100.9/24", "dev", "up0"], check=True)
+    hns_sandbox.host.run(["ip", "-6", "addr", "add", "2001:db8:100::9/64", "dev", "up0",
+                          "nodad"], check=True)
+    until(lambda: "198.51.100.9/24" in vm_addresses() and "2001:db8:100::9/64"
+          in vm_addresses(), "the new host addresses in the VM")
+    hns_sandbox.host.run(["ip", "addr", "del", "198.51.100.9/24", "dev", "up0"], check=True)
+    until(lambda: "198.51.100.9" not in vm_addresses(), "the removed address to go")
+    assert "198.51.100.2/24" in vm_addresses()
+
+
+def test_gc_removes_the_table_of_a_killed_daemon(hns_sandbox: Sandbox, mvm: SandboxVm,
+                                                 daemon: DaemonProc) -> None:
+    table = f"inet hns-{hns_sandbox.service.instance}-mirror"
+    daemon.kill()                                   # SIGKILL: no clean-up of its own
+    assert table in hns_sandbox.host.run(["nft", "list", "tables"]).stdout
+    assert hns_sandbox.hnsctl("vm", "delete", "box").returncode == 0
+    assert hns_sandbox.hnsctl("network", "delete", "M").returncode == 0
+    result = hns_sandbox.hnsctl("gc")
+    assert result.returncode == 0, result.stderr
+    assert table in result.stdout
+    assert table not in hns_sandbox.host.run(["nft", "list", "tables"]).stdout
