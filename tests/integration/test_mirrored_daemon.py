@@ -242,3 +242,17 @@ def test_gc_removes_the_table_of_a_killed_daemon(hns_sandbox: Sandbox, mvm: Sand
     assert result.returncode == 0, result.stderr
     assert table in result.stdout
     assert table not in hns_sandbox.host.run(["nft", "list", "tables"]).stdout
+
+
+def test_names_resolve_through_the_gateway(hns_sandbox: Sandbox, daemon: DaemonProc) -> None:
+    from test_dns import ADDRESS, NAME, start_dnsmasq
+    hns_sandbox.set_host_resolv(f"nameserver {hns_sandbox.outside_ip}\n")
+    start_dnsmasq(hns_sandbox)
+    vm = hns_sandbox.vm("box", mirrored(hns_sandbox))
+    gateway = str(hns_sandbox.service.get_network("M").gateway)
+    until(lambda: any(e["Network"] == "M" and e["State"] == "listening"
+                      for e in daemon.status().get("Dns", [])), "the DNS listener")
+    answer = vm.run(["dig", "+short", "+tries=1", "+time=10", f"@{gateway}", NAME])
+    assert answer.stdout.split() == [ADDRESS], answer.stdout + answer.stderr
+    glibc = vm.run(["getent", "hosts", NAME])
+    assert glibc.returncode == 0 and glibc.stdout.split() == [ADDRESS, NAME], glibc.stderr
