@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from hns.errors import HnsError, KernelError
-from hns.model import HostPort, Network, Vm, parse_on_off
+from hns.model import HostPort, Network, Vm, format_port_list, parse_on_off
 from hns.netns import netns_exists
 from hns.process import exec_in_netns
 from hns.service import DEFAULT_STATE_DIR, Service
@@ -126,9 +126,14 @@ def _show(obj: Network | Vm, as_json: bool) -> None:
     if as_json:
         _print_json(data)
         return
+    width = max(len(key) for key in data) + 2
     for key, value in data.items():
+        if isinstance(value, list) and (key == "IgnoredPorts" or value) and all(
+                isinstance(v, int | str) for v in value):
+            value = (",".join(str(v) for v in value) if key != "IgnoredPorts" else
+                     format_port_list(tuple(int(v) for v in value))) or "none"
         if not isinstance(value, list | dict):
-            print(f"{key + ':':<20}{value}")
+            print(f"{key + ':':<{width}}{value}")
 
 
 def _network_cmd(svc: Service, args: argparse.Namespace) -> int:

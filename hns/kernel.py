@@ -112,6 +112,7 @@ class HostKernel:
                     continue
                 net = IPv4Network(f"{addr}/{msg['prefixlen']}", strict=False)
                 found.append((f"address {addr}/{msg['prefixlen']} on {dev}", net))
+                found.append((f"address {addr} on {dev}", IPv4Network(addr)))
             for msg in ipr.get_routes(family=socket.AF_INET):
                 dev = names.get(msg.get_attr("RTA_OIF"), "?")
                 dst = msg.get_attr("RTA_DST")

@@ -190,10 +190,7 @@ class Service:
                 remembered = self.store.remembered_subnet(name, db)
                 if remembered is not None and mirrored != remembered.subnet_of(TRANSIT_POOL):
                     remembered = None   # the name was used for a network of the other type
-                pools, size_of = (((TRANSIT_POOL,), TRANSIT_PREFIXLEN) if mirrored else
-                                  (ipam.DEFAULT_POOLS, ipam.DEFAULT_PREFIXLEN))
-                choice = ipam.choose_subnet([n for _, n in others + host_taken], remembered,
-                                            pools, size_of)
+                choice = self._choose_subnet(mirrored, others, host_taken, remembered)
                 chosen = choice.subnet
                 if choice.replaced is not None:
                     log.warning("the address range %s remembered for network %s collides with "
@@ -213,6 +210,23 @@ class Service:
             raise
         self._poke_daemon()
         return net
+
+    @staticmethod
+    def _choose_subnet(mirrored: bool, others: list[tuple[str, IPv4Network]],
+                       host_taken: list[tuple[str, IPv4Network]],
+                       remembered: IPv4Network | None) -> ipam.SubnetChoice:
+        if not mirrored:
+            return ipam.choose_subnet([n for _, n in others + host_taken], remembered)
+        # A transit /24's own route is more specific than a wider host route (the
+        # link-local 169.254.0.0/16 that NetworkManager and avahi add): only the host's
+        # prefixes as specific as the /24, and its own addresses, take a /24.
+        taken = [n for _, n in others] + [n for _, n in host_taken
+                                          if n.prefixlen >= TRANSIT_PREFIXLEN]
+        try:
+            return ipam.choose_subnet(taken, remembered, (TRANSIT_POOL,), TRANSIT_PREFIXLEN)
+        except Conflict:
+            raise Conflict(f"no free /{TRANSIT_PREFIXLEN} left in {TRANSIT_POOL} for the "
+                           "transit network of a mirrored network") from None
 
     def _apply_network(self, net: Network) -> None:
         self._ensure_bridge(net)

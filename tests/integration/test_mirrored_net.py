@@ -315,10 +315,6 @@ def test_a_mirrored_network_created_again_gets_the_same_transit_subnet(
     assert show(hns_sandbox, "network", "m")["Subnet"] == subnet
 
 
-@pytest.mark.xfail(reason="the transit /24 is refused when any host route overlaps it, so "
-                   "the common link-local route 169.254.0.0/16 (NetworkManager, avahi) "
-                   "leaves no free /24; the error then says 'pass --subnet', which a "
-                   "mirrored network refuses", strict=True)
 def test_a_host_link_local_route_does_not_block_a_mirrored_network(
         hns_sandbox: Sandbox) -> None:
     ok(hns_sandbox.host.run(["ip", "route", "add", "169.254.0.0/16", "dev", "up0", "scope",
