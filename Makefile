@@ -32,6 +32,7 @@ bench: deps
 	$(BIN)/python bench/bench_portmap.py
 	$(BIN)/python bench/bench_relay.py
 	$(BIN)/python bench/bench_forward.py
+	$(BIN)/python bench/bench_mirrored.py
 
 lint: deps
 	$(BIN)/ruff check hns nat portproxy tests bench examples
