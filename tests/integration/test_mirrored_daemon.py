@@ -74,6 +74,9 @@ def test_outside_reaches_a_vm_server_at_the_host_address(
     until(lambda: refused(hns_sandbox.outside, f"http://{HOST}:8080/"),
           "the port to be released")
     until(lambda: state_of(daemon, "box", 8080) is None, "the status row to go")
+    # released to the host: a host server can take the port on every address now
+    serve_host(hns_sandbox.host, 8080, "0.0.0.0")
+    assert reaches(hns_sandbox.outside, f"http://{HOST}:8080/", "host")
 
 
 def test_outside_reaches_a_vm_server_over_ipv6(hns_sandbox: Sandbox, mvm: SandboxVm,
@@ -256,3 +259,15 @@ def test_names_resolve_through_the_gateway(hns_sandbox: Sandbox, daemon: DaemonP
     assert answer.stdout.split() == [ADDRESS], answer.stdout + answer.stderr
     glibc = vm.run(["getent", "hosts", NAME])
     assert glibc.returncode == 0 and glibc.stdout.split() == [ADDRESS, NAME], glibc.stderr
+
+
+def test_host_loopback_reaches_a_vm_udp_server_on_both_families(
+        hns_sandbox: Sandbox, mvm: SandboxVm, daemon: DaemonProc) -> None:
+    mvm.popen(["socat", "UDP6-RECVFROM:5454,reuseaddr,fork", "SYSTEM:echo $SOCAT_PEERADDR"])
+    wait_listening(mvm, 5454, udp=True)
+    until(lambda: udp_ask(hns_sandbox.host, "::1", 5454, tries=1) != "",
+          "host [::1] to reach the VM's UDP server")
+    until(lambda: udp_ask(hns_sandbox.host, "127.0.0.1", 5454, tries=1) != "",
+          "host 127.0.0.1 to reach the dual-stack UDP server")
+    until(lambda: udp_ask(hns_sandbox.outside, HOST6, 5454, tries=1) != "",
+          "the outside to reach it at the host's IPv6 address")
