@@ -536,6 +536,8 @@ class Service:
             self._teardown_vm(vm)
             self._apply_vm(vm, by_id[vm.network_id])
             made.append(f"vm {vm.name} ({vm.ip}, {vm.mac})")
+        if networks:
+            self._poke_daemon()     # mirrored VMs' tables were made again: their ports too
         return made
 
     def gc(self, dry_run: bool = False) -> list[str]:

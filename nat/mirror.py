@@ -18,18 +18,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from nat.ruleset import Chain, Table, _ident, _ifname
+from nat.ruleset import Chain, Set, Table, _ident, _ifname
 
 __all__ = [
     "VM_TABLE",
     "InboundPort",
     "inbound_table",
+    "render_host_ports",
     "render_inbound_elements",
     "render_vm_table",
     "vm_table",
 ]
 
 VM_TABLE = "hns-mirror"
+HOST_SETS = {4: "host4", 6: "host6"}
 PROTOCOLS = ("tcp", "udp")
 MARK_HOST = "0x686e7301"     # conntrack mark of host-originated inbound (output DNAT)
 
@@ -40,18 +42,40 @@ def vm_table(ifname: str, transit4: IPv4Address, transit6: IPv6Address,
     if not isinstance(transit4, IPv4Address) or not isinstance(transit6, IPv6Address):
         raise ValueError("transit addresses must be IPv4 and IPv6 addresses")
     pre: list[str] = []
+    out: list[str] = []
     post = [f'oifname "{dev}" ip saddr != {transit4} snat ip to {transit4}',
             f'oifname "{dev}" ip6 saddr != {transit6} ip6 saddr != fe80::/10 '
             f'snat ip6 to {transit6}']
     if primary4 is not None:
         pre.append(f'iifname "{dev}" ip daddr {transit4} '
                    f'dnat ip to {IPv4Address(primary4)}')
+        out.append(f"ip daddr {IPv4Address(primary4)} meta l4proto . th dport @{HOST_SETS[4]} "
+                   "redirect")
     if primary6 is not None:
         pre.append(f'iifname "{dev}" ip6 daddr {transit6} dnat ip6 to {IPv6Address(primary6)}')
+        out.append(f"ip6 daddr {IPv6Address(primary6)} meta l4proto . th dport "
+                   f"@{HOST_SETS[6]} redirect")
     return Table("inet", VM_TABLE, (
         Chain("prerouting", tuple(pre), type="nat", hook="prerouting", priority="dstnat"),
+        Chain("output", tuple(out), type="nat", hook="output", priority="-100"),
         Chain("postrouting", tuple(post), type="nat", hook="postrouting", priority="srcnat"),
-    ))
+    ), sets=tuple(Set(name, ("inet_proto", "inet_service")) for name in HOST_SETS.values()))
+
+
+def render_host_ports(verb: str, keys: Iterable[tuple[int, str, int]]) -> str:
+    """``add`` or ``delete`` (family, protocol, port) elements of the VM table's host-port
+    sets: the host's loopback services the VM reaches at the host's address (host-address
+    loopback: the ``output`` chain redirects them to the VM's loopback, where the daemon's
+    relay to the host's loopback listens)."""
+    if verb not in ("add", "delete"):
+        raise ValueError(f"bad verb {verb!r}")
+    lines = []
+    for family, protocol, port in sorted(set(keys)):
+        if protocol not in PROTOCOLS or type(port) is not int or not 1 <= port <= 65535:
+            raise ValueError(f"bad host port {protocol!r} {port!r}")
+        lines.append(f"{verb} element inet {VM_TABLE} {HOST_SETS[family]} "
+                     f"{{ {protocol} . {port} }}\n")
+    return "".join(lines)
 
 
 def render_vm_table(ifname: str, transit4: IPv4Address, transit6: IPv6Address,

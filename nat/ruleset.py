@@ -27,6 +27,7 @@ __all__ = [
     "Map",
     "NatSpec",
     "PortMapSpec",
+    "Set",
     "Table",
     "hairpin_rule",
     "masquerade_rule",
@@ -121,11 +122,29 @@ class Map:
 
 
 @dataclass(frozen=True)
+class Set:
+    """A named set of concatenated ``key`` types (elements are added later)."""
+
+    name: str
+    key: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _ident(self.name)
+        for word in self.key:
+            if word not in DATA_TYPES:
+                raise ValueError(f"bad set data type {word!r}")
+
+    def render(self) -> str:
+        return f"\tset {self.name} {{\n\t\ttype {' . '.join(self.key)}\n\t}}"
+
+
+@dataclass(frozen=True)
 class Table:
     family: str
     name: str
     chains: tuple[Chain, ...] = field(default=())
     maps: tuple[Map, ...] = field(default=())
+    sets: tuple[Set, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -133,7 +152,7 @@ class Table:
         _ident(self.name)
 
     def render(self) -> str:
-        body = "\n".join([*(m.render() for m in self.maps),
+        body = "\n".join([*(x.render() for x in self.sets), *(m.render() for m in self.maps),
                           *(chain.render() for chain in self.chains)])
         return f"table {self.family} {self.name} {{\n{body}\n}}\n"
 

@@ -44,7 +44,13 @@ from hns.model import Network, Vm
 from hns.naming import nft_table_name
 from hns.netns import run_in_netns
 from hns.store import Store
-from nat.mirror import InboundPort, inbound_table, render_inbound_elements, render_vm_table
+from nat.mirror import (
+    InboundPort,
+    inbound_table,
+    render_host_ports,
+    render_inbound_elements,
+    render_vm_table,
+)
 from nat.nft import Nft
 from portproxy.engine import Engine, Relay, TimerHandle
 from portproxy.forward_plan import Claims, ForwardKey
@@ -120,6 +126,7 @@ class Mirror:
         self._table_made = False
         self._listeners: dict[tuple[str, ForwardKey, bool], _Listener] = {}
         self._own: set[int] = set()
+        self._host_ports: dict[str, frozenset[tuple[int, str, int]]] = {}
         self._timer: TimerHandle | None = None
 
     # -- the Component protocol -----------------------------------------------------------
@@ -136,6 +143,7 @@ class Mirror:
         if not desired:
             self._stop_all()
             return
+        self._host_ports = {}     # the VM tables may have been rendered again: add anew
         self._open_host()
         for name, vm in desired.items():
             if name not in self._watches:
@@ -171,6 +179,7 @@ class Mirror:
             self._timer = None
         for name in list(self._watches):
             self._unwatch(name)
+        self._host_ports = {}
         for ident in list(self._listeners):
             self._stop(ident)
         self._plan = MirrorPlan()
@@ -202,6 +211,7 @@ class Mirror:
     def _unwatch(self, name: str) -> None:
         watch = self._watches.pop(name)
         self._order.remove(name)
+        self._host_ports.pop(name, None)
         for ident in [i for i in self._listeners if i[0] == name]:
             self._stop(ident)
         watch.tracker.close()
@@ -317,6 +327,7 @@ class Mirror:
                 view.primary6))
         except (HnsError, OSError) as exc:
             log.warning("vm %s: cannot mirror the host's addresses: %s", watch.vm.name, exc)
+        self._host_ports.pop(watch.vm.name, None)   # a new table: its sets are empty
 
     def _render_table(self) -> None:
         addresses = [a.ip for a in self._view.addresses] if self._view is not None else []
@@ -343,6 +354,7 @@ class Mirror:
                             key.protocol, key.port, key.family, reason)
         self._apply_inbound()
         self._apply_listeners()
+        self._apply_host_ports()
 
     def _inbound_port(self, vm: str, key: ForwardKey) -> InboundPort:
         watch = self._watches[vm]
@@ -379,6 +391,28 @@ class Mirror:
                 listener = _Listener(ident[0], ident[1], ident[2], target)
                 self._listeners[ident] = listener
                 self._start(listener)
+
+    def _apply_host_ports(self) -> None:
+        """Host-address loopback, the VM's way: the host's loopback services that a VM
+        reaches through its relay at 127.0.0.1 it reaches at the host's address too."""
+        for name, watch in self._watches.items():
+            if not watch.net.host_address_loopback or not watch.ready:
+                continue
+            desired = frozenset((key.family, key.protocol, key.port)
+                                for vm, key in self._plan.reverse if vm == name)
+            current = self._host_ports.get(name)
+            if current == desired:
+                continue
+            script = render_host_ports("add", desired - (current or frozenset()))
+            if current:
+                script = render_host_ports("delete", current - desired) + script
+            try:
+                if script:
+                    Nft(watch.vm.netns).apply(script)
+                self._host_ports[name] = desired
+            except HnsError as exc:
+                log.warning("vm %s: cannot update its host ports: %s", name, exc)
+                self._host_ports.pop(name, None)
 
     def _start(self, listener: _Listener) -> None:
         listener.retry = None

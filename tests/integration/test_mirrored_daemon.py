@@ -209,6 +209,11 @@ def test_host_address_loopback(hns_sandbox: Sandbox, daemon: DaemonProc) -> None
     result = curl(hns_sandbox.host, f"http://{HOST}:8087/")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(hns_sandbox.service.get_network("On").gateway)
+    # and the VM reaching the host's address reaches the host's services
+    serve_host(hns_sandbox.host, 9191, "0.0.0.0")
+    until(lambda: reaches(on, f"http://{HOST}:9191/", "host"),
+          "the VM to reach a host service at the host's address")
+    assert reaches(on, f"http://{HOST}:8087/", HOST)   # its own port: itself
 
 
 def test_without_host_address_loopback_the_host_address_is_the_hosts(
@@ -217,6 +222,9 @@ def test_without_host_address_loopback_the_host_address_is_the_hosts(
     until(lambda: reaches(hns_sandbox.outside, f"http://{HOST}:8088/", OUTSIDE),
           "the port to be forwarded")
     assert refused(hns_sandbox.host, f"http://{HOST}:8088/")
+    serve_host(hns_sandbox.host, 9192, "0.0.0.0")
+    until(lambda: reaches(mvm, "http://127.0.0.1:9192/", "host"), "the loopback way")
+    assert refused(mvm, f"http://{HOST}:9192/")       # the address is the VM's own
 
 
 def test_vm_addresses_follow_the_host(hns_sandbox: Sandbox, mvm: SandboxVm,

@@ -23,7 +23,13 @@ from hns.mirrored import (
     transit6_subnet,
 )
 from hns.model import Network, NetworkType, Vm, format_port_list, parse_port_list
-from nat.mirror import InboundPort, inbound_table, render_inbound_elements, vm_table
+from nat.mirror import (
+    InboundPort,
+    inbound_table,
+    render_host_ports,
+    render_inbound_elements,
+    vm_table,
+)
 
 # port lists (--ignored-ports)
 
@@ -176,3 +182,20 @@ def test_inbound_elements_add_and_delete() -> None:
 def test_inbound_port_validates(protocol: str, port: int) -> None:
     with pytest.raises(ValueError):
         InboundPort(protocol, port, IPv4Address("169.254.0.2"))
+
+
+def test_vm_table_redirects_host_ports_at_the_host_address() -> None:
+    text = vm_table("eth0", IPv4Address("169.254.0.2"), IPv6Address("fd68:6e73:1:0::2"),
+                    IPv4Address("198.51.100.2"), IPv6Address("2001:db8:100::2")).render()
+    assert "set host4 {\n\t\ttype inet_proto . inet_service\n\t}" in text
+    assert "ip daddr 198.51.100.2 meta l4proto . th dport @host4 redirect" in text
+    assert "ip6 daddr 2001:db8:100::2 meta l4proto . th dport @host6 redirect" in text
+
+
+def test_render_host_ports() -> None:
+    assert render_host_ports("add", [(4, "tcp", 22), (6, "udp", 53)]) == (
+        "add element inet hns-mirror host4 { tcp . 22 }\n"
+        "add element inet hns-mirror host6 { udp . 53 }\n")
+    assert render_host_ports("delete", []) == ""
+    with pytest.raises(ValueError):
+        render_host_ports("add", [(4, "sctp", 22)])
