@@ -41,7 +41,6 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from hns.errors import HnsError
 from hns.model import NetworkType, Vm
 from hns.store import Store
 from portproxy.config import ProxyConfig
@@ -55,8 +54,8 @@ from portproxy.forward_plan import (
     reserved_by,
     wanted_keys,
 )
-from portproxy.tracker import VmTracker
-from portproxy.vmdial import DEFAULT_POOL_SIZE, VmDialer
+from portproxy.vmdial import DEFAULT_POOL_SIZE
+from portproxy.vmwatch import VmWatch
 
 __all__ = ["FULL_INTERVAL", "POLL_INTERVAL", "POLL_PER_VM", "Forwarder", "open_loopback"]
 
@@ -88,18 +87,6 @@ def open_loopback(key: ForwardKey) -> socket.socket:
 
 
 @dataclass
-class _Watch:
-    """One watched VM."""
-
-    vm: Vm
-    tracker: VmTracker
-    dialer: VmDialer
-    ready: bool = False
-    error: str | None = None
-    next_check: float = 0.0
-
-
-@dataclass
 class _Forward:
     """One host port served (or waiting to be) for one VM."""
 
@@ -127,7 +114,7 @@ class Forwarder:
         self.full_interval = full_interval
         self.retry_interval = retry_interval
         self.pool_size = pool_size
-        self._watches: dict[str, _Watch] = {}          # by VM name
+        self._watches: dict[str, VmWatch] = {}         # by VM name
         self._proxies: ProxyConfig | None = None      # made on first use: it does I/O
         self._reserved: dict[ForwardKey, str] = {}
         self._claims = Claims()
@@ -177,48 +164,16 @@ class Forwarder:
     # -- VMs ------------------------------------------------------------------------------
 
     def _watch(self, vm: Vm) -> None:
-        watch = _Watch(vm, VmTracker(vm.netns, full_interval=self.full_interval),
-                       VmDialer(vm.netns, self.engine.call_soon_threadsafe, self.pool_size))
+        watch = VmWatch(vm, self.engine.call_soon_threadsafe, full_interval=self.full_interval,
+                        pool_size=self.pool_size)
         self._watches[vm.name] = watch
-        self._open(watch, self.engine.now())
+        if watch.open(self.engine.now()):
+            self._claims.update(vm.name, wanted_keys(watch.tracker.sockets))
 
     def _unwatch(self, name: str) -> None:
         watch = self._watches.pop(name)
         self._claims.remove(name)
-        watch.tracker.close()
-        watch.dialer.close()
-
-    def _open(self, watch: _Watch, now: float) -> bool:
-        """Start tracking the VM's namespace; False (and retried later) if it cannot."""
-        watch.next_check = now + self.full_interval
-        try:
-            watch.tracker.open()
-            watch.tracker.poll(now)
-        except (OSError, HnsError) as exc:
-            watch.tracker.close()
-            self._failed(watch, str(exc))
-            return False
-        watch.ready, watch.error = True, None
-        log.debug("vm %s: watching %s", watch.vm.name, watch.vm.netns)
-        self._claims.update(watch.vm.name, wanted_keys(watch.tracker.sockets))
-        return True
-
-    def _reset(self, watch: _Watch, reason: str) -> None:
-        """Forget what the VM had; it is opened again at its next check."""
-        watch.tracker.close()
-        watch.dialer.close()
-        watch.tracker = VmTracker(watch.vm.netns, full_interval=self.full_interval)
-        watch.dialer = VmDialer(watch.vm.netns, self.engine.call_soon_threadsafe,
-                                self.pool_size)
-        watch.ready = False
-        self._claims.remove(watch.vm.name)
-        self._failed(watch, reason)
-
-    def _failed(self, watch: _Watch, reason: str) -> None:
-        if watch.error != reason:
-            log.warning("vm %s: cannot watch its listening sockets: %s (retrying)",
-                        watch.vm.name, reason)
-        watch.error = reason
+        watch.close()
 
     def _tick(self) -> None:
         self._timer = None
@@ -232,33 +187,18 @@ class Forwarder:
         changed = False
         for watch in list(self._watches.values()):
             try:
-                changed |= self._poll(watch, now)
+                if not watch.poll(now):
+                    continue
             except Exception as exc:     # one VM must not stop the others' polling
                 log.exception("vm %s: poll failed", watch.vm.name)
-                self._reset(watch, str(exc))
-                changed = True
+                watch.reset(str(exc))
+            changed = True
+            if watch.ready:
+                self._claims.update(watch.vm.name, wanted_keys(watch.tracker.sockets))
+            else:
+                self._claims.remove(watch.vm.name)
         if changed:
             self._replan()
-
-    def _poll(self, watch: _Watch, now: float) -> bool:
-        """Poll one VM; True when its claims may have changed."""
-        if now >= watch.next_check:
-            if not watch.ready:
-                return self._open(watch, now)
-            watch.next_check = now + self.full_interval
-            if watch.tracker.replaced():
-                self._reset(watch, f"namespace {watch.vm.netns} is gone or was replaced")
-                return True
-        if not watch.ready:
-            return False
-        try:
-            if not watch.tracker.poll(now):
-                return False
-        except OSError as exc:
-            self._reset(watch, str(exc))
-            return True
-        self._claims.update(watch.vm.name, wanted_keys(watch.tracker.sockets))
-        return True
 
     # -- forwards -------------------------------------------------------------------------
 

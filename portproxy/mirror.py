@@ -57,7 +57,7 @@ from portproxy.forward_plan import Claims, ForwardKey
 from portproxy.forwarder import FULL_INTERVAL, POLL_INTERVAL, POLL_PER_VM, open_loopback
 from portproxy.mirror_plan import Claim, MirrorPlan, host_keys, plan, vm_claims
 from portproxy.tracker import DiagSocket, VmTracker
-from portproxy.vmdial import VmDialer
+from portproxy.vmwatch import VmWatch
 
 __all__ = ["VIEW_INTERVAL", "Mirror"]
 
@@ -68,14 +68,15 @@ VIEW_INTERVAL = 1.0       # s between two reads of the host's addresses and rout
 
 @dataclass
 class _Watch:
-    vm: Vm
+    """A watched VM of a mirrored network, with what its sockets claim."""
+
+    w: VmWatch
     net: Network
-    tracker: VmTracker
-    dialer: VmDialer
-    ready: bool = False
-    error: str | None = None
-    next_check: float = 0.0
     claims: dict[ForwardKey, Claim] = field(default_factory=dict)
+
+    @property
+    def vm(self) -> Vm:
+        return self.w.vm
 
 
 @dataclass
@@ -203,35 +204,22 @@ class Mirror:
             self._host = host
 
     def _watch(self, vm: Vm, net: Network) -> None:
-        watch = _Watch(vm, net, VmTracker(vm.netns, full_interval=self.full_interval),
-                       VmDialer(vm.netns, self.engine.call_soon_threadsafe))
+        watch = _Watch(VmWatch(vm, self.engine.call_soon_threadsafe,
+                               full_interval=self.full_interval), net)
         self._watches[vm.name] = watch
-        self._open(watch, self.engine.now())
+        if watch.w.open(self.engine.now()):
+            self._update_claims(watch)
 
     def _unwatch(self, name: str) -> None:
         watch = self._watches.pop(name)
         self._order.remove(name)
         self._host_ports.pop(name, None)
+        self._stop_listeners(name)
+        watch.w.close()
+
+    def _stop_listeners(self, name: str) -> None:
         for ident in [i for i in self._listeners if i[0] == name]:
             self._stop(ident)
-        watch.tracker.close()
-        watch.dialer.close()
-
-    def _open(self, watch: _Watch, now: float) -> bool:
-        watch.next_check = now + self.full_interval
-        try:
-            watch.tracker.open()
-            watch.tracker.poll(now)
-        except (OSError, HnsError) as exc:
-            watch.tracker.close()
-            watch.tracker = VmTracker(watch.vm.netns, full_interval=self.full_interval)
-            if watch.error != str(exc):
-                log.warning("vm %s: cannot watch its sockets: %s (retrying)", watch.vm.name, exc)
-            watch.error = str(exc)
-            return False
-        watch.ready, watch.error = True, None
-        self._update_claims(watch)
-        return True
 
     def _sockets(self, tracker: VmTracker) -> list[DiagSocket]:
         return [s for s in tracker.sockets if s.inode not in self._own]
@@ -239,7 +227,7 @@ class Mirror:
     def _update_claims(self, watch: _Watch) -> None:
         primary = [a for a in (self._view.primary4, self._view.primary6) if a is not None] \
             if self._view is not None else []
-        watch.claims = vm_claims(self._sockets(watch.tracker), primary,
+        watch.claims = vm_claims(self._sockets(watch.w.tracker), primary,
                                  watch.net.ignored_ports)
         self._order.update(watch.vm.name, watch.claims)
 
@@ -258,38 +246,19 @@ class Mirror:
         if self._host is not None:
             changed |= self._host.poll(now)
         for watch in list(self._watches.values()):
-            if not watch.ready:
-                if now >= watch.next_check:
-                    changed |= self._open(watch, now)
+            if not watch.w.poll(now):
                 continue
-            if now >= watch.next_check:
-                watch.next_check = now + self.full_interval
-                if watch.tracker.replaced():
-                    self._reopen(watch)
-                    changed = True
-                    continue
-            try:
-                if watch.tracker.poll(now):
-                    self._update_claims(watch)
-                    changed = True
-            except OSError as exc:
-                log.warning("vm %s: %s", watch.vm.name, exc)
-                self._reopen(watch)
-                changed = True
+            changed = True
+            if watch.w.ready:
+                self._update_claims(watch)
+            else:                       # reset: its listeners go, it is opened again
+                self._stop_listeners(watch.vm.name)
+                watch.claims = {}
+                self._order.remove(watch.vm.name)
         if now >= self._next_view:
             changed |= self._refresh_view()
         if changed:
             self._replan()
-
-    def _reopen(self, watch: _Watch) -> None:
-        for ident in [i for i in self._listeners if i[0] == watch.vm.name]:
-            self._stop(ident)
-        watch.tracker.close()
-        watch.dialer.close()
-        watch.tracker = VmTracker(watch.vm.netns, full_interval=self.full_interval)
-        watch.dialer = VmDialer(watch.vm.netns, self.engine.call_soon_threadsafe)
-        watch.ready, watch.claims = False, {}
-        self._order.remove(watch.vm.name)
 
     # -- the host's view ------------------------------------------------------------------
 
@@ -396,7 +365,7 @@ class Mirror:
         """Host-address loopback, the VM's way: the host's loopback services that a VM
         reaches through its relay at 127.0.0.1 it reaches at the host's address too."""
         for name, watch in self._watches.items():
-            if not watch.net.host_address_loopback or not watch.ready:
+            if not watch.net.host_address_loopback or not watch.w.ready:
                 continue
             desired = frozenset((key.family, key.protocol, key.port)
                                 for vm, key in self._plan.reverse if vm == name)
@@ -436,7 +405,7 @@ class Mirror:
         if listener.to_host:
             dial_tcp, dial_udp = None, None       # the engine's namespace: the host
         else:
-            dial_tcp, dial_udp = watch.dialer.tcp, watch.dialer.udp
+            dial_tcp, dial_udp = watch.w.dialer.tcp, watch.w.dialer.udp
         if key.protocol == "tcp":
             listener.relay = self.engine.add_tcp(sock, target, name=listener.name,
                                                  dial=dial_tcp)

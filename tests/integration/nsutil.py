@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
 import subprocess
 import time
@@ -85,3 +87,44 @@ def snapshot(sandbox: Sandbox) -> dict[str, Any]:
         ).stdout.split() if ns.startswith(f"hns-{instance}-")),
         "nft": out(sandbox.host.run(["nft", "list", "ruleset"])),
     }
+
+
+class DaemonProc:
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([*self.sandbox.hnsctl_argv(), "daemon"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        def answering() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                _, err = self.proc.communicate()
+                raise AssertionError(f"the daemon exited ({self.proc.returncode}): {err}")
+            return self.status().get("Running") is True
+        wait_for(answering, "the daemon to answer")
+
+    def status(self) -> dict[str, Any]:
+        result = self.sandbox.hnsctl("--json", "status")
+        assert result.returncode == 0, result.stderr
+        return dict(json.loads(result.stdout))
+
+    def relay(self, name_part: str) -> dict[str, Any]:
+        for relay in self.status()["Relays"]:
+            if name_part in relay["Name"]:
+                return dict(relay)
+        raise AssertionError(f"no relay {name_part!r} in {self.status()}")
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            self.proc.communicate()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()

@@ -10,8 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from nsutil import wait_for, wait_listening
-from test_daemon import DaemonProc
+from nsutil import DaemonProc, wait_for, wait_listening
 
 from hns.testing import Sandbox, SandboxVm
 

@@ -6,12 +6,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from nsutil import udp_ask, wait_for, wait_listening
-from test_daemon import DaemonProc
+from nsutil import DaemonProc, udp_ask, wait_for, wait_listening
 
 from hns.testing import Peer, Sandbox, SandboxVm
 
@@ -19,14 +17,6 @@ from hns.testing import Peer, Sandbox, SandboxVm
 HTTP_WORD = "sed -n /^.$/q; echo HTTP/1.0 200 OK; echo; echo {word}"
 # ... or with the client's address as the server sees it.
 HTTP_PEER = "sed -n /^.$/q; echo HTTP/1.0 200 OK; echo; echo $SOCAT_PEERADDR"
-
-
-@pytest.fixture
-def daemon(hns_sandbox: Sandbox) -> Iterator[DaemonProc]:
-    d = DaemonProc(hns_sandbox)
-    d.start()
-    yield d
-    d.kill()
 
 
 def forwards(daemon: DaemonProc, vm: str | None = None) -> list[dict[str, Any]]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import ipaddress
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from nsutil import udp_ask, wait_for, wait_listening
-from test_daemon import DaemonProc
+from nsutil import DaemonProc, udp_ask, wait_for, wait_listening
 from test_forward import curl, reaches, refused, serve, stop
 
 from hns.testing import Peer, Sandbox, SandboxVm
@@ -18,14 +17,6 @@ from hns.testing import Peer, Sandbox, SandboxVm
 HOST = "198.51.100.2"
 HOST6 = "2001:db8:100::2"
 OUTSIDE = "198.51.100.1"
-
-
-@pytest.fixture
-def daemon(hns_sandbox: Sandbox) -> Iterator[DaemonProc]:
-    d = DaemonProc(hns_sandbox)
-    d.start()
-    yield d
-    d.kill()
 
 
 def mirrored(sandbox: Sandbox, name: str = "M", *flags: str) -> str:
