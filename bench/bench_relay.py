@@ -23,6 +23,13 @@ hold more fds than its hard RLIMIT_NOFILE; where that is below 2 x ``--idle`` pl
 few, the engine holds as many as it may and the figure for ``--idle`` is extrapolated
 from the measured cost per connection (the output says so).
 
+With the throughput it prints the engine / direct ratio of every round (the ways of a
+round run back to back, so a ratio compares like with like on a shared machine), the
+engine's CPU time per GB relayed, and how busy the whole machine was during each way's
+runs (a relay that terminates both connections needs more CPU per byte than forwarding:
+once the machine is saturated, that is the limit).  ``--steps`` picks the measurements
+and ``--ways`` the ways of the throughput runs (direct and engine at least).
+
 Both namespaces get ``ip_local_port_range`` 10000-65000 and ``tcp_tw_reuse`` (thousands
 of short connections leave TIME_WAITs).  The sandbox is closed in a ``finally``, also on
 Ctrl-C or SIGTERM.  The goals are printed, not asserted: the exit status is 0 whether or
@@ -52,6 +59,7 @@ WAYS = {"engine": 10000, "socat": 20000, "dnat": 30000}   # listening port = bas
 GOAL_THROUGHPUT = 0.8
 GOAL_IDLE_MB = 150.0
 MESSAGE = b"0123456789abcdef"
+STEPS = ("throughput", "rate", "rtt", "idle")
 
 
 def _progress(message: str) -> None:
@@ -226,10 +234,15 @@ def _hostport(text: str) -> tuple[str, int]:
 @dataclass
 class Results:
     iperf: dict[str, dict[str, float]] = field(default_factory=dict)    # way -> P -> Gbit/s
+    iperf_runs: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # every run
+    engine_ratio_runs: dict[str, list[float]] = field(default_factory=dict)  # P -> per round
     rate: dict[str, dict[str, float]] = field(default_factory=dict)     # way -> conc -> /s
     rtt: dict[str, dict[str, float]] = field(default_factory=dict)      # way -> p50/p99
     idle: dict[str, float] = field(default_factory=dict)
     engine_cpu_s: dict[str, float] = field(default_factory=dict)        # during iperf runs
+    engine_cpu_runs: dict[int, list[float]] = field(default_factory=dict)  # streams -> s
+    engine_cpu_per_gb: dict[str, float] = field(default_factory=dict)   # CPU s per GB relayed
+    machine_busy: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # 0..1
     notes: list[str] = field(default_factory=list)
 
 
@@ -313,19 +326,34 @@ class Bench:
     def throughput(self) -> None:
         """Each way in turn, ``--runs`` rounds (drift hits every way alike); medians."""
         runs: dict[tuple[str, int], list[float]] = {}
-        cpu: dict[int, list[float]] = {}
         for round_ in range(self.args.runs):
             for streams in (1, 4):
-                for way in ("direct", "dnat", "engine", "socat"):
+                for way in self.args.ways:
                     _progress(f"iperf3 {way} -P {streams} ({round_ + 1}/{self.args.runs})")
-                    cpu0 = self.engine_cpu()
-                    runs.setdefault((way, streams), []).append(self.iperf(way, streams))
-                    if way == "engine":
-                        cpu.setdefault(streams, []).append(self.engine_cpu() - cpu0)
+                    runs.setdefault((way, streams), []).append(self._iperf_run(way, streams))
+        r = self.results
         for (way, streams), gbps in runs.items():
-            self.results.iperf.setdefault(way, {})[f"P{streams}"] = statistics.median(gbps)
-        for streams, seconds in cpu.items():
-            self.results.engine_cpu_s[f"P{streams}"] = statistics.median(seconds)
+            r.iperf.setdefault(way, {})[f"P{streams}"] = statistics.median(gbps)
+            r.iperf_runs.setdefault(way, {})[f"P{streams}"] = gbps
+        for streams in (1, 4):
+            r.engine_ratio_runs[f"P{streams}"] = [
+                e / d for e, d in zip(runs["engine", streams], runs["direct", streams],
+                                      strict=True)]
+            r.engine_cpu_s[f"P{streams}"] = statistics.median(r.engine_cpu_runs[streams])
+            gbytes = [g * (self.args.seconds + 1) / 8 for g in runs["engine", streams]]
+            r.engine_cpu_per_gb[f"P{streams}"] = statistics.median(
+                c / gb for c, gb in zip(r.engine_cpu_runs[streams], gbytes, strict=True))
+
+    def _iperf_run(self, way: str, streams: int) -> float:
+        """One iperf3 run (Gbit/s); notes the engine's CPU time and the machine's."""
+        cpu0, busy0 = self.engine_cpu(), machine_cpu()
+        gbps = self.iperf(way, streams)
+        cpu1, busy1 = self.engine_cpu(), machine_cpu()
+        if way == "engine":
+            self.results.engine_cpu_runs.setdefault(streams, []).append(cpu1 - cpu0)
+        used = (busy1[0] - busy0[0]) / max(1e-9, busy1[1] - busy0[1])
+        self.results.machine_busy.setdefault(way, {}).setdefault(f"P{streams}", []).append(used)
+        return gbps
 
     def connection_rate(self) -> None:
         for way in ("direct", "engine", "socat"):
@@ -428,6 +456,13 @@ def iperf_gbps(client: Any, host: str, port: int, streams: int, seconds: int) ->
     return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) clock ticks of every CPU since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:8]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)     # idle and iowait are not busy
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -442,10 +477,11 @@ def run(args: argparse.Namespace) -> Results:
         _progress(f"sandbox {bench.sandbox.host_netns}")
         load = os.getloadavg()[0]
         bench.setup()
-        steps: list[Callable[[], None]] = [bench.throughput, bench.connection_rate,
-                                           bench.round_trips, bench.idle_memory]
-        for step in steps:
-            step()
+        steps: dict[str, Callable[[], None]] = {
+            "throughput": bench.throughput, "rate": bench.connection_rate,
+            "rtt": bench.round_trips, "idle": bench.idle_memory}
+        for name in args.steps:
+            steps[name]()
         bench.results.notes.append(
             f"load average (1 min) {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
             f"end, on {os.cpu_count()} CPUs: anything else running skews the figures")
@@ -459,50 +495,73 @@ def run(args: argparse.Namespace) -> Results:
 
 
 def goals(r: Results, idle_goal: int) -> list[tuple[str, float, str, bool]]:
-    """(name, value, limit text, passed)."""
+    """(name, value, limit text, passed) of the goals whose figures were measured."""
     out = []
-    for p in ("P1", "P4"):
+    for p in ("P1", "P4") if r.iperf else ():
         ratio = r.iperf["engine"][p] / r.iperf["direct"][p]
         out.append((f"engine throughput / direct, {p}", ratio, f">= {GOAL_THROUGHPUT}x",
                     ratio >= GOAL_THROUGHPUT))
-    for conc, per_s in r.rate["engine"].items():
+    for conc, per_s in r.rate.get("engine", {}).items():
         ratio = per_s / r.rate["socat"][conc]
         out.append((f"engine conn rate / socat, {conc}", ratio, ">= 1.0x", ratio >= 1.0))
-    mb = r.idle["rss_at_goal_count_mb"]
-    out.append((f"engine RSS with {idle_goal} idle conns (MB)", mb, f"<= {GOAL_IDLE_MB:g}",
-                mb <= GOAL_IDLE_MB))
+    if r.idle:
+        mb = r.idle["rss_at_goal_count_mb"]
+        out.append((f"engine RSS with {idle_goal} idle conns (MB)", mb,
+                    f"<= {GOAL_IDLE_MB:g}", mb <= GOAL_IDLE_MB))
     return out
 
 
 def print_table(r: Results, args: argparse.Namespace) -> None:
     print("Clients in the outside namespace for every way; direct = routed to the VM address "
           "through the host (no NAT, no relay).")
-    title = f"iperf3 -t {args.seconds} -O 1, median of {args.runs} (Gbit/s)"
-    print(f"\n{title:<40}{'-P 1':>8}{'-P 4':>8}   vs direct")
-    for way, by_p in r.iperf.items():
-        ratios = "  ".join(f"{by_p[p] / r.iperf['direct'][p]:.2f}x" for p in ("P1", "P4"))
-        print(f"  {way:<38}{by_p['P1']:8.2f}{by_p['P4']:8.2f}   {ratios}")
-    cpu = ", ".join(f"{p}: {s:.1f} s" for p, s in r.engine_cpu_s.items())
-    print(f"  engine CPU time during its runs ({args.seconds + 1} s each): {cpu}")
-    print("  (the engine is one thread: its kernel TCP work on both connections runs on one "
-          "CPU, while\n  forwarding and DNAT spread over all of them -- it shows with -P 4)")
-    print(f"\nconnection rate ({args.conns} short connections, Python selectors client; "
-          f"conn/s)")
+    if r.iperf:
+        print_throughput(r, args)
+    if r.rate:
+        print(f"\nconnection rate ({args.conns} short connections, Python selectors client; "
+              f"conn/s)")
     for way, by_c in r.rate.items():
         cells = "".join(f"{c:>6}: {v:8.0f}" for c, v in by_c.items())
         print(f"  {way:<10}{cells}")
-    print(f"\nround trip, 64-byte messages on one connection ({args.rtts}; microseconds)")
+    if r.rtt:
+        print(f"\nround trip, 64-byte messages on one connection ({args.rtts}; microseconds)")
     for way, rtt in r.rtt.items():
         print(f"  {way:<10} p50 {rtt['p50_us']:8.1f}   p99 {rtt['p99_us']:8.1f}")
-    i = r.idle
-    print(f"\nengine RSS: {i['rss_before_mb']:.1f} MB at start, {i['rss_held_mb']:.1f} MB "
-          f"holding {i['connections']:.0f} idle connections ({i['per_connection_kb']:.2f} "
-          f"KB each) -> {i['rss_at_goal_count_mb']:.1f} MB for {args.idle}")
+    if r.idle:
+        print_idle(r, args)
     for note in r.notes:
         print(f"note: {note}")
     print(f"\n{'goal':<46}{'value':>10}  {'limit':<10}result")
     for name, value, limit, passed in goals(r, args.idle):
         print(f"{name:<46}{value:>10.2f}  {limit:<10}{'PASS' if passed else 'MISS'}")
+
+
+def print_throughput(r: Results, args: argparse.Namespace) -> None:
+    title = f"iperf3 -t {args.seconds} -O 1, median [range] of {args.runs} (Gbit/s)"
+    print(f"\n{title}")
+    for way, by_p in r.iperf.items():
+        cells = "".join(
+            f"   -P {p[1:]} {by_p[p]:6.2f} [{min(r.iperf_runs[way][p]):.1f}-"
+            f"{max(r.iperf_runs[way][p]):.1f}] {by_p[p] / r.iperf['direct'][p]:.2f}x"
+            for p in ("P1", "P4"))
+        print(f"  {way:<8}{cells}")
+    ratios = "   ".join(
+        f"-P {p[1:]}: " + " ".join(f"{x:.2f}" for x in r.engine_ratio_runs[p])
+        for p in ("P1", "P4"))
+    print(f"  engine / direct of each round: {ratios}")
+    cpu = ", ".join(f"{p}: {s:.1f} s ({r.engine_cpu_per_gb[p]:.2f} s per GB)"
+                    for p, s in r.engine_cpu_s.items())
+    print(f"  engine CPU time during its runs ({args.seconds + 1} s each): {cpu}")
+    busy = "; ".join(f"{way} " + " ".join(
+        f"-P {p[1:]} {statistics.median(v) * 100:.0f}%" for p, v in by_p.items())
+        for way, by_p in r.machine_busy.items())
+    print(f"  machine CPU busy (all CPUs, everything running), median: {busy}")
+
+
+def print_idle(r: Results, args: argparse.Namespace) -> None:
+    i = r.idle
+    print(f"\nengine RSS: {i['rss_before_mb']:.1f} MB at start, {i['rss_held_mb']:.1f} MB "
+          f"holding {i['connections']:.0f} idle connections ({i['per_connection_kb']:.2f} "
+          f"KB each) -> {i['rss_at_goal_count_mb']:.1f} MB for {args.idle}")
 
 
 # -- command line ----------------------------------------------------------------------
@@ -522,6 +581,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="idle connections held by the engine (default %(default)s)")
     p.add_argument("--pipe-size", type=int, default=0,
                    help="the engine's pipe size in bytes (default: the engine's)")
+    p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
+                   help="what to measure (default: all of %(choices)s)")
+    p.add_argument("--ways", nargs="+", choices=("direct", "dnat", "engine", "socat"),
+                   default=["direct", "dnat", "engine", "socat"],
+                   help="the ways iperf3 measures, in each round (default: all)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--role", choices=("bench", "engine", "echo", "client"), default="bench",
                    help=argparse.SUPPRESS)
@@ -530,7 +594,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--host", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not {"direct", "engine"} <= set(args.ways):
+        p.error("--ways must include direct and engine")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
