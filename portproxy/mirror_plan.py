@@ -25,7 +25,7 @@ A key is not taken from the host: when the host itself listens on the port (on a
 wildcard, loopback or one of its addresses) or a kernel port mapping holds it, every
 claim on it is a conflict.  Between VMs, the first claim seen holds the key (the
 sequence numbers of :class:`~portproxy.forward_plan.Claims`).  Ignored ports are never
-claimed.
+claimed, nor are the DHCP client ports (``NEVER_FORWARDED``).
 
 The other direction: each host socket listening on loopback or a wildcard is served
 inside every mirrored VM on the VM's loopback of the family (``reverse``), except in a
@@ -41,7 +41,12 @@ from dataclasses import dataclass, field
 from portproxy.forward_plan import ForwardKey
 from portproxy.tracker import DiagSocket
 
-__all__ = ["Claim", "MirrorPlan", "host_keys", "plan", "vm_claims"]
+__all__ = ["NEVER_FORWARDED", "Claim", "MirrorPlan", "host_keys", "plan", "vm_claims"]
+
+# Host traffic never steered into a VM, as WSL keeps UDP 68: the DHCP clients' ports
+# (the host's own DHCP client uses a raw socket, which no sock_diag dump shows, so the
+# port would not look taken).
+NEVER_FORWARDED = frozenset({("udp", 68), ("udp", 546)})
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -100,7 +105,7 @@ def vm_claims(sockets: Iterable[DiagSocket], primary: Iterable[IPAddress],
     primary, skip = tuple(primary), frozenset(ignored)
     claims: dict[ForwardKey, Claim] = {}
     for sock in sockets:
-        if sock.port in skip:
+        if sock.port in skip or (sock.protocol, sock.port) in NEVER_FORWARDED:
             continue
         for key, claim in _socket_claims(sock, primary):
             old = claims.get(key)

@@ -82,3 +82,10 @@ def test_plan_serves_host_loopback_in_every_vm_but_where_taken_or_ignored() -> N
                   ignored={"c": (22,)})
     assert result.reverse == {("a", key(631)), ("a", key(22)), ("b", key(22)), ("c", key(631))}
     assert result.conflicts == {("b", key(631)): "the host listens on it"}
+
+
+def test_dhcp_client_ports_are_never_claimed() -> None:
+    sockets = [DiagSocket("udp", socket.AF_INET, "0.0.0.0", 68, 7),
+               DiagSocket("udp", socket.AF_INET6, "::", 546, 7, v6only=True),
+               DiagSocket("udp", socket.AF_INET, "0.0.0.0", 69, 7)]
+    assert vm_claims(sockets, PRIMARY) == {key(69, protocol="udp"): Claim("127.0.0.1", True)}
