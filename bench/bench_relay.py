@@ -9,7 +9,7 @@ on the same links whatever the way -- which is why that is the fair comparison:
   route to the subnet is added to the outside namespace for the benchmark);
 * **dnat**: the uplink address, a kernel DNAT rule of our own (``table inet benchdnat``);
 * **engine**: the uplink address, the relay engine in its own process in the host
-  namespace (this script's ``--role engine``; splice, one thread);
+  namespace (this script's ``--role engine``; splice, the default worker loops);
 * **socat**: the uplink address, ``socat TCP-LISTEN:P,fork,reuseaddr TCP:vm:port``.
 
 Measures, in one run: iperf3 (``-t --seconds``, ``-O 1``; receiver's rate) with one

@@ -119,6 +119,10 @@ class Way:
             return self._send(fd, n)
         return _splice(self._r, fd, n, None, None, SPLICE_FLAGS)
 
+    def move_to(self, pool: PipePool) -> None:
+        """From now on, get pipes from ``pool`` and give them back to it (another loop's)."""
+        self._pool = pool
+
     def emptied(self) -> None:
         """The buffer is empty: give its pipe back to the pool."""
         if self._r >= 0:

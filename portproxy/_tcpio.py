@@ -1,12 +1,14 @@
 """The I/O half of the TCP relay: accept, dial, and move bytes as ``portproxy.tcp`` says.
 
 Theory of operation: a :class:`TcpRelay` accepts in batches on its (level-triggered)
-listening socket; for each client it dials the target and makes a :class:`Connection`,
-which registers both sockets edge-triggered and keeps what epoll reported (readable,
-writable) per socket until a system call says EAGAIN.  :meth:`Connection.pump` moves
-both directions in rounds -- fill a half's buffer from its source while the state wants
-it, drain it to its sink -- until a round moves nothing, or until a budget of rounds is
-spent, when it defers itself so other connections get their turn.
+listening socket; for each client it dials the target and makes a :class:`Connection`
+on the main loop, which moves it to a worker loop once it proves bulky (see
+``portproxy.engine``).  The connection registers both sockets edge-triggered and keeps
+what epoll reported (readable, writable) per socket until a system call says EAGAIN.
+:meth:`Connection.pump` moves both directions in rounds -- fill a half's buffer from its
+source while the state wants it, drain it to its sink -- until a round moves nothing,
+or until a budget of rounds is spent, when it defers itself so other connections get
+their turn.
 
 A short read empties the socket, so the readable mark is dropped without the read that
 would only say EAGAIN (new bytes bring a new edge) -- except once the peer's FIN or an
@@ -28,6 +30,7 @@ import logging
 import select
 import socket
 import struct
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -56,6 +59,7 @@ log = logging.getLogger("portproxy.engine")
 DEFAULT_CONNECT_TIMEOUT = 10.0
 ACCEPT_BATCH = 64          # connections accepted per wake-up of a listening socket
 PUMP_ROUNDS = 16           # rounds a connection moves per wake-up before it yields
+BULK_BYTES = 4 << 20       # bytes after which a connection may move to a worker loop
 ACCEPT_PAUSE = 1.0         # seconds a listener rests after running out of fds
 _ET_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _IN_MASK = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
@@ -114,7 +118,8 @@ class TcpRelay(Relay):
         self.listener = listener
         self.dial = dial
         self.connect_timeout = connect_timeout
-        self.conns: set[Connection] = set()
+        self.conns: set[Connection] = set()   # on every loop; guarded by _lock
+        self._lock = threading.Lock()
         self._closing = False
         self._paused: TimerHandle | None = None
 
@@ -134,8 +139,14 @@ class TcpRelay(Relay):
         with contextlib.suppress(OSError):
             self.engine._unregister(self.listener.fileno())
         self.listener.close()
-        for conn in list(self.conns):
-            conn.kill()
+        with self._lock:
+            conns = list(self.conns)
+        for conn in conns:
+            loop = conn.engine
+            if loop._on_loop_thread():
+                conn.kill()
+            else:
+                loop.call_soon_threadsafe(conn.kill)
 
     def _on_accept(self, _mask: int) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -154,7 +165,8 @@ class TcpRelay(Relay):
     def _pause(self, exc: OSError) -> None:
         """Out of fds or memory: stop accepting for a while instead of spinning."""
         log.warning("%s: accept: %s; pausing %.0f s", self.name, exc.strerror, ACCEPT_PAUSE)
-        self.errors += 1
+        with self._lock:
+            self.errors += 1
         self.engine._unregister(self.listener.fileno())
         self._paused = self.engine.call_later(ACCEPT_PAUSE, self._resume)
 
@@ -170,38 +182,43 @@ class TcpRelay(Relay):
             target = self.dial(self.connect)
         except OSError as exc:
             log.debug("%s: dial %s: %s", self.name, self.connect, exc)
-            self.errors += 1
+            with self._lock:
+                self.errors += 1
             _reset(client)
             return
         try:
             conn = Connection(self, client, target)
         except OSError as exc:
             log.warning("%s: cannot watch a connection: %s", self.name, exc)
-            self.errors += 1
+            with self._lock:
+                self.errors += 1
             _reset(client)
             target.close()
             return
-        self.conns.add(conn)
+        with self._lock:
+            self.conns.add(conn)
 
     def finished(self, conn: Connection, outcome: Outcome, err: int) -> None:
-        self.conns.discard(conn)
-        if self._closing:
-            return
+        with self._lock:
+            self.conns.discard(conn)
+            if self._closing:
+                return
+            if outcome.is_error:
+                self.errors += 1
+            elif outcome is Outcome.RESET:
+                self.resets += 1
         if outcome.is_error:
-            self.errors += 1
             log.debug("%s: %s (%s)", self.name, outcome.value, errno.errorcode.get(err, err))
-        elif outcome is Outcome.RESET:
-            self.resets += 1
 
 
 class Connection:
     """The sockets, buffers and readiness of one relayed connection."""
 
-    __slots__ = ("closed", "engine", "fds", "hup", "rd", "relay", "socks", "state", "timer",
-                 "ways", "wr")
+    __slots__ = ("closed", "engine", "fds", "hup", "placed", "rd", "relay", "socks", "state",
+                 "timer", "ways", "wr")
 
     def __init__(self, relay: TcpRelay, client: socket.socket, target: socket.socket) -> None:
-        engine = relay.engine
+        engine = relay.engine              # the loop whose thread runs it (moves if bulky)
         self.relay = relay
         self.engine = engine
         self.socks = (client, target)
@@ -214,6 +231,7 @@ class Connection:
         self.state = TcpConnection(engine.now(), relay.connect_timeout,
                                    self.ways[0].capacity)
         self.closed = False
+        self.placed = False               # whether it was found bulky and placed
         self.timer: TimerHandle | None = None
         engine._register(self.fds[0], _ET_MASK, self._on_client)
         try:
@@ -222,6 +240,7 @@ class Connection:
             engine._unregister(self.fds[0])
             raise
         self.timer = engine.call_later(relay.connect_timeout, self._on_timeout)
+        engine._assigned += 1
 
     # -- events ------------------------------------------------------------------------
 
@@ -300,8 +319,48 @@ class Connection:
             moved = self._move(0)
             moved += self._move(1)
             if not moved or self.closed:
+                if not self.placed and not self.closed and self._bulky():
+                    self._place()
                 return
-        self.engine._defer(self.pump)
+        if self.placed or not self._place():
+            self.engine._defer(self.pump)
+
+    def _bulky(self) -> bool:
+        up, down = self.state.halves
+        return up.total + down.total >= BULK_BYTES
+
+    def _place(self) -> bool:
+        """Bulky now: move to a less loaded worker loop (main thread); whether it moved.
+
+        The pump ran out of budget or the connection has moved ``BULK_BYTES``.  Its
+        sockets leave the main epoll, its pipes join the worker's pool, and the worker
+        registers them again (epoll reports what is ready at once) and pumps."""
+        self.placed = True
+        main = self.engine
+        loop = main._place_bulk()
+        if loop is None:
+            return False
+        main._unregister(self.fds[0])
+        main._unregister(self.fds[1])
+        main._release()
+        for way in self.ways:
+            way.move_to(loop.pipes)
+        self.engine = loop
+        loop.call_soon_threadsafe(self._adopt)
+        return True
+
+    def _adopt(self) -> None:
+        """Take over on this loop's thread, where ``_place`` moved the connection."""
+        if self.closed:
+            return
+        try:
+            self.engine._register(self.fds[0], _ET_MASK, self._on_client)
+            self.engine._register(self.fds[1], _ET_MASK, self._on_target)
+        except OSError:
+            log.exception("%s: cannot move a connection", self.relay.name)
+            self._apply(self.state.fail())
+            return
+        self.pump()
 
     def _move(self, d: int) -> int:
         """One round of half ``d``: fill its buffer from its source, drain it to its sink."""
@@ -390,6 +449,9 @@ class Connection:
 
     def _finish(self, finished: Finished) -> None:
         self.closed = True
+        self.engine._release()
+        if self.placed and self.engine is self.relay.engine:
+            self.engine._bulk -= 1         # a bulky connection that stayed on main
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -1,15 +1,30 @@
-"""The relay engine: one thread, one epoll, non-blocking sockets, no thread per connection.
+"""The relay engine: an epoll loop per thread, non-blocking sockets, no thread per connection.
 
 Theory of operation
 -------------------
 :meth:`Engine.run` loops: wait in ``epoll_wait`` (until the next timer at most), call the
 handler of every ready fd, then the deferred work, the due timers and the callbacks
-queued from other threads.  Only the engine thread touches its sockets; ``stop`` and
+queued from other threads.  Only a loop's thread touches its sockets; ``stop`` and
 ``call_soon_threadsafe`` are the two thread-safe entry points and wake the loop through
 an eventfd.  An exception from one handler or callback is logged and the loop goes on.
 
+Worker loops: an engine made with ``workers=N`` runs N more loops in threads while
+:meth:`Engine.run` runs (they stop when it returns).  A worker is an internal
+:class:`Engine` without relays of its own.  Listeners, UDP, readers, timers and callbacks
+stay on the main loop, and so does every TCP connection at first: short connections and
+interactive ones never pay a hand-off.  A connection that proves bulky (it moved
+``BULK_BYTES`` or spent its pump budget) is placed once: it moves to the worker holding
+the fewest connections unless the main loop holds fewer bulky ones (``_place_bulk``).
+The main thread unregisters its sockets and hands it over through the worker's
+``call_soon_threadsafe``; from then on only that worker's thread touches it.  ``splice``
+releases the GIL, so the kernel's TCP work of bulky connections runs on several CPUs.
+A relay's counters and connection set are shared: the relay guards them with a lock.
+Removing a relay posts the resets of connections on running workers to their loops;
+once the workers are stopped (``close``), it resets them directly.
+
 Triggering: TCP connections register both sockets once, edge-triggered for in, out and
-peer hang-up, and never modify the registration.  Each connection keeps the readiness
+peer hang-up, and never modify the registration (a bulky connection moving to a worker
+registers them once more, there).  Each connection keeps the readiness
 it has seen (readable, writable per socket) and clears it only on EAGAIN; whether a
 socket is *read* is decided by the pure state (``portproxy.tcp``): a half whose buffer
 is full does not read its source -- the edge-triggered form of turning EPOLLIN off --
@@ -61,6 +76,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_EVENTS = 1024
+MAX_WORKERS = 3         # worker loops by default at most (one per CPU beyond the first)
 _COMPACT_AT = 1024      # cancelled timers tolerated in the heap before it is rebuilt
 
 
@@ -99,16 +115,22 @@ class Engine:
     size of the splice pipe of each direction of a connection, ``buffer_size`` that of the
     copy buffer used where splice is refused (memory per connection is bounded by two of
     them); ``splice=False`` copies always.  ``udp_idle_timeout`` and ``udp_max_flows``
-    are the defaults of :meth:`add_udp`.  ``clock`` is monotonic seconds.
+    are the defaults of :meth:`add_udp`.  ``clock`` is monotonic seconds.  ``workers``
+    is the number of extra loops (threads) for TCP connections; the default is one per
+    CPU beyond the first, at most :data:`MAX_WORKERS`; 0 runs everything on one thread.
     """
 
     def __init__(self, *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  pipe_size: int = DEFAULT_PIPE_SIZE, buffer_size: int = DEFAULT_BUFFER_SIZE,
                  splice: bool = True, udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  udp_max_flows: int = DEFAULT_MAX_FLOWS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 workers: int | None = None) -> None:
         if connect_timeout <= 0 or buffer_size < 1:
             raise ValueError("connect_timeout and buffer_size must be positive")
+        if workers is not None and workers < 0:
+            raise ValueError("workers must not be negative")
+        self.workers = default_workers() if workers is None else workers
         self.connect_timeout = connect_timeout
         self.buffer_size = buffer_size
         self.splice = splice
@@ -131,6 +153,13 @@ class Engine:
         self._stopping = False
         self._running = False
         self._closed = False
+        self._assigned = 0      # TCP connections given to this loop (main thread only)
+        self._released = 0      # ... and ended or moved away (this loop's thread only)
+        self._bulk = 0          # bulky connections kept on this, the main, loop
+        self._loops: list[Engine] = []      # the worker loops, made by the first run()
+        self._thread: threading.Thread | None = None    # the one in run()
+        self._started = threading.Event()                # set while run() runs
+        self._threads: list[threading.Thread] = []
 
     # -- relays ------------------------------------------------------------------------
 
@@ -234,12 +263,17 @@ class Engine:
         self._setup()
         if self._running:
             raise RuntimeError("the engine is running already")
+        self._thread = threading.current_thread()
         self._running = True
+        self._started.set()
         try:
+            self._start_workers()
             while not self._stopping:
                 self._run_once()
         finally:
+            self._stop_workers()
             self._running = False
+            self._started.clear()
             self._stopping = False
 
     def stop(self) -> None:
@@ -251,8 +285,13 @@ class Engine:
         """Remove every relay and release the engine's own fds.  Not while running."""
         if self._running:
             raise RuntimeError("stop the engine before closing it")
+        for loop in self._loops:            # stopped: run what was handed to them last
+            loop._drain_soon()
         for relay in list(self._relays):
             self.remove(relay)
+        for loop in self._loops:
+            loop.close()
+        self._loops.clear()
         self.pipes.close()
         with self._wake_lock:
             if self._wake_fd >= 0:
@@ -292,8 +331,63 @@ class Engine:
                 self._call(fn)
         if self._timers:
             self._run_timers()
+        self._drain_soon()
+
+    def _drain_soon(self) -> None:
         while self._soon:
             self._call(self._soon.popleft())
+
+    # -- worker loops ------------------------------------------------------------------
+
+    def _start_workers(self) -> None:
+        if not self._loops:
+            self._loops = [Engine(connect_timeout=self.connect_timeout,
+                                  pipe_size=self.pipes.size, buffer_size=self.buffer_size,
+                                  splice=self.splice, clock=self.now, workers=0)
+                           for _ in range(self.workers)]
+        self._threads = [threading.Thread(target=loop.run, name=f"engine-worker-{i}",
+                                          daemon=True)
+                         for i, loop in enumerate(self._loops)]
+        for thread in self._threads:
+            thread.start()
+        for loop in self._loops:    # from now on, their connections are theirs alone
+            loop._started.wait()
+
+    def _stop_workers(self) -> None:
+        for loop in self._loops:
+            loop.stop()
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+
+    @property
+    def load(self) -> int:
+        """TCP connections given to this loop and not yet ended (any thread)."""
+        return self._assigned - self._released
+
+    def _place_bulk(self) -> Engine | None:
+        """Where a connection of the main loop that turned bulky goes (main thread).
+
+        The worker loop holding the fewest connections, unless the main loop holds fewer
+        bulky ones (ties go to a worker: the main loop also accepts); None to stay."""
+        best: Engine | None = None
+        least = self._bulk
+        for loop in self._loops:
+            if loop._running and loop.load <= least:
+                best, least = loop, loop.load
+        if best is None:
+            self._bulk += 1
+        else:
+            best._assigned += 1
+        return best
+
+    def _release(self) -> None:
+        """A connection given to this loop is over (this loop's thread)."""
+        self._released += 1
+
+    def _on_loop_thread(self) -> bool:
+        """Whether the caller may touch this loop's connections now."""
+        return not self._running or threading.current_thread() is self._thread
 
     def _poll_timeout(self) -> float:
         if self._deferred or self._soon or self._stopping:
@@ -355,6 +449,15 @@ class Engine:
         if self._handlers.pop(fd, None) is not None and self._epoll is not None:
             with contextlib.suppress(OSError, ValueError):
                 self._epoll.unregister(fd)
+
+
+def default_workers() -> int:
+    """Worker loops for this machine: one per CPU beyond the first, at most MAX_WORKERS."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(0, min(MAX_WORKERS, cpus - 1))
 
 
 def _default_name(connect: Address) -> str:
