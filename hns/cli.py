@@ -85,7 +85,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     _add_portmap_parser(sub, leaf)
     sub.add_parser("up", parents=[leaf],
-                   help="the WSL network and the VM wsl, as WSL's first start")
+                   help="the WSL network and the VM wsl, as WSL's first start").add_argument(
+        "--networking-mode", default="nat", metavar="nat|mirrored",
+        help="WSL's networkingMode: the type of the network WSL when it is made "
+             "(default nat)")
     sub.add_parser("down", parents=[leaf], help="remove the VM wsl and the network WSL")
     sub.add_parser("restore", parents=[leaf], help="recreate kernel objects from the state")
     sub.add_parser("gc", parents=[leaf], help="remove leftover kernel objects").add_argument(
@@ -223,12 +226,14 @@ class _Usage(HnsError):
 
 
 def _up(svc: Service, args: argparse.Namespace) -> int:
-    result = svc.up()
+    result = svc.up(args.networking_mode)
     if args.json:
         _print_json({"Network": result.network.to_json(), "Vm": result.vm.to_json()})
         return 0
     net, vm = result.network, result.vm
-    print(f"network {net.name}: {net.subnet}, gateway {net.gateway} (bridge {net.bridge})")
+    kind = "mirrored, transit" if net.mirrored else "NAT"
+    print(f"network {net.name} ({kind}): {net.subnet}, gateway {net.gateway} "
+          f"(bridge {net.bridge})")
     print(f"vm {vm.name}: {vm.ip}/{vm.prefixlen} on {vm.interface}, MAC {vm.mac}, "
           f"namespace {vm.netns}")
     globals_ = []

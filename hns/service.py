@@ -491,13 +491,19 @@ class Service:
 
     # lifecycle
 
-    def up(self) -> UpResult:
-        """WSL's first start: the NAT network ``WSL`` and the VM ``wsl``.  Idempotent."""
+    def up(self, mode: NetworkType | str = NetworkType.NAT) -> UpResult:
+        """WSL's first start: the network ``WSL`` (NAT, or mirrored: WSL's
+        ``networkingMode``) and the VM ``wsl``.  Idempotent; a network ``WSL`` of the
+        other type is a conflict (``down`` first)."""
+        want = mode if isinstance(mode, NetworkType) else NetworkType.parse(mode)
+        net = self.store.find_network(DEFAULT_NETWORK)
+        if net is not None and net.type is not want:
+            raise Conflict(f"network {DEFAULT_NETWORK} is {net.type.value.lower()}, not "
+                           f"{want.value.lower()}: run 'hnsctl down' first")
         self.restore()
         created = False
-        net = self.store.find_network(DEFAULT_NETWORK)
         if net is None:
-            net = self.create_network(DEFAULT_NETWORK, NetworkType.NAT)
+            net = self.create_network(DEFAULT_NETWORK, want)
             created = True
         if self.store.find_vm(DEFAULT_VM) is None:
             self.create_vm(DEFAULT_VM, DEFAULT_NETWORK)

@@ -31,6 +31,30 @@ def test_up_is_idempotent_and_prints_how_to_get_a_shell(hns_sandbox: Sandbox) ->
     assert len(json.loads(ok(hns_sandbox.hnsctl("--json", "vm", "list")))) == 1
 
 
+def test_up_in_mirrored_mode_then_nat_after_down(hns_sandbox: Sandbox) -> None:
+    out = ok(hns_sandbox.hnsctl("up", "--networking-mode", "mirrored"))
+    assert "network WSL (mirrored, transit): 169.254.0.0/24" in out
+    assert show(hns_sandbox, "network", "WSL")["Type"] == "Mirrored"
+    vm_addrs = ok(hns_sandbox.hnsctl("vm", "exec", "wsl", "--", "ip", "-o", "addr"))
+    assert f"{hns_sandbox.uplink_ip}/24" in vm_addrs          # the host's address
+    before = ok(hns_sandbox.hnsctl("--json", "network", "list"))
+    refused = hns_sandbox.hnsctl("up")                        # nat: the other type
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("hnsctl: error: network WSL is mirrored, not nat: "
+                                      "run 'hnsctl down' first")
+    assert ok(hns_sandbox.hnsctl("--json", "network", "list")) == before
+    ok(hns_sandbox.hnsctl("down"))
+    out = ok(hns_sandbox.hnsctl("up"))
+    assert "network WSL (NAT): 172.16.0.0/20" in out      # not the remembered transit /24
+
+
+def test_up_refuses_an_unknown_mode(hns_sandbox: Sandbox) -> None:
+    result = hns_sandbox.hnsctl("up", "--networking-mode", "bridged")
+    assert result.returncode == 2
+    assert "unknown network type 'bridged'" in result.stderr
+    assert json.loads(ok(hns_sandbox.hnsctl("--json", "network", "list"))) == []
+
+
 def test_down_then_up_gets_the_same_subnet(hns_sandbox: Sandbox) -> None:
     hns_sandbox.host.run(["ip", "addr", "add", "172.16.5.1/24", "dev", "lo"])  # not counted
     ok(hns_sandbox.host.run(["ip", "link", "add", "d0", "type", "veth", "peer", "d0p"]))
