@@ -3,6 +3,7 @@
 
 PYTHON ?= python3
 VENV   ?= .venv
+NETWORKING_MODE ?= nat   # make run NETWORKING_MODE=mirrored: WSL's networkingMode
 BIN    := $(VENV)/bin
 STAMPS := .stamps
 # commands the project and its tests run, and the Debian packages that bring them
@@ -13,7 +14,7 @@ APT_PKGS := nftables iproute2 util-linux socat iperf3 dnsutils iputils-ping curl
 .PHONY: run test unit integration bench lint down clean deps
 
 run: deps
-	$(BIN)/hnsctl up
+	$(BIN)/hnsctl up --networking-mode $(strip $(NETWORKING_MODE))
 
 down: deps
 	$(BIN)/hnsctl down
