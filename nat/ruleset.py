@@ -30,6 +30,7 @@ __all__ = [
     "Set",
     "Table",
     "hairpin_rule",
+    "isolation_rule",
     "masquerade_rule",
     "nat_table",
     "port_maps",
@@ -273,7 +274,21 @@ def nat_table(name: str, networks: Iterable[NatSpec],
     prerouting = Chain("prerouting", DNAT_RULES, type="nat", hook="prerouting",
                        priority="dstnat")
     output = Chain("output", DNAT_RULES, type="nat", hook="output", priority="-100")
-    return Table("inet", name, (postrouting, prerouting, output), port_maps(mappings))
+    chains = [postrouting, prerouting, output]
+    isolated = [isolation_rule(n.bridge, f"isolate:{n.id}") for n in nets
+                if n.subnet6 is not None]
+    if isolated:
+        chains.append(Chain("forward", tuple(isolated), type="filter", hook="forward",
+                            priority="filter"))
+    return Table("inet", name, tuple(chains), port_maps(mappings))
+
+
+def isolation_rule(bridge: str, comment: str) -> str:
+    """Drop new connections forwarded into a mirrored network's bridge that no DNAT of
+    hns sent there: its VMs are reached at the host's addresses, never at their transit
+    addresses (a LAN peer routing to those through the host gets nothing)."""
+    return (f'oifname "{_ifname(bridge)}" ct state new ct status ! dnat drop '
+            f'comment "{_comment(comment)}"')
 
 
 def _render_elements(verb: str, table: str, mappings: Iterable[PortMapSpec],

@@ -270,3 +270,17 @@ def test_host_loopback_reaches_a_vm_udp_server_on_both_families(
           "host 127.0.0.1 to reach the dual-stack UDP server")
     until(lambda: udp_ask(hns_sandbox.outside, HOST6, 5454, tries=1) != "",
           "the outside to reach it at the host's IPv6 address")
+
+
+def test_transit_addresses_are_not_reachable_from_the_lan(
+        hns_sandbox: Sandbox, mvm: SandboxVm, daemon: DaemonProc) -> None:
+    serve(mvm, 8089)
+    until(lambda: reaches(hns_sandbox.outside, f"http://{HOST}:8089/", OUTSIDE),
+          "the port to be forwarded at the host's address")
+    # a LAN peer that routes the transit subnet through the host gets nothing there
+    subnet = str(hns_sandbox.service.get_network("M").subnet)
+    hns_sandbox.outside.run(["ip", "route", "add", subnet, "via", HOST], check=True)
+    result = hns_sandbox.outside.run(["curl", "-sS", "--max-time", "2",
+                                      f"http://{mvm.ip}:8089/"])
+    assert result.returncode == 28, result        # curl: timed out (dropped, not refused)
+    assert reaches(hns_sandbox.outside, f"http://{HOST}:8089/", OUTSIDE)
