@@ -329,6 +329,16 @@ def _read_view(ipr: Any, skip_links: frozenset[str]) -> HostView:
     return host_view(addresses, routes, defaults)
 
 
+@contextmanager
+def _unless(*codes: int) -> Iterator[None]:
+    """Ignore a NetlinkError with one of these error numbers."""
+    try:
+        yield
+    except NetlinkError as exc:
+        if exc.code not in codes:
+            raise
+
+
 def configure_mirrored_vm(spec: MirrorSpec) -> None:
     """Inside a mirrored VM: lo and eth0 up, the transit and mirrored addresses on eth0
     (stale ones removed), the host's routes through the transit gateway, rp_filter off
@@ -361,17 +371,22 @@ def _set_addresses(ipr: Any, index: int, spec: MirrorSpec) -> None:
         addr = msg.get_attr("IFA_ADDRESS")
         if addr is not None and msg["scope"] == 0:
             have[f"{addr}/{msg['prefixlen']}"] = msg
+    # The service (vm create, restore) and the daemon (the host changed) may configure a
+    # VM at the same time: what the other just did is not an error.
     for key, msg in have.items():
         if key not in want:
-            ipr.addr("del", index=index, address=key.split("/")[0], prefixlen=msg["prefixlen"])
+            with _unless(errno.EADDRNOTAVAIL, errno.ENOENT):
+                ipr.addr("del", index=index, address=key.split("/")[0],
+                         prefixlen=msg["prefixlen"])
     for key, iface in want.items():
         if key in have:
             continue
         flags = IFA_F_NODAD if iface.version == 6 else 0
         if iface not in transit:
             flags |= IFA_F_NOPREFIXROUTE
-        ipr.addr("add", index=index, address=str(iface.ip),
-                 prefixlen=iface.network.prefixlen, flags=flags)
+        with _unless(errno.EEXIST):
+            ipr.addr("add", index=index, address=str(iface.ip),
+                     prefixlen=iface.network.prefixlen, flags=flags)
 
 
 def _set_routes(ipr: Any, index: int, spec: MirrorSpec) -> None:
@@ -380,9 +395,11 @@ def _set_routes(ipr: Any, index: int, spec: MirrorSpec) -> None:
         for msg in ipr.get_routes(family=family, table=RT_TABLE_MAIN):
             if msg["proto"] == RTPROT_KERNEL or msg.get_attr("RTA_TABLE") != RT_TABLE_MAIN:
                 continue
-            ipr.route("del", family=family, table=RT_TABLE_MAIN, dst_len=msg["dst_len"],
-                      dst=msg.get_attr("RTA_DST"), priority=msg.get_attr("RTA_PRIORITY"),
-                      oif=msg.get_attr("RTA_OIF"), gateway=msg.get_attr("RTA_GATEWAY"))
+            with _unless(errno.ESRCH, errno.ENOENT):
+                ipr.route("del", family=family, table=RT_TABLE_MAIN,
+                          dst_len=msg["dst_len"], dst=msg.get_attr("RTA_DST"),
+                          priority=msg.get_attr("RTA_PRIORITY"), oif=msg.get_attr("RTA_OIF"),
+                          gateway=msg.get_attr("RTA_GATEWAY"))
     for dst, gateway, source, metric in spec.routes():
         args: dict[str, Any] = {"dst": str(dst), "gateway": str(gateway), "oif": index,
                                 "priority": metric}
