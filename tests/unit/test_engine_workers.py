@@ -8,47 +8,20 @@ no namespace needed).
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TypeVar
 
 import pytest
+from test_relay_engine import info, on_engine, wait_for
 
 from portproxy._tcpio import BULK_BYTES, TcpRelay
 from portproxy.engine import Engine, RelayInfo, default_workers
 
 T = TypeVar("T")
 LO = "127.0.0.1"
-
-
-def on_engine(engine: Engine, fn: Callable[[], T]) -> T:
-    future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def call() -> None:
-        try:
-            future.set_result(fn())
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    engine.call_soon_threadsafe(call)
-    return future.result(timeout=10)
-
-
-def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    for _ in range(400):
-        if predicate():
-            return
-        time.sleep(0.025)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def info(engine: Engine) -> RelayInfo:
-    (only,) = engine.relays()
-    return only
 
 
 @pytest.fixture
