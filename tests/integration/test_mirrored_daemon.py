@@ -284,3 +284,21 @@ def test_transit_addresses_are_not_reachable_from_the_lan(
                                       f"http://{mvm.ip}:8089/"])
     assert result.returncode == 28, result        # curl: timed out (dropped, not refused)
     assert reaches(hns_sandbox.outside, f"http://{HOST}:8089/", OUTSIDE)
+
+
+def test_daemon_restart_serves_again_and_vm_delete_ends_it(
+        hns_sandbox: Sandbox, mvm: SandboxVm, daemon: DaemonProc) -> None:
+    serve(mvm, 8091)
+    until(lambda: reaches(hns_sandbox.outside, f"http://{HOST}:8091/", OUTSIDE), "forwarded")
+    assert daemon.stop() == 0
+    assert refused(hns_sandbox.outside, f"http://{HOST}:8091/")     # nothing left in nft
+    daemon.start()
+    until(lambda: reaches(hns_sandbox.outside, f"http://{HOST}:8091/", OUTSIDE),
+          "forwarded again by the new daemon")
+    until(lambda: reaches(hns_sandbox.host, "http://127.0.0.1:8091/"), "host loopback too")
+    assert hns_sandbox.hnsctl("vm", "delete", "box").returncode == 0
+    table = f"inet hns-{hns_sandbox.service.instance}-mirror"
+    until(lambda: table not in hns_sandbox.host.run(["nft", "list", "tables"]).stdout,
+          "the inbound table to go with the last mirrored VM")
+    assert refused(hns_sandbox.host, "http://127.0.0.1:8091/")
+    assert daemon.status()["Mirrored"] == []
