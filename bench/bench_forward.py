@@ -34,10 +34,8 @@ import contextlib
 import json
 import os
 import random
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -46,7 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from harness import run_hermetic
+from harness import Daemon, positive_int, progress, run_hermetic, start_daemon, wait_until
 
 from hns.netns import NetnsExecutor
 from hns.testing.sandbox import Peer, Sandbox, SandboxVm
@@ -129,42 +127,7 @@ class Results:
         return data
 
 
-def _progress(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
 # -- the daemon ------------------------------------------------------------------------
-
-
-def start_daemon(sb: Sandbox) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([*sb.hnsctl_argv(), "daemon"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    wait(lambda: (request(sb.state_dir, "status", timeout=2.0) or {}).get("Running") is True,
-         "the daemon to answer", proc)
-    return proc
-
-
-def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait(predicate: Callable[[], bool], what: str, proc: subprocess.Popen[bytes] | None = None,
-         timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, ValueError):
-            if predicate():
-                return
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited ({proc.returncode}) waiting for {what}")
-        time.sleep(0.05)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 def forwarding(sb: Sandbox, port: int) -> bool:
@@ -278,7 +241,7 @@ def gbps(data: dict[str, Any], key: str = "sum_received") -> float:
 def throughput(sb: Sandbox, vm: SandboxVm, args: argparse.Namespace) -> tuple[Rate, Rate]:
     samples: dict[tuple[str, str], list[float]] = {}
     for run in range(args.runs):
-        _progress(f"  iperf3 round {run + 1}/{args.runs}")
+        progress(f"  iperf3 round {run + 1}/{args.runs}")
         for streams in ("1", "4"):
             for path, host in (("forward", "127.0.0.1"), ("direct", vm.ip)):
                 figure = gbps(iperf(sb.host, host, args.seconds, "-P", streams))
@@ -329,7 +292,7 @@ def connection_rate(sb: Sandbox, vm: SandboxVm, count: int) -> Rate:
     server = threading.Thread(target=_serve_one_byte, args=(listener, stop), daemon=True)
     server.start()
     try:
-        wait(lambda: forwarding(sb, CONN_PORT), "the connection-rate forward")
+        wait_until(lambda: forwarding(sb, CONN_PORT), "the connection-rate forward")
         with NetnsExecutor(sb.host_netns) as host:
             forward = host.call(_connections, "127.0.0.1", count)
             direct = host.call(_connections, vm.ip, count)
@@ -370,44 +333,44 @@ def dial_cost(vm: SandboxVm, count: int = 400) -> tuple[float, float]:
 # -- the run -----------------------------------------------------------------------------
 
 
-def setup(sb: Sandbox) -> tuple[SandboxVm, subprocess.Popen[bytes]]:
+def setup(sb: Sandbox) -> tuple[SandboxVm, Daemon]:
     """The network, the daemon, ``vm00`` with an iperf3 server (forwarded)."""
-    _progress(f"sandbox {sb.host_netns}, state {sb.state_dir}")
+    progress(f"sandbox {sb.host_netns}, state {sb.state_dir}")
     sb.service.create_network(NETWORK, "nat")
     daemon = start_daemon(sb)
     vm = sb.vm("vm00", NETWORK)
     vm.popen(["iperf3", "-s", "-p", str(IPERF_PORT)])
-    wait(lambda: forwarding(sb, IPERF_PORT), "the iperf3 forward", daemon)
+    daemon.wait(lambda: forwarding(sb, IPERF_PORT), "the iperf3 forward")
     return vm, daemon
 
 
 def run(args: argparse.Namespace) -> Results:
     sb = Sandbox()
-    daemon: subprocess.Popen[bytes] | None = None
+    daemon: Daemon | None = None
     try:
         vm, daemon = setup(sb)
-        _progress(f"idle cost with 1 VM ({args.idle_seconds} s)")
-        idle_one = cpu_percent(daemon.pid, args.idle_seconds)
-        _progress(f"creating {args.vms - 1} more VMs")
+        progress(f"idle cost with 1 VM ({args.idle_seconds} s)")
+        idle_one = cpu_percent(daemon.proc.pid, args.idle_seconds)
+        progress(f"creating {args.vms - 1} more VMs")
         for i in range(1, args.vms):
             sb.vm(f"vm{i:02d}", NETWORK)
         time.sleep(2.0)                          # every VM opened, the first full dumps done
-        _progress(f"idle cost with {args.vms} VMs ({args.idle_seconds} s)")
-        idle_all = cpu_percent(daemon.pid, args.idle_seconds)
-        _progress(f"detection: {args.trials} trials")
+        progress(f"idle cost with {args.vms} VMs ({args.idle_seconds} s)")
+        idle_all = cpu_percent(daemon.proc.pid, args.idle_seconds)
+        progress(f"detection: {args.trials} trials")
         listen, close = detection(sb, vm, args.trials)
-        _progress(f"connections: {args.conns} each way, dial costs")
+        progress(f"connections: {args.conns} each way, dial costs")
         pool_us, sync_us = dial_cost(vm)
         conns = connection_rate(sb, vm, args.conns)
-        _progress(f"iperf3: {args.runs} rounds, {args.seconds} s each")
+        progress(f"iperf3: {args.runs} rounds, {args.seconds} s each")
         one, four = throughput(sb, vm, args)
         both = bidir(sb, vm, args.seconds)
         return Results(args.vms, idle_one, idle_all, listen, close, one, four, both, conns,
                        pool_us, sync_us)
     finally:
-        _progress("closing the sandbox")
+        progress("closing the sandbox")
         if daemon is not None:
-            stop_daemon(daemon)
+            daemon.stop()
         sb.close()
 
 
@@ -440,25 +403,18 @@ def print_table(r: Results) -> None:
         print(f"{name:<44}{value:>10.2f}{goal:>10}  {'PASS' if met else 'MISS'}")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--vms", type=_positive, default=20, help="VMs (default %(default)s)")
-    p.add_argument("--trials", type=_positive, default=60,
+    p.add_argument("--vms", type=positive_int, default=20, help="VMs (default %(default)s)")
+    p.add_argument("--trials", type=positive_int, default=60,
                    help="detection trials (default %(default)s)")
-    p.add_argument("--idle-seconds", type=_positive, default=10,
+    p.add_argument("--idle-seconds", type=positive_int, default=10,
                    help="idle CPU measurement length (default %(default)s)")
-    p.add_argument("--seconds", type=_positive, default=5,
+    p.add_argument("--seconds", type=positive_int, default=5,
                    help="iperf3 run length (default %(default)s)")
-    p.add_argument("--runs", type=_positive, default=3,
+    p.add_argument("--runs", type=positive_int, default=3,
                    help="iperf3 rounds, median (default %(default)s)")
-    p.add_argument("--conns", type=_positive, default=500,
+    p.add_argument("--conns", type=positive_int, default=500,
                    help="short connections per path (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     return p.parse_args(argv)

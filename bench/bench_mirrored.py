@@ -33,23 +33,27 @@ Ctrl-C.  ``--json`` prints the figures as one JSON object on stdout instead of t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
-from harness import run_hermetic
+from harness import (
+    Daemon,
+    iperf_gbps,
+    positive_int,
+    progress,
+    run_hermetic,
+    start_daemon,
+    wait_until,
+)
 
 from hns.testing.sandbox import Peer, Sandbox, SandboxVm
-from portproxy.control import request
 
 NETWORK = "bench"
 OUT_PORT = 5201          # the iperf3 server in the outside namespace
@@ -100,25 +104,6 @@ class Results:
                           for n, v, g, met in self.goals()]}
 
 
-def _progress(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
-# -- helpers -----------------------------------------------------------------------------
-
-
-def wait(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> bool:
-    """Poll ``predicate`` (readiness) until it holds or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError, ValueError):
-            if predicate():
-                return True
-        time.sleep(0.05)
-    _progress(f"timed out waiting for {what}")
-    return False
-
-
 def listening(peer: Peer, port: int) -> bool:
     return bool(peer.run(["ss", "-Hlnt", f"sport = :{port}"]).stdout.strip())
 
@@ -126,70 +111,7 @@ def listening(peer: Peer, port: int) -> bool:
 def start_iperf_server(peer: Peer, port: int) -> None:
     peer.popen(["iperf3", "-s", "-p", str(port)], stdout=subprocess.DEVNULL,
                stderr=subprocess.DEVNULL)
-    if not wait(lambda: listening(peer, port), f"iperf3 on port {port} in {peer.netns}"):
-        raise RuntimeError(f"iperf3 does not listen on port {port} in {peer.netns}")
-
-
-def iperf_gbps(client: Peer, host: str, port: int, seconds: int) -> float:
-    """One iperf3 run; the receiver's rate in Gbit/s."""
-    result = client.run(["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-O", "1",
-                         "-J"], timeout=seconds + 60)
-    data = json.loads(result.stdout or "{}")
-    if result.returncode != 0 or "error" in data:
-        raise RuntimeError(f"iperf3 to {host}:{port} from {client.netns} failed: "
-                           f"{data.get('error') or result.stderr.strip()}")
-    return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
-
-
-# -- the daemon --------------------------------------------------------------------------
-
-
-class Daemon:
-    """``hnsctl daemon`` in the background; its stderr kept to say why it stopped."""
-
-    def __init__(self, sb: Sandbox, proc: subprocess.Popen[bytes], log: IO[bytes]) -> None:
-        self.sb = sb
-        self.proc = proc
-        self._log = log
-
-    def answering(self) -> bool:
-        answer = request(self.sb.state_dir, "status", timeout=2.0) or {}
-        return answer.get("Running") is True
-
-    def exited(self) -> str | None:
-        """None while running, else a one-line reason."""
-        if self.proc.poll() is None:
-            return None
-        self._log.seek(0)
-        lines = self._log.read().decode(errors="replace").strip().splitlines()
-        return f"exit {self.proc.returncode}: {lines[-1] if lines else 'no message'}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-def start_daemon(sb: Sandbox) -> tuple[Daemon, str]:
-    """The daemon and "" once it answers, or the daemon and why it does not."""
-    log = tempfile.TemporaryFile()  # noqa: SIM115 -- closed by Daemon.stop
-    daemon = Daemon(sb, subprocess.Popen([*sb.hnsctl_argv(), "daemon"],
-                                         stdout=subprocess.DEVNULL, stderr=log), log)
-    deadline = time.monotonic() + 30.0
-    while time.monotonic() < deadline:
-        reason = daemon.exited()
-        if reason is not None:
-            return daemon, f"the daemon did not start ({reason})"
-        with contextlib.suppress(OSError, ValueError):
-            if daemon.answering():
-                return daemon, ""
-        time.sleep(0.05)
-    return daemon, "the daemon did not answer within 30 s"
+    wait_until(lambda: listening(peer, port), f"iperf3 on port {port} in {peer.netns}")
 
 
 def inbound_reachable(sb: Sandbox, port: int) -> bool:
@@ -227,7 +149,7 @@ def throughput(sb: Sandbox, vm: SandboxVm, nat_vm: SandboxVm, inbound: bool,
         paths["mirrored in"] = (sb.outside, sb.uplink_ip, VM_PORT)
     samples: dict[str, list[float]] = {name: [] for name in paths}
     for i in range(args.runs):
-        _progress(f"  iperf3 round {i + 1}/{args.runs}")
+        progress(f"  iperf3 round {i + 1}/{args.runs}")
         for name, (client, host, port) in paths.items():
             samples[name].append(iperf_gbps(client, host, port, args.seconds))
     med = {name: statistics.median(values) for name, values in samples.items()}
@@ -240,23 +162,26 @@ def run(args: argparse.Namespace) -> Results:
     sb = Sandbox()
     daemon: Daemon | None = None
     try:
-        _progress(f"sandbox {sb.host_netns}, state {sb.state_dir}")
+        progress(f"sandbox {sb.host_netns}, state {sb.state_dir}")
         sb.service.create_network(NETWORK, "mirrored")
         vm = sb.vm("vm", NETWORK)
         sb.service.create_network("nat", "nat")
         nat_vm = sb.vm("natvm", "nat")
         start_iperf_server(sb.outside, OUT_PORT)
         start_iperf_server(vm, VM_PORT)
-        daemon, note = start_daemon(sb)
-        if not note:
-            _progress(f"checking inbound forwarding (up to {args.inbound_wait} s)")
+        try:
+            daemon, note = start_daemon(sb), ""
+        except RuntimeError as exc:
+            note = f"the daemon did not start ({exc})"
+        if daemon is not None:
+            progress(f"checking inbound forwarding (up to {args.inbound_wait} s)")
             note = check_inbound(sb, daemon, VM_PORT, args.inbound_wait)
         paths = 3 if note else 5
-        _progress(f"iperf3: {args.runs} rounds of {paths} paths, {args.seconds} s each")
+        progress(f"iperf3: {args.runs} rounds of {paths} paths, {args.seconds} s each")
         outbound, nat_out, inbound = throughput(sb, vm, nat_vm, not note, args)
         return Results(args.runs, args.seconds, outbound, nat_out, inbound, note)
     finally:
-        _progress("closing the sandbox")
+        progress("closing the sandbox")
         if daemon is not None:
             daemon.stop()
         sb.close()
@@ -282,20 +207,13 @@ def print_table(r: Results) -> None:
         print(f"{name:<44}{value:>9.3f}x{goal:>9.2f}x  {'PASS' if met else 'MISS'}")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--seconds", type=_positive, default=5,
+    p.add_argument("--seconds", type=positive_int, default=5,
                    help="iperf3 run length (default %(default)s)")
-    p.add_argument("--runs", type=_positive, default=3,
+    p.add_argument("--runs", type=positive_int, default=3,
                    help="iperf3 rounds, median (default %(default)s)")
-    p.add_argument("--inbound-wait", type=_positive, default=10,
+    p.add_argument("--inbound-wait", type=positive_int, default=10,
                    help="seconds to wait for the daemon to forward inbound "
                         "(default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")

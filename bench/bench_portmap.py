@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from harness import run_hermetic
+from harness import iperf_gbps, positive_int, progress, run_hermetic
 
 from hns.model import PortMapping, Protocol
 from hns.service import Service
@@ -146,21 +146,6 @@ class Results:
         }
 
 
-def _progress(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
-def iperf_gbps(client: Peer, host: str, port: int, seconds: int) -> float:
-    """One iperf3 run; the receiver's rate in Gbit/s."""
-    result = client.run(["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-O", "1",
-                         "-J"], timeout=seconds + 60)
-    data = json.loads(result.stdout or "{}")
-    if result.returncode != 0 or "error" in data:
-        raise RuntimeError(f"iperf3 to {host}:{port} failed: "
-                           f"{data.get('error') or result.stderr.strip()}")
-    return float(data["end"]["sum_received"]["bits_per_second"]) / 1e9
-
-
 def throughput(one: Sandbox, many: Sandbox, args: argparse.Namespace) -> Throughput:
     """iperf3 through each path, the paths taken in turn (direct, routed, one mapping,
     many mappings; ``--runs`` rounds) so that a busy moment of the machine hits them
@@ -179,7 +164,7 @@ def throughput(one: Sandbox, many: Sandbox, args: argparse.Namespace) -> Through
     samples: list[list[float]] = [[] for _ in paths]
     try:
         for i in range(args.runs):
-            _progress(f"  iperf3 round {i + 1}/{args.runs}")
+            progress(f"  iperf3 round {i + 1}/{args.runs}")
             for sample, (client, host, port) in zip(samples, paths, strict=True):
                 sample.append(iperf_gbps(client, host, port, args.seconds))
     finally:
@@ -191,7 +176,7 @@ def throughput(one: Sandbox, many: Sandbox, args: argparse.Namespace) -> Through
 def setup(sandbox: Sandbox) -> Service:
     """The network, the VM ``srv`` with an iperf3 server, its one mapping."""
     svc: Service = sandbox.service
-    _progress(f"sandbox {sandbox.host_netns}, state {sandbox.state_dir}")
+    progress(f"sandbox {sandbox.host_netns}, state {sandbox.state_dir}")
     svc.create_network(NETWORK, "nat")
     srv = sandbox.vm("srv", NETWORK)
     srv.popen(["iperf3", "-s", "-p", str(IPERF_PORT)])
@@ -235,20 +220,20 @@ def run(args: argparse.Namespace) -> Results:
         setup(one)
         svc = setup(many)
         many.vm("filler", NETWORK)
-        _progress(f"installing {args.count} mappings in one call")
+        progress(f"installing {args.count} mappings in one call")
         batch = [PortMapping("filler", Protocol.TCP, FILL_BASE + i, IPERF_PORT)
                  for i in range(args.count)]
         install = timed(svc.add_port_mappings, batch)
-        _progress(f"one more mapping: {args.trials} API and {args.cli_trials} CLI trials")
+        progress(f"one more mapping: {args.trials} API and {args.cli_trials} CLI trials")
         one_more, one_less = bench_one_more(svc, args.trials)
         cli_one_more = bench_cli_one_more(many, args.cli_trials)
-        _progress(f"iperf3: {args.runs} rounds of 4 paths, {args.seconds} s each")
+        progress(f"iperf3: {args.runs} rounds of 4 paths, {args.seconds} s each")
         rates = throughput(one, many, args)
         delete_vm = timed(svc.delete_vm, "filler")
         return Results(args.count, install, delete_vm, one_more, one_less, cli_one_more,
                        rates)
     finally:
-        _progress("closing the sandboxes")
+        progress("closing the sandboxes")
         for sandbox in sandboxes:
             sandbox.close()
 
@@ -291,24 +276,17 @@ def print_table(r: Results) -> None:
         print(_goal_row(g))
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--count", type=_positive, default=10000,
+    p.add_argument("--count", type=positive_int, default=10000,
                    help="mappings installed (default %(default)s)")
-    p.add_argument("--trials", type=_positive, default=20,
+    p.add_argument("--trials", type=positive_int, default=20,
                    help="API add/delete pairs at --count (default %(default)s)")
-    p.add_argument("--cli-trials", type=_positive, default=5,
+    p.add_argument("--cli-trials", type=positive_int, default=5,
                    help="CLI adds at --count (default %(default)s)")
-    p.add_argument("--seconds", type=_positive, default=5,
+    p.add_argument("--seconds", type=positive_int, default=5,
                    help="iperf3 run length (default %(default)s)")
-    p.add_argument("--runs", type=_positive, default=3,
+    p.add_argument("--runs", type=positive_int, default=3,
                    help="iperf3 runs per configuration, median (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = p.parse_args(argv)

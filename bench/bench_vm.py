@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from harness import run_hermetic
+from harness import positive_int, progress, run_hermetic
 
 from hns.service import Service
 from hns.testing.sandbox import Sandbox
@@ -112,10 +112,6 @@ class Results:
         }
 
 
-def _progress(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
 def _timed(fn: Callable[..., object], *args: Any) -> float:
     start = time.perf_counter()
     fn(*args)
@@ -158,7 +154,7 @@ def bench_scale(svc: Service, count: int) -> ScaleResult:
     for i, name in enumerate(names, 1):
         creates.append(_timed(svc.create_vm, name, NETWORK))
         if i % 50 == 0:
-            _progress(f"  {i}/{count} created, last {creates[-1] * 1000:.1f} ms")
+            progress(f"  {i}/{count} created, last {creates[-1] * 1000:.1f} ms")
     deletes: list[float] = []
     for name in names:
         deletes.append(_timed(svc.delete_vm, name))
@@ -173,19 +169,19 @@ def run(args: argparse.Namespace) -> Results:
     sandbox = Sandbox()
     try:
         svc: Service = sandbox.service
-        _progress(f"sandbox {sandbox.host_netns}, state {sandbox.state_dir}")
+        progress(f"sandbox {sandbox.host_netns}, state {sandbox.state_dir}")
         svc.create_network(NETWORK, "nat")
         svc.create_vm("warmup", NETWORK)  # thread and netlink socket, not timed
         svc.delete_vm("warmup")
-        _progress(f"API: {args.trials} x vm create + vm delete")
+        progress(f"API: {args.trials} x vm create + vm delete")
         api_create, api_delete = bench_api(svc, args.trials)
-        _progress(f"CLI: {args.cli_trials} x hnsctl vm create + vm delete")
+        progress(f"CLI: {args.cli_trials} x hnsctl vm create + vm delete")
         cli_create, cli_delete = bench_cli(sandbox, args.cli_trials)
-        _progress(f"scale: {args.count} VMs on one network")
+        progress(f"scale: {args.count} VMs on one network")
         scale = bench_scale(svc, args.count)
         return Results(api_create, api_delete, cli_create, cli_delete, scale)
     finally:
-        _progress("closing the sandbox")
+        progress("closing the sandbox")
         sandbox.close()
 
 
@@ -216,15 +212,8 @@ def print_table(r: Results) -> None:
         print(f"{g.name:<40}{value:>10}{'<= ' + limit:>10}  {'PASS' if g.passed else 'MISS'}")
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
 def _at_least_two(text: str) -> int:
-    value = _positive(text)
+    value = positive_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError("must be at least 2 (a first and a last window)")
     return value
@@ -232,9 +221,9 @@ def _at_least_two(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--trials", type=_positive, default=30,
+    p.add_argument("--trials", type=positive_int, default=30,
                    help="API create/delete pairs (default %(default)s)")
-    p.add_argument("--cli-trials", type=_positive, default=15,
+    p.add_argument("--cli-trials", type=positive_int, default=15,
                    help="CLI create/delete pairs (default %(default)s)")
     p.add_argument("--count", type=_at_least_two, default=200,
                    help="VMs on one network in the scale run (default %(default)s)")
