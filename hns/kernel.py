@@ -224,7 +224,7 @@ class HostKernel:
             self._call(ensure)
 
     def host_view(self, skip_links: frozenset[str] = frozenset()) -> HostView:
-        """The host's addresses and main-table routes to mirrore into VMs (leaving out
+        """The host's addresses and main-table routes to mirror into VMs (leaving out
         ``lo`` and ``skip_links``)."""
         def collect(ipr: Any) -> HostView:
             return _read_view(ipr, skip_links)
@@ -325,7 +325,7 @@ def _read_view(ipr: Any, skip_links: frozenset[str]) -> HostView:
                              strict=False)
             if dst.prefixlen == 0:
                 defaults.append(names.get(oif, "?"))
-            routes.append((names.get(oif, "?"), dst, int(msg.get_attr("RTA_PRIORITY") or 0)))
+            routes.append((dst, int(msg.get_attr("RTA_PRIORITY") or 0)))
     return host_view(addresses, routes, defaults)
 
 

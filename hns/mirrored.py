@@ -20,7 +20,6 @@ from ipaddress import (
     IPv6Address,
     IPv6Interface,
     IPv6Network,
-    ip_network,
 )
 
 from hns.model import Vm
@@ -36,6 +35,7 @@ __all__ = [
     "transit6_address",
     "transit6_gateway",
     "transit6_subnet",
+    "transit_addresses",
 ]
 
 TRANSIT_POOL = IPv4Network("169.254.0.0/16")
@@ -103,39 +103,45 @@ def _mirrorable(iface: Interface, transit: Iterable[Prefix]) -> bool:
     return not any(ip in net for net in transit if net.version == ip.version)
 
 
+def _primary(addresses: list[tuple[str, Interface]], default_devs: list[str],
+             version: int) -> IPv4Address | IPv6Address | None:
+    """The first address of the family on a default route's device, else the first."""
+    mine = [(dev, a.ip) for dev, a in addresses if a.version == version]
+    preferred = [ip for dev, ip in mine if dev in default_devs]
+    found = preferred or [ip for _dev, ip in mine]
+    return found[0] if found else None
+
+
+def _mirrorable_route(dst: Prefix, transit: tuple[Prefix, ...]) -> bool:
+    if isinstance(dst, IPv6Network) and (dst.subnet_of(_LINK_LOCAL6)
+                                         or dst.subnet_of(_MULTICAST6)):
+        return False
+    return dst.prefixlen == 0 or not any(
+        t.version == dst.version and dst.overlaps(t)  # type: ignore[arg-type]
+        for t in transit)
+
+
 def host_view(addresses: Iterable[tuple[str, Interface]],
-              routes: Iterable[tuple[str, Prefix, int]],
+              routes: Iterable[tuple[Prefix, int]],
               default_devs: Iterable[str] = (),
               transit: Iterable[Prefix] = (TRANSIT_POOL,)) -> HostView:
     """The view of the host to mirror, from its ``(device, address)`` pairs, its
-    ``(device, destination, metric)`` routes and the devices of its default routes.
+    ``(destination, metric)`` routes and the devices of its default routes.
 
     Loopback, link-local IPv6, multicast and transit addresses are left out, and so are
-    routes to them; the caller leaves out the host's ``lo`` and hns's own links.
+    link-local, multicast and transit routes; the caller leaves out the host's ``lo``
+    and hns's own links.
     """
     transit = tuple(transit)
     addrs = [(dev, a) for dev, a in addresses if _mirrorable(a, transit)]
     ordered = sorted(dict.fromkeys(a for _dev, a in addrs),
                      key=lambda a: (a.version, int(a.ip)))
+    kept = sorted({HostRoute(dst, metric) for dst, metric in routes
+                   if _mirrorable_route(dst, transit)},
+                  key=lambda r: (r.version, r.dst, r.metric))
     defaults = list(default_devs)
-    primary: dict[int, IPv4Address | IPv6Address] = {}
-    for version in (4, 6):
-        mine = [a for dev, a in addrs if a.version == version]
-        on_default = [a for dev, a in addrs if a.version == version and dev in defaults]
-        if on_default or mine:
-            primary[version] = (on_default or mine)[0].ip
-    kept: set[HostRoute] = set()
-    for _dev, dst, metric in routes:
-        if dst.version == 6 and (dst.subnet_of(_LINK_LOCAL6)  # type: ignore[arg-type]
-                                 or dst.subnet_of(_MULTICAST6)):  # type: ignore[arg-type]
-            continue
-        if dst.prefixlen and any(dst.overlaps(t) for t in transit  # type: ignore[arg-type]
-                                 if t.version == dst.version):
-            continue
-        kept.add(HostRoute(dst, metric))
-    p4, p6 = primary.get(4), primary.get(6)
-    return HostView(tuple(ordered), tuple(sorted(kept, key=lambda r: (r.version, r.dst,
-                                                                       r.metric))),
+    p4, p6 = _primary(addrs, defaults, 4), _primary(addrs, defaults, 6)
+    return HostView(tuple(ordered), tuple(kept),
                     p4 if isinstance(p4, IPv4Address) else None,
                     p6 if isinstance(p6, IPv6Address) else None)
 
@@ -166,16 +172,19 @@ class MirrorSpec:
         return out
 
 
+def transit_addresses(vm: Vm, instance: str) -> tuple[IPv4Address, IPv6Address]:
+    """The VM's transit addresses, IPv4 and IPv6 (where the host's DNAT sends)."""
+    subnet = IPv4Network(f"{vm.gateway}/{vm.prefixlen}", strict=False)
+    return vm.ip, transit6_address(instance, subnet, vm.ip)
+
+
 def mirror_spec(vm: Vm, instance: str, view: HostView) -> MirrorSpec:
     subnet = IPv4Network(f"{vm.gateway}/{vm.prefixlen}", strict=False)
-    transit6 = transit6_address(instance, subnet, vm.ip)
+    transit4, transit6 = transit_addresses(vm, instance)
     return MirrorSpec(netns=vm.netns,
-                      transit4=IPv4Interface(f"{vm.ip}/{vm.prefixlen}"),
+                      transit4=IPv4Interface(f"{transit4}/{vm.prefixlen}"),
                       gateway4=vm.gateway,
                       transit6=IPv6Interface(f"{transit6}/64"),
                       gateway6=transit6_gateway(instance, subnet),
                       view=view)
 
-
-def parse_prefix(text: str) -> Prefix:
-    return ip_network(text, strict=False)

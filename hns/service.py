@@ -48,7 +48,7 @@ from hns.model import (
 )
 from hns.netns import create_netns, delete_netns, list_netns, netns_exists
 from hns.store import MappedPort, Store
-from nat.mirror import render_vm_table
+from nat.mirror import apply_vm_table
 from nat.nft import Nft, NftRunner
 from nat.ruleset import (
     NatSpec,
@@ -340,9 +340,7 @@ class Service(PortMappingOps):
             ours = frozenset(n.bridge for n in self.store.networks())
             spec = mirror_spec(vm, self.instance, self.kernel.host_view(skip_links=ours))
             configure_mirrored_vm(spec)
-            Nft(vm.netns).apply(render_vm_table(vm.interface, spec.transit4.ip,
-                                                spec.transit6.ip, spec.view.primary4,
-                                                spec.view.primary6))
+            apply_vm_table(vm.interface, spec)
         else:
             configure_vm_side(vm.netns, vm.ip, vm.prefixlen, vm.gateway)
         resolv.write_vm_resolv(vm.netns, self.host_netns, vm.gateway)

@@ -192,7 +192,7 @@ class Store:
                                        isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA busy_timeout = 60000")
             self._db.execute("PRAGMA foreign_keys = ON")
-            _retry_busy(lambda: self._setup_schema())
+            _retry_busy(self._setup_schema)
             self.instance = self._meta("instance")
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"cannot open the state store in {self.state_dir}: {exc}") from None

@@ -18,15 +18,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from nat.ruleset import Chain, Set, Table, _ident, _ifname
+from hns.mirrored import MirrorSpec
+from nat.nft import Nft
+from nat.ruleset import Chain, Set, Table, _ident, _ifname, render_replace
 
 __all__ = [
     "VM_TABLE",
     "InboundPort",
+    "apply_vm_table",
     "inbound_table",
     "render_host_ports",
     "render_inbound_elements",
-    "render_vm_table",
     "vm_table",
 ]
 
@@ -78,10 +80,10 @@ def render_host_ports(verb: str, keys: Iterable[tuple[int, str, int]]) -> str:
     return "".join(lines)
 
 
-def render_vm_table(ifname: str, transit4: IPv4Address, transit6: IPv6Address,
-                    primary4: IPv4Address | None, primary6: IPv6Address | None) -> str:
-    from nat.ruleset import render_replace
-    return render_replace(vm_table(ifname, transit4, transit6, primary4, primary6))
+def apply_vm_table(ifname: str, spec: MirrorSpec) -> None:
+    """Replace the table ``hns-mirror`` of the VM ``spec`` describes (one transaction)."""
+    Nft(spec.netns).apply(render_replace(vm_table(
+        ifname, spec.transit4.ip, spec.transit6.ip, spec.view.primary4, spec.view.primary6)))
 
 
 @dataclass(frozen=True, order=True)

@@ -39,19 +39,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hns.errors import HnsError
-from hns.mirrored import HostView, mirror_spec
+from hns.mirrored import HostView, mirror_spec, transit_addresses
 from hns.model import Network, Vm
 from hns.naming import nft_table_name
 from hns.netns import run_in_netns
 from hns.store import Store
 from nat.mirror import (
     InboundPort,
+    apply_vm_table,
     inbound_table,
     render_host_ports,
     render_inbound_elements,
-    render_vm_table,
 )
 from nat.nft import Nft
+from nat.ruleset import render_delete
 from portproxy.engine import Engine, Relay, TimerHandle
 from portproxy.forward_plan import Claims, ForwardKey
 from portproxy.forwarder import FULL_INTERVAL, POLL_INTERVAL, POLL_PER_VM, open_loopback
@@ -190,7 +191,7 @@ class Mirror:
             self._host = None
         if self._table_made:
             try:
-                self._nft.apply(f"table inet {self.table} {{}}\ndelete table inet {self.table}\n")
+                self._nft.apply(render_delete("inet", self.table))
             except HnsError as exc:
                 log.warning("cannot delete nft table %s: %s", self.table, exc)
             self._table_made = False
@@ -291,9 +292,7 @@ class Mirror:
         spec = mirror_spec(watch.vm, self.store.instance, view)
         try:
             configure_mirrored_vm(spec)
-            Nft(watch.vm.netns).apply(render_vm_table(
-                watch.vm.interface, spec.transit4.ip, spec.transit6.ip, view.primary4,
-                view.primary6))
+            apply_vm_table(watch.vm.interface, spec)
         except (HnsError, OSError) as exc:
             log.warning("vm %s: cannot mirror the host's addresses: %s", watch.vm.name, exc)
         self._host_ports.pop(watch.vm.name, None)   # a new table: its sets are empty
@@ -327,8 +326,8 @@ class Mirror:
 
     def _inbound_port(self, vm: str, key: ForwardKey) -> InboundPort:
         watch = self._watches[vm]
-        spec = mirror_spec(watch.vm, self.store.instance, self._view or HostView())
-        target = spec.transit4.ip if key.family == 4 else spec.transit6.ip
+        transit4, transit6 = transit_addresses(watch.vm, self.store.instance)
+        target = transit4 if key.family == 4 else transit6
         return InboundPort(key.protocol, key.port, target, watch.net.host_address_loopback)
 
     def _apply_inbound(self) -> None:

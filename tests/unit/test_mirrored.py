@@ -95,7 +95,7 @@ def test_mirror_spec_of_a_vm() -> None:
             ip=IPv4Address("169.254.7.2"), prefixlen=24, gateway=IPv4Address("169.254.7.1"),
             mac="00:15:5d:00:00:01", host_ifname="hv1a2b00000000", mtu=1500)
     view = host_view([("up0", IPv4Interface("198.51.100.2/24"))],
-                     [("up0", IPv4Network("0.0.0.0/0"), 0)], ["up0"])
+                     [(IPv4Network("0.0.0.0/0"), 0)], ["up0"])
     spec = mirror_spec(vm, "1a2b", view)
     assert spec.transit4 == IPv4Interface("169.254.7.2/24")
     assert spec.transit6 == IPv6Interface("fd68:6e73:1a2b:7::2/64")
@@ -114,12 +114,12 @@ def test_host_view_keeps_global_addresses_and_routes() -> None:
                    ("up0", IPv6Interface("2001:db8:100::2/64")),
                    ("up0", IPv6Interface("fe80::1/64")),
                    ("hb", IPv4Interface("169.254.0.1/24"))],
-        routes=[("up0", IPv4Network("0.0.0.0/0"), 100),
-                ("up0", IPv4Network("198.51.100.0/24"), 0),
-                ("hb", IPv4Network("169.254.0.0/24"), 0),
-                ("up0", IPv6Network("fe80::/64"), 256),
-                ("up0", IPv6Network("ff00::/8"), 256),
-                ("up0", IPv6Network("::/0"), 1024)],
+        routes=[(IPv4Network("0.0.0.0/0"), 100),
+                (IPv4Network("198.51.100.0/24"), 0),
+                (IPv4Network("169.254.0.0/24"), 0),
+                (IPv6Network("fe80::/64"), 256),
+                (IPv6Network("ff00::/8"), 256),
+                (IPv6Network("::/0"), 1024)],
         default_devs=["up0"])
     assert view.addresses == (IPv4Interface("10.9.0.5/16"), IPv4Interface("198.51.100.2/24"),
                               IPv6Interface("2001:db8:100::2/64"))
