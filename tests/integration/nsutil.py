@@ -68,6 +68,18 @@ def udp_ask(peer: Peer, host: str, port: int, payload: str = "ping", tries: int 
     return ""
 
 
+def bad_input_failures(sandbox: Sandbox, argvs: list[tuple[str, ...]]) -> list[str]:
+    """Run each ``hnsctl`` argv; the ones that did not exit 2 with one error line."""
+    failures = []
+    for argv in argvs:
+        result = sandbox.hnsctl(*argv)
+        lines = result.stderr.splitlines()
+        if (result.returncode != 2 or len(lines) != 1
+                or not lines[0].startswith("hnsctl: error:")):
+            failures.append(f"{argv}: rc={result.returncode} stderr={result.stderr!r}")
+    return failures
+
+
 def snapshot(sandbox: Sandbox) -> dict[str, Any]:
     """State and kernel as seen from outside hns: to prove a command changed nothing."""
     def out(result: subprocess.CompletedProcess[str]) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from nsutil import snapshot
+from nsutil import bad_input_failures, snapshot
 
 from hns.testing import Sandbox
 
@@ -66,14 +66,7 @@ def populated(hns_sandbox: Sandbox) -> Sandbox:
 
 def test_bad_input_exits_2_with_one_line_and_changes_nothing(populated: Sandbox) -> None:
     before = snapshot(populated)
-    failures = []
-    for argv in BAD:
-        result = populated.hnsctl(*argv)
-        lines = result.stderr.splitlines()
-        if (result.returncode != 2 or len(lines) != 1
-                or not lines[0].startswith("hnsctl: error:")):
-            failures.append(f"{argv}: rc={result.returncode} stderr={result.stderr!r}")
-    assert failures == []
+    assert bad_input_failures(populated, BAD) == []
     assert snapshot(populated) == before
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from nsutil import (
     HTTP_PEER_ECHO,
+    bad_input_failures,
     serve_http_peer_echo,
     serve_udp_peer_echo,
     snapshot,
@@ -371,14 +372,7 @@ BAD_MIRRORED = [
 def test_bad_input_exits_2_with_one_line_and_changes_nothing(
         hns_sandbox: Sandbox, mirrored_vm: SandboxVm, nat_network: Any) -> None:
     before = snapshot(hns_sandbox)
-    failures = []
-    for argv in BAD_MIRRORED:
-        result = hns_sandbox.hnsctl(*argv)
-        lines = result.stderr.splitlines()
-        if (result.returncode != 2 or len(lines) != 1
-                or not lines[0].startswith("hnsctl: error:")):
-            failures.append(f"{argv}: rc={result.returncode} stderr={result.stderr!r}")
-    assert failures == []
+    assert bad_input_failures(hns_sandbox, BAD_MIRRORED) == []
     assert snapshot(hns_sandbox) == before
 
 
