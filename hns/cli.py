@@ -57,6 +57,9 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mtu", help="MTU (default 1500)")
     c.add_argument("--localhost-forwarding", default="on", metavar="on|off",
                    help="NAT: serve ports the VMs listen on at host localhost (default on)")
+    c.add_argument("--firewall", default="on", metavar="on|off",
+                   help="NAT: forward nothing unsolicited into the VMs: only port mappings, "
+                        "replies and the network's own traffic (WSL's firewall, default on)")
     c.add_argument("--ignored-ports", metavar="LIST",
                    help="mirrored: ports never forwarded, e.g. 22,8000-8010")
     c.add_argument("--host-address-loopback", metavar="on|off",
@@ -144,8 +147,9 @@ def _network_cmd(svc: Service, args: argparse.Namespace) -> int:
         forwarding = parse_on_off(args.localhost_forwarding, "--localhost-forwarding")
         loopback = (parse_on_off(args.host_address_loopback, "--host-address-loopback")
                     if args.host_address_loopback is not None else None)
+        firewall = parse_on_off(args.firewall, "--firewall")
         _show(svc.create_network(args.name, args.type, args.subnet, args.gateway, args.mtu,
-                                 forwarding, args.ignored_ports, loopback), args.json)
+                                 forwarding, args.ignored_ports, loopback, firewall), args.json)
     elif args.action == "list":
         nets = svc.list_networks()
         if args.json:

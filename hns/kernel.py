@@ -157,14 +157,18 @@ class HostKernel:
             return self._call(scan)
 
     def ensure_bridge(self, name: str, gateway: IPv4Address, prefixlen: int, mtu: int,
-                      alias: str) -> bool:
-        """Create the bridge with the gateway address, or fix it up; True if created."""
+                      alias: str, mac: str) -> bool:
+        """Create the bridge with its fixed MAC and the gateway address, or fix it up;
+        True if created.  A MAC set on a bridge stays, whatever ports come and go."""
         def ensure(ipr: Any) -> bool:
             index = _index(ipr, name)
             created = index is None
             if index is None:
-                ipr.link("add", ifname=name, kind="bridge", mtu=mtu)
+                ipr.link("add", ifname=name, kind="bridge", mtu=mtu, address=mac)
                 index = _index(ipr, name)
+            link = ipr.link("get", index=index)[0]
+            if link.get_attr("IFLA_ADDRESS") != mac:
+                ipr.link("set", index=index, address=mac)
             ipr.link("set", index=index, ifalias=alias, mtu=mtu)
             # no duplicate address detection: the bridge's IPv6 (mirrored networks) works
             # at once instead of after a second or two

@@ -148,6 +148,7 @@ class Network:
     localhost_forwarding: bool = True   # WSL's localhostForwarding (NAT only)
     ignored_ports: tuple[int, ...] = ()  # mirrored: never forwarded (WSL's ignoredPorts)
     host_address_loopback: bool = False  # mirrored: WSL's hostAddressLoopback
+    firewall: bool = True               # WSL's firewall: nothing unsolicited reaches a VM
 
     @property
     def mirrored(self) -> bool:
@@ -165,6 +166,7 @@ class Network:
             "Bridge": self.bridge,
             "Mtu": self.mtu,
             "LocalhostForwarding": self.localhost_forwarding and not self.mirrored,
+            "Firewall": self.firewall or self.mirrored,
             **mirrored,
             "Ipams": [{
                 "Type": "Static",

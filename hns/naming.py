@@ -10,8 +10,11 @@ that the garbage collector finds them without trusting names alone.
 
 from __future__ import annotations
 
+import hashlib
+
 __all__ = [
     "ALIAS_PREFIX",
+    "bridge_mac",
     "bridge_name",
     "host_veth_name",
     "instance_alias_prefix",
@@ -54,3 +57,14 @@ def link_alias(instance: str, object_id: str) -> str:
 
 def nft_table_name(instance: str) -> str:
     return f"hns-{instance}"
+
+
+def bridge_mac(network_id: str) -> str:
+    """The bridge's own MAC (the gateway's), fixed from the network ID at creation.
+
+    Linux gives a bridge the lowest MAC of its ports unless one is set: the gateway's MAC
+    would change whenever that VM goes, and the others would lose the gateway until
+    their neighbour entries time out.  Locally administered (02:) and unicast, so it
+    never meets the 00:15:5d addresses of the VMs."""
+    digest = hashlib.sha256(network_id.encode()).digest()
+    return "02:15:5d:" + ":".join(f"{b:02x}" for b in digest[:3])

@@ -151,9 +151,12 @@ class Service(PortMappingOps):
                        mtu: int | str | None = None,
                        localhost_forwarding: bool = True,
                        ignored_ports: str | tuple[int, ...] | None = None,
-                       host_address_loopback: bool | None = None) -> Network:
+                       host_address_loopback: bool | None = None,
+                       firewall: bool = True) -> Network:
         """A NAT network, or a mirrored one (``type`` "mirrored": the VMs share the host's
-        addresses; ``ignored_ports`` and ``host_address_loopback`` are for it only)."""
+        addresses; ``ignored_ports`` and ``host_address_loopback`` are for it only).
+        ``firewall`` (WSL's): nothing unsolicited is forwarded into the VMs; a mirrored
+        network always has it."""
         name = parse_name(name, "network name")
         net_type = type if isinstance(type, NetworkType) else NetworkType.parse(type)
         mirrored = net_type is NetworkType.MIRRORED
@@ -198,7 +201,8 @@ class Service(PortMappingOps):
                           gateway=gw or ipam.default_gateway(chosen), mtu=size,
                           bridge=naming.bridge_name(self.instance, net_id),
                           localhost_forwarding=bool(localhost_forwarding),
-                          ignored_ports=ignored, host_address_loopback=bool(host_address_loopback))
+                          ignored_ports=ignored, host_address_loopback=bool(host_address_loopback),
+                          firewall=bool(firewall) or mirrored)
             self.store.insert_network(db, net)
         try:
             self._apply_network(net)
@@ -234,7 +238,8 @@ class Service(PortMappingOps):
 
     def _ensure_bridge(self, net: Network) -> bool:
         made = self.kernel.ensure_bridge(net.bridge, net.gateway, net.subnet.prefixlen,
-                                         net.mtu, naming.link_alias(self.instance, net.id))
+                                         net.mtu, naming.link_alias(self.instance, net.id),
+                                         naming.bridge_mac(net.id))
         if net.mirrored:
             self.kernel.ensure_address6(net.bridge, IPv6Interface(
                 f"{transit6_gateway(self.instance, net.subnet)}/64"))
@@ -259,7 +264,8 @@ class Service(PortMappingOps):
         the networks in ``exclude`` and the port mappings of the host ports in ``drop``."""
         table_name = naming.nft_table_name(self.instance)
         specs = [NatSpec(n.id, n.subnet, n.bridge,
-                         transit6_subnet(self.instance, n.subnet) if n.mirrored else None)
+                         transit6_subnet(self.instance, n.subnet) if n.mirrored else None,
+                         isolated=n.firewall or n.mirrored)
                  for n in self.store.networks() if n.id not in exclude]
         if specs:
             ids = {s.id for s in specs}

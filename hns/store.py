@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS networks (
     bridge TEXT NOT NULL UNIQUE,
     localhost_forwarding INTEGER NOT NULL DEFAULT 1,
     ignored_ports TEXT NOT NULL DEFAULT '',
-    host_address_loopback INTEGER NOT NULL DEFAULT 0
+    host_address_loopback INTEGER NOT NULL DEFAULT 0,
+    firewall INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS vms (
     id TEXT PRIMARY KEY,
@@ -105,16 +106,16 @@ FROM vms v JOIN networks n ON n.id = v.network_id
 
 
 NETWORK_COLUMNS = ("id, name, type, subnet, gateway, mtu, bridge, localhost_forwarding, "
-                   "ignored_ports, host_address_loopback")
+                   "ignored_ports, host_address_loopback, firewall")
 
 
 def _network(row: tuple[object, ...]) -> Network:
-    id_, name, type_, subnet, gateway, mtu, bridge, forwarding, ignored, loopback = row
+    id_, name, type_, subnet, gateway, mtu, bridge, forwarding, ignored, loopback, wall = row
     return Network(id=str(id_), name=str(name), type=NetworkType(type_),
                    subnet=IPv4Network(str(subnet)), gateway=IPv4Address(str(gateway)),
                    mtu=int(str(mtu)), bridge=str(bridge), localhost_forwarding=bool(forwarding),
                    ignored_ports=parse_port_list(str(ignored)),
-                   host_address_loopback=bool(loopback))
+                   host_address_loopback=bool(loopback), firewall=bool(wall))
 
 
 def _vm(row: tuple[object, ...]) -> Vm:
@@ -155,6 +156,8 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
     if "host_address_loopback" not in columns:
         db.execute("ALTER TABLE networks ADD COLUMN host_address_loopback INTEGER NOT NULL "
                    "DEFAULT 0")
+    if "firewall" not in columns:
+        db.execute("ALTER TABLE networks ADD COLUMN firewall INTEGER NOT NULL DEFAULT 1")
 
 
 def _address(port: HostPort) -> str:
@@ -274,10 +277,11 @@ class Store:
     def insert_network(self, db: sqlite3.Connection, net: Network) -> None:
         try:
             db.execute(f"INSERT INTO networks ({NETWORK_COLUMNS}) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (net.id, net.name, net.type.value, str(net.subnet), str(net.gateway),
                         net.mtu, net.bridge, int(net.localhost_forwarding),
-                        format_port_list(net.ignored_ports), int(net.host_address_loopback)))
+                        format_port_list(net.ignored_ports), int(net.host_address_loopback),
+                        int(net.firewall)))
             db.execute("INSERT OR REPLACE INTO remembered_subnets VALUES (?, ?)",
                        (net.name, str(net.subnet)))
         except sqlite3.IntegrityError as exc:

@@ -30,7 +30,8 @@ __all__ = [
     "Set",
     "Table",
     "hairpin_rule",
-    "isolation_rule",
+    "isolation_chain",
+    "isolation_rules",
     "masquerade_rule",
     "nat_table",
     "port_maps",
@@ -185,6 +186,7 @@ class NatSpec:
     subnet: IPv4Network
     bridge: str
     subnet6: IPv6Network | None = None    # mirrored networks' transit prefix
+    isolated: bool = True                 # WSL's firewall: nothing unsolicited gets in
 
 
 def _port(value: int) -> int:
@@ -261,7 +263,8 @@ def port_maps(mappings: Iterable[PortMapSpec]) -> tuple[Map, Map]:
 
 def nat_table(name: str, networks: Iterable[NatSpec],
               mappings: Iterable[PortMapSpec] = ()) -> Table:
-    """The instance's table: masquerade per network, port mappings (maps, DNAT, hairpin)."""
+    """The instance's table: masquerade per network, port mappings (maps, DNAT, hairpin),
+    and the isolation of the networks (``forward``)."""
     nets = sorted(networks, key=lambda n: n.id)
     rules: Sequence[str] = [
         *(masquerade_rule(n.subnet, n.bridge, f"net:{n.id}") for n in nets),
@@ -275,20 +278,38 @@ def nat_table(name: str, networks: Iterable[NatSpec],
                        priority="dstnat")
     output = Chain("output", DNAT_RULES, type="nat", hook="output", priority="-100")
     chains = [postrouting, prerouting, output]
-    isolated = [isolation_rule(n.bridge, f"isolate:{n.id}") for n in nets
-                if n.subnet6 is not None]
-    if isolated:
-        chains.append(Chain("forward", tuple(isolated), type="filter", hook="forward",
-                            priority="filter"))
+    forward = isolation_chain(nets)
+    if forward is not None:
+        chains.append(forward)
     return Table("inet", name, tuple(chains), port_maps(mappings))
 
 
-def isolation_rule(bridge: str, comment: str) -> str:
-    """Drop new connections forwarded into a mirrored network's bridge that no DNAT of
-    hns sent there: its VMs are reached at the host's addresses, never at their transit
-    addresses (a LAN peer routing to those through the host gets nothing)."""
-    return (f'oifname "{_ifname(bridge)}" ct state new ct status ! dnat drop '
-            f'comment "{_comment(comment)}"')
+FORWARD_PRIORITY = "filter - 10"
+
+
+def isolation_rules(bridge: str, net_id: str) -> tuple[str, ...]:
+    """What may be forwarded into one network's bridge: traffic of its own bridge and
+    connections hns translated there (port mappings, mirrored inbound); nothing else
+    that is new (the outside, another network, a LAN peer routing the subnet through
+    the host).  Replies of connections the VMs opened pass the chain's first rule."""
+    dev = _ifname(bridge)
+    return (f'oifname "{dev}" iifname "{dev}" accept comment "{_comment(f"same:{net_id}")}"',
+            f'oifname "{dev}" ct status dnat accept comment "{_comment(f"mapped:{net_id}")}"',
+            f'oifname "{dev}" drop comment "{_comment(f"isolate:{net_id}")}"')
+
+
+def isolation_chain(networks: Iterable[NatSpec]) -> Chain | None:
+    """The ``forward`` chain of the isolated networks (None when there is none).
+
+    A filter chain of our own at priority ``filter - 10``: it only ever drops traffic
+    addressed to our bridges, so other tables' chains are not affected (an accept here
+    ends this chain only, a drop is final everywhere, as nftables has it)."""
+    nets = [n for n in networks if n.isolated]
+    if not nets:
+        return None
+    rules = ("ct state established,related accept",
+             *(rule for n in nets for rule in isolation_rules(n.bridge, n.id)))
+    return Chain("forward", rules, type="filter", hook="forward", priority=FORWARD_PRIORITY)
 
 
 def _render_elements(verb: str, table: str, mappings: Iterable[PortMapSpec],

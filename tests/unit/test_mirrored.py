@@ -201,15 +201,12 @@ def test_render_host_ports() -> None:
         render_host_ports("add", [(4, "sctp", 22)])
 
 
-def test_nat_table_isolates_mirrored_bridges_only() -> None:
+def test_nat_table_isolates_mirrored_bridges() -> None:
     from nat.ruleset import NatSpec, nat_table
     mirrored = NatSpec("m1", IPv4Network("169.254.3.0/24"), "hbm",
                        IPv6Network("fd68:6e73:1:3::/64"))
-    nat = NatSpec("n1", IPv4Network("172.16.0.0/20"), "hbn")
-    text = nat_table("hns-1a2b", [mirrored, nat]).render()
-    assert ('oifname "hbm" ct state new ct status ! dnat drop comment "isolate:m1"'
-            in text)
-    assert 'oifname "hbn" ct state new' not in text
+    text = nat_table("hns-1a2b", [mirrored]).render()
+    assert 'oifname "hbm" ct status dnat accept comment "mapped:m1"' in text
+    assert 'oifname "hbm" drop comment "isolate:m1"' in text
     assert ('ip6 saddr fd68:6e73:1:3::/64 oifname != "hbm" masquerade comment "net6:m1"'
             in text)
-    assert "hook forward" not in nat_table("hns-1a2b", [nat]).render()

@@ -12,6 +12,7 @@ from nat.ruleset import (
     Chain,
     NatSpec,
     Table,
+    isolation_rules,
     masquerade_rule,
     nat_table,
     render_delete,
@@ -46,6 +47,16 @@ table inet hns-ab12 {
 \t\tip daddr != 127.0.0.0/8 fib daddr type local dnat ip to ip daddr . meta l4proto . th dport map @pm_addr
 \t\tip daddr != 127.0.0.0/8 fib daddr type local dnat ip to meta l4proto . th dport map @pm_any
 \t}
+\tchain forward {
+\t\ttype filter hook forward priority filter - 10; policy accept;
+\t\tct state established,related accept
+\t\toifname "hbab12a1b2c3d4" iifname "hbab12a1b2c3d4" accept comment "same:a1b2c3d4-0000-4000-8000-000000000001"
+\t\toifname "hbab12a1b2c3d4" ct status dnat accept comment "mapped:a1b2c3d4-0000-4000-8000-000000000001"
+\t\toifname "hbab12a1b2c3d4" drop comment "isolate:a1b2c3d4-0000-4000-8000-000000000001"
+\t\toifname "hbab12b2c3d4e5" iifname "hbab12b2c3d4e5" accept comment "same:b2c3d4e5-0000-4000-8000-000000000002"
+\t\toifname "hbab12b2c3d4e5" ct status dnat accept comment "mapped:b2c3d4e5-0000-4000-8000-000000000002"
+\t\toifname "hbab12b2c3d4e5" drop comment "isolate:b2c3d4e5-0000-4000-8000-000000000002"
+\t}
 }
 """  # noqa: E501
 
@@ -77,7 +88,7 @@ def test_nat_table_structure() -> None:
         "postrouting", "nat", "postrouting", "srcnat", "accept")
     assert len(chain.rules) == 4  # masquerade and hairpin per network
     assert [(c.name, c.hook) for c in table.chains[1:]] == [
-        ("prerouting", "prerouting"), ("output", "output")]
+        ("prerouting", "prerouting"), ("output", "output"), ("forward", "forward")]
     assert [m.name for m in table.maps] == ["pm_any", "pm_addr"]
 
 
@@ -204,3 +215,39 @@ def test_chain_refuses_incomplete_base_chain(type_: str | None, hook: str | None
                                              priority: str | None) -> None:
     with pytest.raises(ValueError, match="type, hook and priority together"):
         Chain("c", type=type_, hook=hook, priority=priority)
+
+
+def _forward_rules(text: str) -> list[str]:
+    body = text.split("chain forward {", 1)[1].split("}", 1)[0]
+    return [line.strip() for line in body.splitlines() if line.strip()]
+
+
+def test_isolation_chain_lets_in_replies_translated_and_own_traffic_only() -> None:
+    a = NatSpec("a1", IPv4Network("172.16.0.0/20"), "hba")
+    b = NatSpec("b1", IPv4Network("172.16.16.0/20"), "hbb")
+    rules = _forward_rules(nat_table("hns-1a2b", [b, a]).render())
+    assert rules == [
+        "type filter hook forward priority filter - 10; policy accept;",
+        "ct state established,related accept",
+        'oifname "hba" iifname "hba" accept comment "same:a1"',
+        'oifname "hba" ct status dnat accept comment "mapped:a1"',
+        'oifname "hba" drop comment "isolate:a1"',
+        'oifname "hbb" iifname "hbb" accept comment "same:b1"',
+        'oifname "hbb" ct status dnat accept comment "mapped:b1"',
+        'oifname "hbb" drop comment "isolate:b1"',
+    ]
+
+
+def test_isolation_off_leaves_a_network_out_of_the_forward_chain() -> None:
+    a = NatSpec("a1", IPv4Network("172.16.0.0/20"), "hba", isolated=False)
+    b = NatSpec("b1", IPv4Network("172.16.16.0/20"), "hbb")
+    text = nat_table("hns-1a2b", [a, b]).render()
+    assert '"hba"' not in text.split("chain forward {", 1)[1]
+    assert "hook forward" not in nat_table("hns-1a2b", [a]).render()
+
+
+def test_isolation_rules_refuse_bad_names() -> None:
+    with pytest.raises(ValueError):
+        isolation_rules('hb"; flush ruleset', "a1")
+    with pytest.raises(ValueError):
+        isolation_rules("hba", "a1 }")
