@@ -1,16 +1,25 @@
 """The I/O half of the DNS proxy: listeners, upstream sockets, the pending table's timer.
 
 Theory of operation: each listener is a UDP socket and a TCP listening socket on one
-address (a NAT gateway, port 53), watched by the engine.  A query is parsed
+address (a network's gateway, port 53), watched by the engine.  A query is parsed
 (:mod:`portproxy.dnsmsg`), handed to the pending table (:mod:`portproxy.dnsstate`), and
-the actions the table returns are carried out here: datagrams to an upstream go out on
-one unconnected socket per address family, TCP tries and TCP clients live in
-:mod:`portproxy._dnstcp`.  One engine timer follows the table's earliest deadline.
+the actions the table returns are carried out here: each UDP try to an upstream gets a
+socket of its own, made for it and closed when the table says the try is over, on a port
+the kernel picks at random (RFC 5452: a spoofer must guess the port as well as the id);
+TCP tries and TCP clients live in :mod:`portproxy._dnstcp`.  One engine timer follows the
+table's earliest deadline.
+
+Only the network's own VMs are answered (:class:`portproxy.dnsstate.ClientFilter`).  The
+TCP listener is bound to the network's bridge (SO_BINDTODEVICE), so the kernel refuses a
+connection that arrives elsewhere, and an accepted one from a source outside the subnet
+is reset unanswered.  The UDP socket reads the arriving interface of every datagram
+(IP_PKTINFO) and drops, unanswered, what did not come from the bridge or from the subnet:
+no reply at all, not even an ICMP error, which a socket bound to the device would make
+the kernel send.
 
 The upstream sockets set IP_RECVERR / IPV6_RECVERR: an ICMP error (port unreachable: no
-server there) comes back on the socket's error queue with the query it answers, whose id
-names the try, which then moves on to the next upstream at once instead of waiting for
-its timeout.
+server there) comes back on the try's socket's error queue, and the try moves on to the
+next upstream at once instead of waiting for its timeout.
 
 Nothing a client or an upstream sends can stop the loop: every handler catches what it
 does not expect, logs it and counts it (``errors``).
@@ -18,12 +27,15 @@ does not expect, logs it and counts it (``errors``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
+import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network
 from typing import TYPE_CHECKING, NamedTuple
 
 from portproxy import dnsmsg
@@ -34,7 +46,8 @@ from portproxy.dnsstate import (
     DEFAULT_TIMEOUT,
     MAX_UPSTREAMS,
     Action,
-    CancelTcp,
+    ClientFilter,
+    Close,
     Forwarding,
     Reply,
     SendTcp,
@@ -42,7 +55,6 @@ from portproxy.dnsstate import (
     Upstream,
     source_key,
 )
-from portproxy.proxies import open_listener
 
 if TYPE_CHECKING:
     from portproxy.engine import Engine, TimerHandle
@@ -55,6 +67,7 @@ BATCH = 64
 MAX_DATAGRAM = 65535
 DEFAULT_IDLE_TIMEOUT = 10.0
 DEFAULT_MAX_TCP_CLIENTS = 256
+IP_PKTINFO = 8              # linux/in.h; not exported by Python's socket module
 IP_RECVERR = 11             # linux/in.h; Python 3.11's socket module lacks it
 IPV6_RECVERR = 25           # linux/in6.h
 UNREACHABLE = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
@@ -70,9 +83,12 @@ class Listener:
     port: int
     udp: socket.socket
     tcp: socket.socket
+    filter: ClientFilter = field(default_factory=ClientFilter)
+    device: str = ""        # the bridge the listener serves ("": any interface)
     queries: int = 0
     failures: int = 0       # answered SERVFAIL by the proxy (no upstream answered)
     malformed: int = 0      # refused (FORMERR, NOTIMP) or dropped
+    ignored: int = 0        # not from the network's VMs: dropped or reset, unanswered
     closed: bool = False
     clients: set[TcpClient] = field(default_factory=set)
 
@@ -99,7 +115,7 @@ class DnsServer:
         self._upstreams = upstreams
         self._configured: tuple[Upstream, ...] | None = None
         self._listeners: list[Listener] = []
-        self._sockets: dict[int, socket.socket] = {}
+        self._udp: dict[int, socket.socket] = {}        # try key -> its socket
         self._sockaddrs: dict[Upstream, tuple[object, ...]] = {}
         self._tcp: dict[int, TcpUpstream] = {}
         self._tcp_clients = 0
@@ -108,17 +124,24 @@ class DnsServer:
 
     # -- listeners ---------------------------------------------------------------------
 
-    def listen(self, name: str, host: str, port: int = 53) -> Listener:
-        """Serve ``host``:``port`` (UDP and TCP); OSError if either cannot be bound."""
+    def listen(self, name: str, host: str, port: int = 53, *, device: str = "",
+               subnet: IPv4Network | None = None) -> Listener:
+        """Serve ``host``:``port`` (UDP and TCP) to clients of ``subnet`` arriving on
+        ``device`` (see the module; empty/None: anyone); OSError if either cannot be
+        bound or the device does not exist."""
+        ifindex = interface_index(device) if device else 0
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
+            udp.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             udp.bind((host, port))     # no SO_REUSEADDR: a second server must not hide
             udp.setblocking(False)
-            tcp = open_listener(socket.AF_INET, socket.SOCK_STREAM, host, udp.getsockname()[1])
+            tcp = _tcp_listener(host, udp.getsockname()[1], device)
         except BaseException:
             udp.close()
             raise
-        listener = Listener(name, host, udp.getsockname()[1], udp, tcp)
+        client_filter = (ClientFilter.network(subnet, host, ifindex) if subnet is not None
+                         else ClientFilter(ifindex=ifindex))
+        listener = Listener(name, host, udp.getsockname()[1], udp, tcp, client_filter, device)
         self.engine.add_reader(udp, lambda: self._guard(self._on_udp, listener))
         self.engine.add_reader(tcp, lambda: self._guard(self._on_accept, listener))
         self._listeners.append(listener)
@@ -150,13 +173,8 @@ class DnsServer:
     def close(self) -> None:
         for listener in list(self._listeners):
             self.unlisten(listener)
-        for attempt in list(self._tcp.values()):
-            attempt.close()
-        self._tcp.clear()
-        for sock in self._sockets.values():
-            self.engine.remove_reader(sock)
-            sock.close()
-        self._sockets.clear()
+        for key in list(self._tcp) + list(self._udp):
+            self._close_try(key)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -176,23 +194,37 @@ class DnsServer:
             if listener.closed:
                 return
             try:
-                n, address = listener.udp.recvfrom_into(self._buf)
+                n, anc, _flags, address = listener.udp.recvmsg_into([self._buf], PKTINFO_SPACE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 log.debug("dns: %s: receive: %s", listener.name, exc)
                 continue
+            if self._foreign(listener, address[0], _arrived_on(anc)):
+                continue
             self._query(listener, UdpClient(listener, address), bytes(self._buf[:n]))
+
+    def _foreign(self, listener: Listener, address: str, ifindex: int | None) -> bool:
+        """True (and counted) if the client is not one of the network's VMs."""
+        reason = listener.filter.allows(address, ifindex)
+        if reason is None:
+            return False
+        listener.ignored += 1
+        log.debug("dns: %s: ignoring %s: %s", listener.name, address, reason)
+        return True
 
     def _on_accept(self, listener: Listener) -> None:
         for _ in range(BATCH):
             try:
-                sock, _address = listener.tcp.accept()
+                sock, address = listener.tcp.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:      # out of fds, say: try again on the next wake-up
                 log.warning("dns: %s: accept: %s", listener.name, exc)
                 return
+            if self._foreign(listener, address[0], None):     # the device: the kernel's
+                _reset(sock)
+                continue
             if self._tcp_clients >= self.max_tcp_clients:
                 sock.close()
                 self.errors += 1
@@ -241,11 +273,18 @@ class DnsServer:
                 todo += self._send_udp(action)
             elif isinstance(action, SendTcp):
                 todo += self._send_tcp(action)
-            elif isinstance(action, CancelTcp):
-                attempt = self._tcp.pop(action.key, None)
-                if attempt is not None:
-                    attempt.close()
+            elif isinstance(action, Close):
+                self._close_try(action.key)
         self._arm()
+
+    def _close_try(self, key: int) -> None:
+        sock = self._udp.pop(key, None)
+        if sock is not None:
+            self.engine.remove_reader(sock)
+            sock.close()
+        attempt = self._tcp.pop(key, None)
+        if attempt is not None:
+            attempt.close()
 
     def _reply(self, action: Reply) -> None:
         client = action.client
@@ -280,9 +319,9 @@ class DnsServer:
     def _send_udp(self, action: SendUdp) -> list[Action]:
         upstream = action.upstream
         try:
-            sock = self._upstream_socket(upstream.family)
+            sock = self._try_socket(action.key, upstream.family)
             sock.sendto(action.data, self._sockaddr(upstream))
-        except OSError as exc:      # no route, say: on to the next upstream
+        except OSError as exc:      # no route, out of fds, say: on to the next upstream
             log.debug("dns: send to %s: %s", upstream, exc)
             return self.forwarding.failed(action.key, upstream.key, self.engine.now())
         return []
@@ -309,48 +348,62 @@ class DnsServer:
 
     # -- upstream sockets and the timer ------------------------------------------------
 
-    def _upstream_socket(self, family: int) -> socket.socket:
-        sock = self._sockets.get(family)
-        if sock is None:
+    def _try_socket(self, key: int, family: int) -> socket.socket:
+        """A new unbound socket for try ``key``: its first sendto takes a port the
+        kernel picks at random among the ephemeral ones."""
+        if family == 6:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
             if family == 6:
-                sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
                 sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
             else:
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
             sock.setblocking(False)
-            self._sockets[family] = sock
-            self.engine.add_reader(sock, lambda: self._on_upstream(sock))
+            self.engine.add_reader(sock, lambda: self._on_upstream(key, sock))
+        except BaseException:
+            sock.close()
+            raise
+        self._udp[key] = sock
         return sock
 
-    def _on_upstream(self, sock: socket.socket) -> None:
+    def _on_upstream(self, key: int, sock: socket.socket) -> None:
         try:
-            self._read_answers(sock)
-            self._read_errors(sock)
+            self._read_answers(key, sock)
+            if self._udp.get(key) is sock:
+                self._read_errors(key, sock)
         except Exception:
             self.errors += 1
             log.exception("dns: upstream socket failed")
 
-    def _read_answers(self, sock: socket.socket) -> None:
+    def _read_answers(self, key: int, sock: socket.socket) -> None:
         for _ in range(BATCH):
+            if self._udp.get(key) is not sock:
+                return              # the try is over: its socket was closed
             try:
                 n, source = sock.recvfrom_into(self._buf)
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:         # an ICMP error, reported again on the error queue
-                continue
+            except OSError:         # an ICMP error: read from the error queue
+                return
             data = bytes(self._buf[:n])
-            self._run(self.forwarding.answer(data, source_key(source), self.engine.now()))
+            dropped = self.forwarding.dropped
+            self._run(self.forwarding.answer(key, data, source_key(source), self.engine.now()))
+            if self.forwarding.dropped != dropped:
+                log.debug("dns: answer from %s dropped: %s", source[0],
+                          self.forwarding.last_drop)
 
-    def _read_errors(self, sock: socket.socket) -> None:
+    def _read_errors(self, key: int, sock: socket.socket) -> None:
         for _ in range(BATCH):
+            if self._udp.get(key) is not sock:
+                return
             try:
-                data, anc, _flags, dest = sock.recvmsg(512, 512, socket.MSG_ERRQUEUE)
+                _data, anc, _flags, dest = sock.recvmsg(512, 512, socket.MSG_ERRQUEUE)
             except (BlockingIOError, InterruptedError):
                 return
-            if len(data) < 2 or not dest or _ee_errno(anc) not in UNREACHABLE:
-                continue            # not about a query, or not fatal (EMSGSIZE, say)
-            key = int.from_bytes(data[:2], "big")
+            if not dest or _ee_errno(anc) not in UNREACHABLE:
+                continue            # not fatal (EMSGSIZE, say)
             log.debug("dns: upstream %s unreachable", dest[0])
             self._run(self.forwarding.failed(key, source_key(dest), self.engine.now()))
 
@@ -364,6 +417,49 @@ class DnsServer:
     def _expire(self) -> None:
         self._timer = None
         self._run(self.forwarding.expire(self.engine.now()))
+
+
+PKTINFO_SPACE = socket.CMSG_SPACE(12)       # struct in_pktinfo
+
+
+def _arrived_on(ancdata: list[tuple[int, int, bytes]]) -> int:
+    """``ipi_ifindex`` of the IP_PKTINFO of a received datagram (0: none given)."""
+    for level, kind, data in ancdata:
+        if (level, kind) == (socket.IPPROTO_IP, IP_PKTINFO) and len(data) >= 4:
+            return int.from_bytes(data[:4], sys.byteorder)
+    return 0
+
+
+def interface_index(device: str) -> int:
+    """The index of interface ``device``; OSError(ENODEV) if there is none."""
+    try:
+        return socket.if_nametoindex(device)
+    except OSError:
+        raise OSError(errno.ENODEV, f"no interface {device!r}") from None
+
+
+def _tcp_listener(host: str, port: int, device: str) -> socket.socket:
+    """A non-blocking TCP listener on ``host``:``port``, bound to ``device`` if given,
+    before bind (the kernel then takes connections arriving there only)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if device:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+        sock.bind((host, port))
+        sock.listen(4096)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close an accepted connection with a reset: no answer, no orderly end."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def _ee_errno(ancdata: list[tuple[int, int, bytes]]) -> int:

@@ -8,9 +8,16 @@ Because the daemon runs in the host namespace, a loopback nameserver of the host
 nameservers into the VM cannot do.  The VM's resolv.conf names the gateway first
 (:func:`hns.resolv.render_vm_resolv`).
 
-A gateway whose port 53 cannot be bound (the address not there yet, another server on
-it) keeps its error, shown by ``hnsctl status``, and is retried every
-``retry_interval`` seconds, as the static port proxies are.  Messages:
+Only the network's own VMs are answered: a query must come from an address of the
+network's subnet (not the gateway's own) and arrive on the network's bridge; anything
+else gets nothing (:mod:`portproxy._dnsio`).  This holds for mirrored networks too: their
+VMs ask the transit gateway from their transit addresses, through the transit bridge.
+
+A gateway whose port 53 cannot be bound (the address or the bridge not there yet,
+another server on it) keeps its error, shown by ``hnsctl status``, and is retried every
+``retry_interval`` seconds, as the static port proxies are.  The bridge's interface
+index is checked as often: a bridge made again (``hnsctl restore``) gets a new one, and
+the listener is made again for it.  Messages:
 :mod:`portproxy.dnsmsg`; pending queries: :mod:`portproxy.dnsstate`; sockets:
 :mod:`portproxy._dnsio`.
 """
@@ -25,7 +32,7 @@ from typing import Any
 from hns.model import Network
 from hns.resolv import host_resolv_path
 from hns.store import Store
-from portproxy._dnsio import DnsServer, Listener
+from portproxy._dnsio import DnsServer, Listener, interface_index
 from portproxy.dnsstate import Upstream, upstreams_from_resolv
 from portproxy.engine import Engine, TimerHandle
 
@@ -69,6 +76,11 @@ class HostResolvers:
         return self._upstreams
 
 
+def _identity(network: Network) -> tuple[object, ...]:
+    """What a listener is made from: a change means a new listener."""
+    return network.name, network.gateway, network.subnet, network.bridge
+
+
 @dataclass
 class _Served:
     network: Network
@@ -78,7 +90,7 @@ class _Served:
 
 
 class DnsProxy:
-    """Serves DNS on the gateway of every NAT network of the state."""
+    """Serves DNS on the gateway of every network of the state (NAT and mirrored)."""
 
     def __init__(self, engine: Engine, store: Store, host_netns: str | None,
                  retry_interval: float = 2.0, *, port: int = DNS_PORT,
@@ -90,6 +102,7 @@ class DnsProxy:
         self.resolvers = resolvers or HostResolvers(host_netns)
         self.server = DnsServer(engine, self.resolvers)
         self._served: dict[str, _Served] = {}
+        self._watch: TimerHandle | None = None
 
     def reconcile(self) -> None:
         """Listen on the gateway of every NAT network, and only there."""
@@ -100,18 +113,41 @@ class DnsProxy:
             log.exception("dns: cannot read the upstreams")
         for key, served in list(self._served.items()):
             network = desired.get(key)
-            if network is None or (network.name, network.gateway) != (
-                    served.network.name, served.network.gateway):
+            if network is None or _identity(network) != _identity(served.network):
                 self._stop(key)
         for key, network in desired.items():
             if key not in self._served:
                 self._served[key] = _Served(network)
                 self._start(key)
+        if self._watch is None:
+            self._watch = self.engine.call_later(self.retry_interval, self._check_bridges)
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         for key in list(self._served):
             self._stop(key)
         self.server.close()
+
+    def _check_bridges(self) -> None:
+        """Listen again where a network's bridge was made again (or went away): a
+        listener keeps the interface index it was made for."""
+        self._watch = self.engine.call_later(self.retry_interval, self._check_bridges)
+        for key, served in list(self._served.items()):
+            listener = served.listener
+            if listener is None or not listener.device:
+                continue
+            try:
+                ifindex = interface_index(listener.device)
+            except OSError:
+                ifindex = 0
+            if ifindex != listener.filter.ifindex:
+                log.info("%s: bridge %s changed: listening again", listener.name,
+                         listener.device)
+                self.server.unlisten(listener)
+                served.listener = None
+                self._start(key)
 
     def status(self) -> dict[str, Any]:
         try:
@@ -140,6 +176,7 @@ class DnsProxy:
             "Queries": listener.queries if listener else 0,
             "Failures": listener.failures if listener else 0,
             "Malformed": listener.malformed if listener else 0,
+            "Ignored": listener.ignored if listener else 0,
         }
 
     def _start(self, key: str) -> None:
@@ -147,9 +184,11 @@ class DnsProxy:
         if served is None or served.listener is not None:
             return
         served.retry = None
-        name = f"dns {served.network.name}"
+        network = served.network
+        name = f"dns {network.name}"
         try:
-            served.listener = self.server.listen(name, str(served.network.gateway), self.port)
+            served.listener = self.server.listen(name, str(network.gateway), self.port,
+                                                 device=network.bridge, subnet=network.subnet)
         except OSError as exc:
             message = os.strerror(exc.errno) if exc.errno else str(exc)
             if served.error != message:

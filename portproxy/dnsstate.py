@@ -16,14 +16,24 @@ left; after the last one the client gets that answer.  When no upstream is left,
 is configured, or the table is full, the client gets SERVFAIL from the proxy itself
 (``Reply.failed``).
 
-Answers are accepted only from the upstream the try went to, over the transport it
-used, with the id and the question of the query (:func:`portproxy.dnsmsg.check_answer`);
-anything else is dropped and counted (``dropped``).  A truncated answer (TC) to a client
-that asked over TCP is asked again over TCP from the same upstream; a UDP client gets it
-as it is and asks again over TCP itself, as RFC 1035 wants.
+Each try has a socket of its own in the I/O layer (a fresh one per try, on a port the
+kernel picks: RFC 5452's source port randomisation), which reports what arrives on it
+under the try's key.  An answer is accepted only on the socket of a try still pending,
+from the upstream address and port that try went to, over the transport it used, with
+the id and the question of the query (:func:`portproxy.dnsmsg.check_answer`); anything
+else is dropped and counted (``dropped``, the reason in ``last_drop``) and the try goes
+on waiting.  Whenever a try ends (answered, failed, timed out, moved to TCP) the table
+says :class:`Close`, and the I/O layer closes that try's socket.
+
+A truncated answer (TC) to a client that asked over TCP is asked again over TCP from the
+same upstream; a UDP client gets it as it is and asks again over TCP itself, as RFC 1035
+wants.
 
 The upstream that answered last is tried first next time, so a dead first nameserver
 costs one timeout, not one per query.
+
+Who may ask at all is :class:`ClientFilter`'s business: a network's own VMs only (a
+source address of its subnet, arriving on its bridge).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
 
 from portproxy import dnsmsg
 from portproxy.dnsmsg import MessageError, Query, Question, Rcode
@@ -42,7 +53,8 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "MAX_UPSTREAMS",
     "Action",
-    "CancelTcp",
+    "ClientFilter",
+    "Close",
     "Forwarding",
     "Reply",
     "SendTcp",
@@ -110,6 +122,47 @@ def upstreams_from_resolv(text: str, port: int = 53, exclude: Iterable[tuple[str
 
 
 @dataclass(frozen=True, slots=True)
+class ClientFilter:
+    """Who the proxy of one network answers: its VMs, and no one else.
+
+    A client must have a source address in ``subnet`` that is none of the network's own
+    (``own``: the gateway, the network and broadcast addresses; the host itself writes
+    from the gateway address), and its datagram must have arrived on interface
+    ``ifindex`` (the network's bridge; 0: any).  ``subnet`` None lets everyone in.
+    """
+
+    subnet: IPv4Network | IPv6Network | None = None
+    own: frozenset[str] = frozenset()
+    ifindex: int = 0
+
+    @classmethod
+    def network(cls, subnet: IPv4Network | IPv6Network, gateway: str,
+                ifindex: int = 0) -> ClientFilter:
+        own = {str(ipaddress.ip_address(gateway))}
+        if subnet.num_addresses > 2:
+            own |= {str(subnet.network_address), str(subnet.broadcast_address)}
+        return cls(subnet, frozenset(own), ifindex)
+
+    def allows(self, address: str, ifindex: int | None) -> str | None:
+        """None if the client at ``address`` may ask, else why not.  ``ifindex`` is
+        where its datagram arrived; None where the kernel has checked it already (a
+        socket bound to the device)."""
+        if ifindex is not None and self.ifindex and ifindex != self.ifindex:
+            return f"arrived on interface {ifindex}, not the network's ({self.ifindex})"
+        if self.subnet is None:
+            return None
+        try:
+            ip = ipaddress.ip_address(address.partition("%")[0])
+        except ValueError:
+            return f"source {address!r} is not an address"
+        if ip.version != self.subnet.version or ip not in self.subnet:
+            return f"source {ip} is outside {self.subnet}"
+        if str(ip) in self.own:
+            return f"source {ip} is the network's own address"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
 class SendUdp:
     key: int
     upstream: Upstream
@@ -124,7 +177,9 @@ class SendTcp:
 
 
 @dataclass(frozen=True, slots=True)
-class CancelTcp:
+class Close:
+    """Try ``key`` is over: close its socket (UDP or TCP)."""
+
     key: int
 
 
@@ -135,7 +190,7 @@ class Reply:
     failed: bool        # the proxy answered SERVFAIL itself: no upstream answered
 
 
-Action = SendUdp | SendTcp | CancelTcp | Reply
+Action = SendUdp | SendTcp | Close | Reply
 
 
 @dataclass(slots=True)
@@ -163,6 +218,7 @@ class Forwarding:
         self.max_pending = max_pending
         self.upstreams: tuple[Upstream, ...] = ()
         self.dropped = 0            # answers that matched no pending query
+        self.last_drop = ""         # why the last one was dropped (for the log)
         self._randbits = randbits
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self._good: Upstream | None = None
@@ -183,19 +239,30 @@ class Forwarding:
         entry = _Pending(client, query, data, tcp, self._order())
         return self._send(entry, now)
 
-    def answer(self, data: bytes, source: tuple[str, int], now: float) -> list[Action]:
-        """A datagram from ``source`` (an ``Upstream.key``) on an upstream socket."""
-        entry = self._match(data)
-        if entry is None or entry.via_tcp or entry.upstreams[0].key != source:
-            self.dropped += 1
-            return []
+    def answer(self, key: int, data: bytes, source: tuple[str, int],
+               now: float) -> list[Action]:
+        """A datagram from ``source`` (an ``Upstream.key``) on the socket of try ``key``."""
+        entry = self._pending.get(key)
+        if entry is None:
+            return self._drop("no such try (late, or already answered)")
+        if entry.via_tcp:
+            return self._drop("a datagram for a try over TCP")
+        if entry.upstreams[0].key != source:
+            return self._drop(f"from {source[0]}:{source[1]}, not {entry.upstreams[0]}")
+        reason = _mismatch(data, entry.key, entry.query.question)
+        if reason is not None:
+            return self._drop(reason)
         return self._accept(entry, data, now)
 
     def tcp_answer(self, key: int, data: bytes, now: float) -> list[Action]:
         """The answer read from the TCP connection of try ``key``."""
         entry = self._pending.get(key)
-        if entry is None or not entry.via_tcp or self._match(data) is not entry:
-            self.dropped += 1
+        if entry is None or not entry.via_tcp:
+            self._drop("no such try over TCP")
+            return []
+        reason = _mismatch(data, entry.key, entry.query.question)
+        if reason is not None:
+            self._drop(reason)
             return self.failed(key, None, now)
         return self._accept(entry, data, now)
 
@@ -205,8 +272,7 @@ class Forwarding:
         if entry is None or (source is not None and entry.upstreams[0].key != source):
             return []
         del self._pending[key]
-        cancel: list[Action] = [CancelTcp(key)] if entry.via_tcp else []
-        return cancel + self._next(entry, now)
+        return [Close(key), *self._next(entry, now)]
 
     def expire(self, now: float) -> list[Action]:
         """Move every try whose deadline has passed on to the next upstream."""
@@ -251,31 +317,30 @@ class Forwarding:
             return [Reply(entry.client, entry.last_answer, False)]
         return [Reply(entry.client, dnsmsg.servfail(entry.query), True)]
 
-    def _match(self, data: bytes) -> _Pending | None:
-        if len(data) < dnsmsg.HEADER_LEN:
-            return None
-        entry = self._pending.get(int.from_bytes(data[:2], "big"))
-        if entry is None or not _answers(data, entry.key, entry.query.question):
-            return None
-        return entry
+    def _drop(self, reason: str) -> list[Action]:
+        self.dropped += 1
+        self.last_drop = reason
+        return []
 
     def _accept(self, entry: _Pending, data: bytes, now: float) -> list[Action]:
         del self._pending[entry.key]
+        done: list[Action] = [Close(entry.key)]
         header = dnsmsg.Header.parse(data)
         if header.tc and entry.tcp_client and not entry.via_tcp:
             entry.via_tcp = True
-            return self._send(entry, now)
+            return done + self._send(entry, now)
         reply = dnsmsg.with_id(data, entry.query.id)
         if header.rcode in (Rcode.SERVFAIL, Rcode.REFUSED) and len(entry.upstreams) > 1:
             entry.last_answer = reply
-            return self._next(entry, now)
+            return done + self._next(entry, now)
         self._good = entry.upstreams[0]
-        return [Reply(entry.client, reply, False)]
+        return [*done, Reply(entry.client, reply, False)]
 
 
-def _answers(data: bytes, key: int, question: Question) -> bool:
+def _mismatch(data: bytes, id: int, question: Question) -> str | None:
+    """None if ``data`` answers query ``id`` asking ``question``, else why not."""
     try:
-        dnsmsg.check_answer(data, key, question)
-    except MessageError:
-        return False
-    return True
+        dnsmsg.check_answer(data, id, question)
+    except MessageError as exc:
+        return str(exc)
+    return None

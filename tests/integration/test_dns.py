@@ -1,11 +1,16 @@
 """The daemon's DNS proxy on the NAT gateway, for real: dnsmasq in the outside namespace
-plays the host's resolver, dig and glibc (getent) in the VM ask the gateway."""
+plays the host's resolver, dig and glibc (getent) in the VM ask the gateway.  The proxy
+answers its network's VMs only (not the outside, not the host), and takes from an
+upstream only the answer to the query it sent, on the socket it sent it from."""
 
 from __future__ import annotations
 
 import re
 import socket
+import struct
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +18,7 @@ import pytest
 from nsutil import DaemonProc, wait_for, wait_listening
 
 from hns.testing import Sandbox, SandboxVm
+from portproxy import dnsmsg
 
 NAME = "example.test"
 ADDRESS = "198.51.100.80"
@@ -142,3 +148,153 @@ def test_without_the_daemon_glibc_falls_back_to_the_host_nameserver(
     assert re.findall(r"^nameserver (\S+)", resolv, re.M) == [vm.gateway, "198.51.100.1"]
     glibc = vm.run(["getent", "hosts", NAME])   # the gateway refuses (ICMP): next server
     assert glibc.returncode == 0 and glibc.stdout.split() == [ADDRESS, NAME], glibc.stderr
+
+
+def ask(peer: Any, gateway: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return peer.run(["dig", "+tries=1", "+time=2", f"@{gateway}", NAME, *args])  # type: ignore[no-any-return]
+
+
+def assert_no_answer(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode != 0 and "status:" not in result.stdout, result.stdout
+
+
+def test_only_the_network_s_vms_are_answered(hns_sandbox: Sandbox, vm: SandboxVm,
+                                             daemon: DaemonProc) -> None:
+    subnet = str(hns_sandbox.service.get_network("nat").subnet)
+    outside, host = hns_sandbox.outside, hns_sandbox.host
+    routed = outside.run(["ip", "route", "add", subnet, "via", hns_sandbox.uplink_ip])
+    assert routed.returncode == 0, routed.stderr
+    reach = outside.run(["ping", "-c", "1", "-W", "5", vm.gateway])
+    assert reach.returncode == 0, reach.stdout      # the outside reaches the gateway
+
+    for peer in (outside, host):                    # UDP: dropped unanswered, no ICMP
+        assert_no_answer(ask(peer, vm.gateway))
+        assert_no_answer(ask(peer, vm.gateway, "+tcp"))    # TCP: refused or reset
+    # the outside's TCP is refused by the kernel (another interface); the host's own may
+    # be let in (its local route names the bridge) and is reset by the proxy
+    ignored = dns_entry(daemon)["Ignored"]
+    assert ignored >= 2
+    assert dns_entry(daemon)["Queries"] == 0
+
+    # an outsider writing from an address of the subnet, past reverse-path filtering
+    for conf in ("all", "up0"):
+        host.run(["sysctl", "-qw", f"net.ipv4.conf.{conf}.rp_filter=0"])
+    spoofed = vm.ip.rsplit(".", 1)[0] + ".250"
+    added = outside.run(["ip", "addr", "add", f"{spoofed}/32", "dev", "lo"])
+    assert added.returncode == 0, added.stderr
+    assert_no_answer(ask(outside, vm.gateway, "-b", spoofed))
+    wait_for(lambda: dns_entry(daemon)["Ignored"] == ignored + 1, "the spoofed query ignored")
+    assert dns_entry(daemon)["Queries"] == 0
+
+    assert dig(vm, "+short").stdout.split() == [ADDRESS]
+    assert dig(vm, "+short", "+tcp").stdout.split() == [ADDRESS]
+    assert dns_entry(daemon)["Queries"] == 2
+
+
+class SpoofingUpstream:
+    """A resolver in the outside namespace that answers each query first with spoofs
+    (the right answer from another port and from another address, an answer with another
+    id, one to another question), all naming ``EVIL``, then rightly."""
+
+    EVIL = "203.0.113.66"
+
+    def __init__(self, sandbox: Sandbox, spoof: bool = True) -> None:
+        added = sandbox.outside.run(["ip", "addr", "add", f"{DEAD}/32", "dev", "out0"])
+        assert added.returncode == 0, added.stderr
+        self.spoof = spoof
+        self.peers: list[tuple[str, int]] = []
+        self.sockets = [self._bound(sandbox, host, port) for host, port in (
+            (sandbox.outside_ip, 53), (sandbox.outside_ip, 5353), (DEAD, 53))]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _bound(sandbox: Sandbox, host: str, port: int) -> socket.socket:
+        sock = sandbox.outside.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((host, port))
+        return sock
+
+    def _serve(self) -> None:
+        real, other_port, other_address = self.sockets
+        while True:
+            try:
+                query, peer = real.recvfrom(65535)
+            except OSError:
+                return
+            self.peers.append(peer)
+            if self.spoof:
+                evil = answer_to(query, self.EVIL)
+                other_port.sendto(evil, peer)
+                other_address.sendto(evil, peer)
+                real.sendto(bytes([query[0] ^ 0x5A]) + evil[1:], peer)
+                other = bytearray(query)
+                other[13] ^= 0x1D                     # "example" -> "xxample": another name
+                real.sendto(answer_to(bytes(other), self.EVIL), peer)
+                time.sleep(0.2)                       # pacing: the spoofs arrive first
+            real.sendto(answer_to(query, ADDRESS), peer)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+def answer_to(query: bytes, address: str) -> bytes:
+    """An A answer to ``query``: its id and question, one record (the query's EDNS left out)."""
+    _, end = dnsmsg.parse_question(query)
+    rr = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(address)
+    return query[:2] + struct.pack("!5H", 0x8180, 1, 1, 0, 0) + query[12:end] + rr
+
+
+@pytest.fixture
+def spoofer(hns_sandbox: Sandbox) -> Iterator[SpoofingUpstream]:
+    hns_sandbox.set_host_resolv(f"nameserver {hns_sandbox.outside_ip}\n")
+    upstream = SpoofingUpstream(hns_sandbox)
+    yield upstream
+    upstream.close()
+
+
+def test_spoofed_upstream_answers_are_not_taken(hns_sandbox: Sandbox, nat_vm: SandboxVm,
+                                                spoofer: SpoofingUpstream) -> None:
+    d = DaemonProc(hns_sandbox)
+    try:
+        d.start()
+        wait_for(lambda: dns_entry(d)["State"] == "listening", "the DNS listener")
+        for extra in ((), ("+tcp",)):
+            answer = dig(nat_vm, "+short", *extra)
+            assert answer.stdout.split() == [ADDRESS], answer.stdout + answer.stderr
+        assert len(spoofer.peers) == 2
+        wait_for(lambda: d.status()["DnsUpstream"]["Dropped"] == 8, "8 spoofs dropped")
+        assert dns_entry(d)["Failures"] == 0
+    finally:
+        d.kill()
+
+
+def test_each_upstream_query_has_a_source_port_of_its_own(
+        hns_sandbox: Sandbox, nat_vm: SandboxVm) -> None:
+    hns_sandbox.set_host_resolv(f"nameserver {hns_sandbox.outside_ip}\n")
+    upstream = SpoofingUpstream(hns_sandbox, spoof=False)
+    d = DaemonProc(hns_sandbox)
+    try:
+        d.start()
+        wait_for(lambda: dns_entry(d)["State"] == "listening", "the DNS listener")
+        for _ in range(3):
+            assert dig(nat_vm, "+short").stdout.split() == [ADDRESS]
+        ports = [port for _, port in upstream.peers]
+        assert len(ports) == 3 and len(set(ports)) >= 2, ports
+        assert ports[0] != ports[1] or ports[1] != ports[2], ports
+    finally:
+        d.kill()
+        upstream.close()
+
+
+def test_a_bridge_made_again_is_served_again(hns_sandbox: Sandbox, vm: SandboxVm,
+                                             daemon: DaemonProc) -> None:
+    bridge = hns_sandbox.service.get_network("nat").bridge
+    deleted = hns_sandbox.host.run(["ip", "link", "del", bridge])
+    assert deleted.returncode == 0, deleted.stderr
+    restored = hns_sandbox.hnsctl("restore")
+    assert restored.returncode == 0, restored.stderr
+    wait_for(lambda: dig(vm, "+short").stdout.split() == [ADDRESS], "an answer again",
+             attempts=40, interval=0.25)
+    assert dig(vm, "+short", "+tcp").stdout.split() == [ADDRESS]
+    assert dns_entry(daemon)["State"] == "listening"

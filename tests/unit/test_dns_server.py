@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
+import ipaddress
 import socket
 import struct
 import threading
@@ -59,6 +61,7 @@ class FakeUpstream:
     def __init__(self, behaviour: Behaviour) -> None:
         self.behaviour = behaviour
         self.udp_queries: list[bytes] = []
+        self.udp_peers: list[tuple[str, int]] = []
         self.tcp_queries: list[bytes] = []
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind((LO, 0))
@@ -79,6 +82,7 @@ class FakeUpstream:
             if peer is None:                # shut down
                 return
             self.udp_queries.append(data)
+            self.udp_peers.append(peer)
             reply = self.behaviour(data, False)
             if reply is not None:
                 self.udp.sendto(reply, peer)
@@ -123,6 +127,17 @@ def assert_closed(conn: socket.socket) -> None:
         assert conn.recv(10) == b""
 
 
+def assert_refused_over_tcp(address: tuple[str, int], source: str, q: bytes) -> None:
+    """A TCP query from ``source`` is reset unanswered (the reset may beat connect())."""
+    try:
+        with socket.create_connection(address, timeout=10,
+                                      source_address=(source, 0)) as conn:
+            conn.sendall(len(q).to_bytes(2, "big") + q)
+            assert_closed(conn)
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+
+
 def wait_until(predicate: Callable[[], bool]) -> None:
     for _ in range(400):
         if predicate():
@@ -134,15 +149,18 @@ def wait_until(predicate: Callable[[], bool]) -> None:
 class Proxy:
     """A DnsServer on the engine thread, listening on loopback, with given upstreams."""
 
-    def __init__(self, engine: Engine, upstreams: list[Upstream], **kw: Any) -> None:
+    def __init__(self, engine: Engine, upstreams: list[Upstream],
+                 listen: dict[str, Any] | None = None, **kw: Any) -> None:
         self.engine = engine
         self.upstreams = tuple(upstreams)
         self.server = on_engine(engine, lambda: DnsServer(engine, lambda: self.upstreams, **kw))
-        self.listener: Listener = on_engine(engine, lambda: self.server.listen("t", LO, 0))
+        self.listener: Listener = on_engine(
+            engine, lambda: self.server.listen("t", LO, 0, **(listen or {})))
         self.address = (LO, self.listener.port)
 
-    def ask_udp(self, data: bytes, timeout: float = 10.0) -> bytes | None:
+    def ask_udp(self, data: bytes, timeout: float = 10.0, source: str = LO) -> bytes | None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((source, 0))
             sock.settimeout(timeout)
             sock.sendto(data, self.address)
             try:
@@ -150,8 +168,9 @@ class Proxy:
             except TimeoutError:
                 return None
 
-    def ask_tcp(self, *messages: bytes) -> list[bytes]:
-        with socket.create_connection(self.address, timeout=10) as conn:
+    def ask_tcp(self, *messages: bytes, source: str = LO) -> list[bytes]:
+        with socket.create_connection(self.address, timeout=10,
+                                      source_address=(source, 0)) as conn:
             conn.sendall(b"".join(len(m).to_bytes(2, "big") + m for m in messages))
             return [read_framed(conn) for _ in messages]
 
@@ -187,7 +206,7 @@ def upstreams() -> Iterator[Callable[[Behaviour], FakeUpstream]]:
 def proxies(engine: Engine) -> Iterator[Callable[..., Proxy]]:
     made: list[Proxy] = []
 
-    def make(upstreams: list[Upstream], **kw: float) -> Proxy:
+    def make(upstreams: list[Upstream], **kw: Any) -> Proxy:
         made.append(Proxy(engine, upstreams, **kw))
         return made[-1]
 
@@ -309,3 +328,72 @@ def test_unlisten_closes_clients(upstreams: Callable[[Behaviour], FakeUpstream],
         assert_closed(conn)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(proxy.address, timeout=10)
+
+
+def test_only_the_network_s_clients_are_answered(
+        upstreams: Callable[[Behaviour], FakeUpstream], proxies: Callable[..., Proxy]) -> None:
+    # loopback plays the bridge: the listener's address (127.0.0.1) is the gateway
+    up = upstreams(good)
+    subnet = ipaddress.ip_network("127.0.0.0/24")
+    proxy = proxies([up.upstream], listen={"device": "lo", "subnet": subnet})
+    q = query(21)
+    assert proxy.ask_udp(q, source="127.0.0.5") == answer(q)
+    assert proxy.ask_tcp(q, source="127.0.0.5") == [answer(q)]
+    for outsider in ("127.0.0.1", "127.0.1.5"):     # the gateway itself, another subnet
+        assert proxy.ask_udp(q, timeout=0.3, source=outsider) is None
+        assert_refused_over_tcp(proxy.address, outsider, q)
+    assert proxy.listener.ignored == 4
+    assert proxy.listener.queries == 2 and len(up.udp_queries) == 2
+
+
+def test_a_bridge_that_does_not_exist_cannot_be_served(proxies: Callable[..., Proxy],
+                                                       engine: Engine) -> None:
+    proxy = proxies([])
+    with pytest.raises(OSError) as caught:
+        on_engine(engine, lambda: proxy.server.listen("gone", LO, 0, device="hnsnosuch0"))
+    assert caught.value.errno == errno.ENODEV
+
+
+def test_every_try_has_a_socket_of_its_own(upstreams: Callable[[Behaviour], FakeUpstream],
+                                          proxies: Callable[..., Proxy]) -> None:
+    up = upstreams(good)
+    proxy = proxies([up.upstream])
+    for i in range(4):
+        q = query(30 + i)
+        assert proxy.ask_udp(q) == answer(q)
+    ports = [port for _host, port in up.udp_peers]
+    assert len(set(ports)) >= 3, ports              # a fresh random port per query
+    assert proxy.listener.port not in ports
+    wait_until(lambda: not proxy.server._udp)       # every try's socket closed
+
+
+def test_only_the_right_answer_on_the_right_socket_is_taken(
+        proxies: Callable[..., Proxy]) -> None:
+    """An upstream that first sends a spoof from another port, an answer with another
+    id and one to another question, then the right one: the client gets the right one."""
+    real = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    spoofer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    real.bind((LO, 0))
+    spoofer.bind((LO, 0))
+    evil = bytes([203, 0, 113, 66])
+
+    def serve() -> None:
+        q, peer = real.recvfrom(65535)
+        spoofer.sendto(answer(q, rdata=evil), peer)                       # another port
+        real.sendto(answer(bytes([q[0] ^ 0x55]) + q[1:], rdata=evil), peer)   # another id
+        other = q[:13] + b"EVILPLE" + q[20:]                             # another name
+        real.sendto(answer(other, rdata=evil), peer)
+        wait_until(lambda: proxy.server.forwarding.dropped >= 3)
+        real.sendto(answer(q), peer)
+
+    proxy = proxies([Upstream(LO, real.getsockname()[1])])
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        q = query(41)
+        assert proxy.ask_udp(q) == answer(q)
+        thread.join(10)
+        assert proxy.server.forwarding.dropped == 3
+    finally:
+        real.close()
+        spoofer.close()
