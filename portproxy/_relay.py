@@ -40,7 +40,11 @@ class RelayInfo:
     ``connections`` counts live TCP connections or UDP flows; ``accepted`` every one
     since the start; ``errors`` the targets that refused, were unreachable or timed out
     (TCP) or datagrams that could not be passed on (UDP), and local failures; ``resets``
-    the TCP connections that ended with a reset from either side.
+    the TCP connections that ended with a reset from either side.  ``max_connections``
+    is the cap on live connections or flows (0: none), ``idle_timeout`` the seconds after
+    which an idle one is closed (0: never); ``refused`` counts the TCP connections
+    closed at once because the relay was full, ``idle_closed`` those closed for being
+    idle, ``loops`` those cut because they were the relay's own connection coming back.
     """
 
     name: str
@@ -51,11 +55,17 @@ class RelayInfo:
     accepted: int
     errors: int
     resets: int = 0
+    max_connections: int = 0
+    idle_timeout: float = 0.0
+    refused: int = 0
+    idle_closed: int = 0
+    loops: int = 0
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, not {self.protocol!r}")
-        for counter in ("connections", "accepted", "errors", "resets"):
+        for counter in ("connections", "accepted", "errors", "resets", "max_connections",
+                        "idle_timeout", "refused", "idle_closed", "loops"):
             if getattr(self, counter) < 0:
                 raise ValueError(f"{counter} must not be negative")
 
@@ -72,6 +82,11 @@ class Relay:
         self.accepted = 0
         self.errors = 0
         self.resets = 0
+        self.max_connections = 0       # 0: no cap
+        self.idle_timeout = 0.0        # 0: never
+        self.refused = 0
+        self.idle_closed = 0
+        self.loops = 0
 
     def live(self) -> int:
         """Live connections or flows."""
@@ -87,7 +102,8 @@ class Relay:
 
     def info(self) -> RelayInfo:
         return RelayInfo(self.name, self.protocol, self.listen, self.connect, self.live(),
-                         self.accepted, self.errors, self.resets)
+                         self.accepted, self.errors, self.resets, self.max_connections,
+                         self.idle_timeout, self.refused, self.idle_closed, self.loops)
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.name!r} {self.listen[0]}:{self.listen[1]} -> "

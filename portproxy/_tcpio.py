@@ -20,12 +20,20 @@ holds bytes is ambiguous too, so the readable mark is kept: the next drain of th
 leads to another try, which settles it.  EINVAL from splice switches that half to
 copying.  Every other error of a read or write is a reset of that side.  The actions of
 the pure state are carried out by :meth:`Connection._apply`.
+
+Limits of a relay: over ``max_connections`` live connections a new client is accepted
+and reset at once (logged once until the relay is below its cap again).  With an
+``idle_timeout`` each connection has one timer, re-armed only when it fires early (the
+pump notes the time it last moved bytes, once per wake-up).  A client whose address is
+the local address of a connection the engine dialed is that connection coming back: if
+it already went through this relay it is a loop and is reset (see ``portproxy.engine``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import select
 import socket
@@ -61,6 +69,7 @@ ACCEPT_BATCH = 64          # connections accepted per wake-up of a listening soc
 PUMP_ROUNDS = 16           # rounds a connection moves per wake-up before it yields
 BULK_BYTES = 4 << 20       # bytes after which a connection may move to a worker loop
 ACCEPT_PAUSE = 1.0         # seconds a listener rests after running out of fds
+LOOP_LOG_INTERVAL = 60.0   # seconds between two warnings of loops cut by one relay
 _ET_MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _IN_MASK = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _OUT_MASK = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
@@ -70,6 +79,7 @@ _CONNECT_MASK = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _RESOURCE_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _OPEN, _CONNECTING = HalfState.OPEN, ConnState.CONNECTING
+_NO_PATH: frozenset[TcpRelay] = frozenset()
 
 Dial = Callable[[Address], socket.socket]
 
@@ -100,6 +110,32 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
+def endpoint(address: object) -> Address | None:
+    """``(host, port)`` of a socket address; an IPv4-mapped IPv6 host as IPv4; None for
+    what is not an IP socket address."""
+    if not isinstance(address, tuple) or len(address) < 2:
+        return None
+    host, port = address[0], address[1]
+    if not isinstance(host, str) or not isinstance(port, int):
+        return None
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, port
+
+
+def _dialed(target: Address, client: socket.socket) -> bool:
+    """Whether ``client`` was accepted at ``target``: with the peer's address this makes
+    the whole 4-tuple of a connection dialed to ``target`` (connect() may give the same
+    local port to connections towards different destinations)."""
+    try:
+        local = endpoint(client.getsockname())
+        return local is not None and local[1] == target[1] and (
+            ipaddress.ip_address(local[0].split("%", 1)[0])
+            == ipaddress.ip_address(target[0].split("%", 1)[0]))
+    except (OSError, ValueError):
+        return False
+
+
 def _nodelay(sock: socket.socket) -> None:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
@@ -112,16 +148,22 @@ class TcpRelay(Relay):
     protocol = "tcp"
 
     def __init__(self, engine: Engine, listener: socket.socket, connect: Address, *,
-                 name: str, dial: Dial, connect_timeout: float) -> None:
+                 name: str, dial: Dial, connect_timeout: float, idle_timeout: float = 0.0,
+                 max_connections: int = 0, track: bool = False) -> None:
         super().__init__(name, listener.getsockname()[:2], connect)
         self.engine = engine
         self.listener = listener
         self.dial = dial
         self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.track = track                    # dials in the engine's namespace: loops?
         self.conns: set[Connection] = set()   # on every loop; guarded by _lock
         self._lock = threading.Lock()
         self._closing = False
         self._paused: TimerHandle | None = None
+        self._full = False                    # at the cap (logged once per time)
+        self._loop_logged = float("-inf")
 
     def live(self) -> int:
         return len(self.conns)
@@ -151,7 +193,7 @@ class TcpRelay(Relay):
     def _on_accept(self, _mask: int) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                client, _peer = self.listener.accept()
+                client, peer = self.listener.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -159,9 +201,54 @@ class TcpRelay(Relay):
                     self._pause(exc)
                     return
                 continue             # ECONNABORTED and the like: that client is gone
+            if self.max_connections and len(self.conns) >= self.max_connections:
+                self._refuse(client)
+                continue
+            if self._full:
+                self._full = False
+                log.info("%s: below %d connections: accepting again", self.name,
+                         self.max_connections)
+            path = self._path_of(client, peer)
+            if path is None:
+                self._cut(client, peer)
+                continue
             self.accepted += 1
-            self._open(client)
+            self._open(client, path)
 
+    def _refuse(self, client: socket.socket) -> None:
+        """At the cap: reset the new client now; say so once until below the cap."""
+        _reset(client)
+        with self._lock:
+            self.refused += 1
+        if not self._full:
+            self._full = True
+            log.warning("%s: %d connections (its maximum): refusing new ones", self.name,
+                        self.max_connections)
+
+    def _path_of(self, client: socket.socket, peer: object) -> frozenset[TcpRelay] | None:
+        """The relays a client went through if it is one of the engine's own connections;
+        None if this relay is one of them (a loop)."""
+        dials = self.engine._dials
+        if not dials:
+            return _NO_PATH
+        key = endpoint(peer)
+        origin = dials.get(key) if key is not None else None
+        if origin is None or not _dialed(origin.relay.connect, client):
+            return _NO_PATH
+        path = origin.path | {origin.relay}
+        return None if self in path else path
+
+    def _cut(self, client: socket.socket, peer: object) -> None:
+        """A loop: reset the client (the chain of connections behind it then resets)."""
+        _reset(client)
+        with self._lock:
+            self.loops += 1
+            loops = self.loops
+        now = self.engine.now()
+        if now - self._loop_logged >= LOOP_LOG_INTERVAL:
+            self._loop_logged = now
+            log.warning("%s: a connection it relayed came back to it from %s (a loop): "
+                        "cut (%d so far)", self.name, peer, loops)
     def _pause(self, exc: OSError) -> None:
         """Out of fds or memory: stop accepting for a while instead of spinning."""
         log.warning("%s: accept: %s; pausing %.0f s", self.name, exc.strerror, ACCEPT_PAUSE)
@@ -175,7 +262,7 @@ class TcpRelay(Relay):
         if not self._closing:
             self.engine._register(self.listener.fileno(), select.EPOLLIN, self._on_accept)
 
-    def _open(self, client: socket.socket) -> None:
+    def _open(self, client: socket.socket, path: frozenset[TcpRelay] = _NO_PATH) -> None:
         try:
             client.setblocking(False)
             _nodelay(client)
@@ -195,8 +282,31 @@ class TcpRelay(Relay):
             _reset(client)
             target.close()
             return
+        conn.path = path
         with self._lock:
             self.conns.add(conn)
+        if self.track:
+            self._watch(conn, target)
+
+    def _watch(self, conn: Connection, target: socket.socket) -> None:
+        """Remember the local address of a connection dialed here (loop detection)."""
+        try:
+            key = endpoint(target.getsockname())
+        except OSError:
+            return
+        if key is not None:
+            conn.dial_key = key
+            with self.engine._dials_lock:
+                self.engine._dials[key] = conn
+
+    def forget(self, conn: Connection) -> None:
+        """``conn`` ended: its local address is no longer ours (any loop's thread)."""
+        key = conn.dial_key
+        if key is not None:
+            dials = self.engine._dials
+            with self.engine._dials_lock:
+                if dials.get(key) is conn:
+                    del dials[key]
 
     def finished(self, conn: Connection, outcome: Outcome, err: int) -> None:
         with self._lock:
@@ -207,6 +317,8 @@ class TcpRelay(Relay):
                 self.errors += 1
             elif outcome is Outcome.RESET:
                 self.resets += 1
+            elif outcome is Outcome.IDLE:
+                self.idle_closed += 1
         if outcome.is_error:
             log.debug("%s: %s (%s)", self.name, outcome.value, errno.errorcode.get(err, err))
 
@@ -214,8 +326,8 @@ class TcpRelay(Relay):
 class Connection:
     """The sockets, buffers and readiness of one relayed connection."""
 
-    __slots__ = ("closed", "engine", "fds", "hup", "placed", "rd", "relay", "socks", "state",
-                 "timer", "ways", "wr")
+    __slots__ = ("closed", "dial_key", "engine", "fds", "hup", "path", "placed", "rd", "relay",
+                 "socks", "state", "timer", "ways", "wr")
 
     def __init__(self, relay: TcpRelay, client: socket.socket, target: socket.socket) -> None:
         engine = relay.engine              # the loop whose thread runs it (moves if bulky)
@@ -229,7 +341,9 @@ class Connection:
         self.ways = (Way(engine.pipes, engine.buffer_size, engine.splice),
                      Way(engine.pipes, engine.buffer_size, engine.splice))
         self.state = TcpConnection(engine.now(), relay.connect_timeout,
-                                   self.ways[0].capacity)
+                                   self.ways[0].capacity, relay.idle_timeout)
+        self.dial_key: Address | None = None   # its local address, while watched for loops
+        self.path = _NO_PATH                  # the relays it came through (ours only)
         self.closed = False
         self.placed = False               # whether it was found bulky and placed
         self.timer: TimerHandle | None = None
@@ -287,7 +401,9 @@ class Connection:
             self.timer.cancel()
             self.timer = None
         _nodelay(target)
-        self._apply(self.state.connected())
+        self._apply(self.state.connected(self.engine.now()))
+        if self.relay.idle_timeout:
+            self.timer = self.engine.call_later(self.relay.idle_timeout, self._on_timeout)
         self.pump()
 
     def _check_error(self, side: int) -> None:
@@ -296,15 +412,18 @@ class Connection:
             self._apply(self.state.reset(Side(side), err))
 
     def _on_timeout(self) -> None:
+        """The connect deadline or the idle timeout may have passed; else wait again."""
         self.timer = None
         if self.closed:
             return
-        actions = self.state.tick(self.engine.now())
+        now = self.engine.now()
+        actions = self.state.tick(now)
         if actions:
             self._apply(actions)
-        elif self.state.state is _CONNECTING:    # early by a hair: wait for the deadline
-            self.timer = self.engine.call_later(
-                self.state.deadline - self.engine.now(), self._on_timeout)
+            return
+        due = self.state.due()
+        if due is not None:                  # early, or bytes moved since it was armed
+            self.timer = self.engine.call_later(due - now, self._on_timeout)
 
     def kill(self) -> None:
         """Reset both sides now (the relay is being removed)."""
@@ -315,9 +434,13 @@ class Connection:
 
     def pump(self) -> None:
         """Move bytes both ways until nothing moves or the budget is spent."""
+        idle = self.relay.idle_timeout
         for _ in range(PUMP_ROUNDS):
             moved = self._move(0)
             moved += self._move(1)
+            if moved and idle:
+                self.state.active(self.engine.now())
+                idle = 0.0                      # once per wake-up is precise enough
             if not moved or self.closed:
                 if not self.placed and not self.closed and self._bulky():
                     self._place()
@@ -343,6 +466,9 @@ class Connection:
         main._unregister(self.fds[0])
         main._unregister(self.fds[1])
         main._release()
+        if self.timer is not None:           # the idle timer: re-armed on the new loop
+            self.timer.cancel()
+            self.timer = None
         for way in self.ways:
             way.move_to(loop.pipes)
         self.engine = loop
@@ -360,6 +486,9 @@ class Connection:
             log.exception("%s: cannot move a connection", self.relay.name)
             self._apply(self.state.fail())
             return
+        due = self.state.due()
+        if due is not None:
+            self.timer = self.engine.call_later(due - self.engine.now(), self._on_timeout)
         self.pump()
 
     def _move(self, d: int) -> int:
@@ -457,4 +586,5 @@ class Connection:
             self.timer = None
         for half, way in zip(self.state.halves, self.ways, strict=True):
             way.release(half.pending)
+        self.relay.forget(self)
         self.relay.finished(self, finished.outcome, finished.errno)

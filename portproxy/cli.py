@@ -28,7 +28,8 @@ def register(sub: Any, leaf: argparse.ArgumentParser) -> None:
         p.add_argument("kind", metavar="v4tov4|v4tov6|v6tov4|v6tov6")
         p.add_argument("words", nargs="*", metavar="key=value",
                        help="listenport=N [listenaddress=A] [connectaddress=B] "
-                            "[connectport=M] [protocol=tcp|udp]")
+                            "[connectport=M] [protocol=tcp|udp] [idletimeout=SECONDS] "
+                            "[maxconnections=N]")
     acts.add_parser("show", parents=[leaf], help="show proxies").add_argument(
         "what", nargs="?", default="all", metavar="all|v4tov4|v4tov6|v6tov4|v6tov6")
     acts.add_parser("reset", parents=[leaf], help="delete every proxy")
@@ -49,13 +50,30 @@ def _poke(svc: Any) -> None:
         request(svc.store.state_dir, "reload", timeout=2.0)
 
 
+def _local_addresses(svc: Any) -> frozenset[Any]:
+    """The addresses of the host namespace (a wildcard proxy listens on each of them)."""
+    import ipaddress
+
+    from pyroute2 import IPRoute
+
+    def collect() -> frozenset[Any]:
+        with IPRoute() as ipr:
+            found = (m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")
+                     for m in ipr.get_addr())
+            return frozenset(ipaddress.ip_address(a.split("%")[0]) for a in found if a)
+    return frozenset(svc.kernel.run(collect))
+
+
 def _show(proxies: Sequence[Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps([p.to_json() for p in proxies], indent=2))
         return
-    header = ("TYPE", "PROTOCOL", "LISTEN ADDRESS", "PORT", "CONNECT ADDRESS", "PORT")
+    header = ("TYPE", "PROTOCOL", "LISTEN ADDRESS", "PORT", "CONNECT ADDRESS", "PORT",
+              "IDLE TIMEOUT", "MAX CONNECTIONS")
     rows = [(p.kind, p.protocol, str(p.listen_address), str(p.listen_port),
-             str(p.connect_address), str(p.connect_port)) for p in proxies]
+             str(p.connect_address), str(p.connect_port),
+             f"{p.idle_timeout}s" if p.idle_timeout else "-", str(p.max_connections))
+            for p in proxies]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
@@ -65,7 +83,8 @@ def _portproxy(svc: Any, args: argparse.Namespace) -> int:
     from portproxy.netsh import KINDS, parse_add, parse_delete
     config = _config(svc)
     if args.action in ("add", "set"):
-        config.add(parse_add(args.kind, args.words), replace=args.action == "set")
+        proxy = parse_add(args.kind, args.words)
+        config.add(proxy, replace=args.action == "set", local=_local_addresses(svc))
     elif args.action == "delete":
         kind, key = parse_delete(args.kind, args.words)
         if not config.delete(kind, key):
@@ -103,8 +122,9 @@ def _status(svc: Any, args: argparse.Namespace) -> int:
     else:
         print("daemon: not running")
     header = ("RELAY", "LISTEN", "CONNECT", "STATE", "CONNECTIONS")
-    rows = [(r["Name"], r["Listen"], r["Connect"], r["State"], str(r["Connections"]))
-            for r in answer.get("Relays", [])]
+    rows = [(r["Name"], r["Listen"], r["Connect"], r["State"],
+             f"{r['Connections']}/{r['MaxConnections']}" if r.get("MaxConnections")
+             else str(r["Connections"])) for r in answer.get("Relays", [])]
     if rows:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:

@@ -1,17 +1,27 @@
 """Static port proxies in the state store (table ``port_proxies``).
 
 The CLI writes here; the daemon reads and serves.  ``data_version`` lets the daemon see
-that another process committed a change without reading the table every time.
+that another process committed a change without reading the table every time.  Columns
+added after the table was first made (``idle_timeout``, ``max_connections``) are added
+to older databases when the table is opened, with the values proxies had before.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import sqlite3
+from collections.abc import Set
 
-from hns.errors import AlreadyExists, Conflict
+from hns.errors import AlreadyExists, Conflict, InvalidRequest
 from hns.store import Store
-from portproxy.netsh import PortProxy, ProxyKey, conflicts
+from portproxy.netsh import (
+    DEFAULT_MAX_CONNECTIONS,
+    IPAddress,
+    PortProxy,
+    ProxyKey,
+    conflicts,
+    loop_of,
+)
 
 __all__ = ["ProxyConfig"]
 
@@ -23,16 +33,41 @@ CREATE TABLE IF NOT EXISTS port_proxies (
     kind TEXT NOT NULL,
     connect_address TEXT NOT NULL,
     connect_port INTEGER NOT NULL,
+    idle_timeout INTEGER NOT NULL DEFAULT 0,
+    max_connections INTEGER NOT NULL DEFAULT 4096,
     PRIMARY KEY (protocol, listen_address, listen_port)
 )
 """
-COLUMNS = "kind, protocol, listen_address, listen_port, connect_address, connect_port"
+COLUMNS = ("kind, protocol, listen_address, listen_port, connect_address, connect_port, "
+           "idle_timeout, max_connections")
+ADDED_COLUMNS = {   # column -> its definition, for databases made before it existed
+    "idle_timeout": "INTEGER NOT NULL DEFAULT 0",
+    "max_connections": f"INTEGER NOT NULL DEFAULT {DEFAULT_MAX_CONNECTIONS}",
+}
 
 
 def _proxy(row: tuple[object, ...]) -> PortProxy:
-    kind, protocol, listen, lport, connect, cport = row
+    kind, protocol, listen, lport, connect, cport, idle, cap = row
     return PortProxy(str(kind), str(protocol), ipaddress.ip_address(str(listen)),
-                     int(str(lport)), ipaddress.ip_address(str(connect)), int(str(cport)))
+                     int(str(lport)), ipaddress.ip_address(str(connect)), int(str(cport)),
+                     int(str(idle)), int(str(cap)))
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    have = {row[1] for row in db.execute("PRAGMA table_info(port_proxies)")}
+    for column, definition in ADDED_COLUMNS.items():
+        if column not in have:
+            db.execute(f"ALTER TABLE port_proxies ADD COLUMN {column} {definition}")
+
+
+def _describe_loop(path: list[PortProxy]) -> str:
+    new = path[0]
+    target = f"{new.connect_address}:{new.connect_port}"
+    if len(path) == 1:
+        return (f"{new.name} would connect to its own listening socket ({target}): "
+                "a loop")
+    through = " -> ".join(p.name for p in path[1:])
+    return f"{new.name} would connect back to itself through {through}: a loop"
 
 
 class ProxyConfig:
@@ -42,6 +77,7 @@ class ProxyConfig:
         self.store = store
         with store.transaction() as db:
             db.execute(SCHEMA)
+            _add_missing_columns(db)
 
     def _db(self) -> sqlite3.Connection:
         return self.store.connection
@@ -55,8 +91,13 @@ class ProxyConfig:
     def data_version(self) -> int:
         return int(self._db().execute("PRAGMA data_version").fetchone()[0])
 
-    def add(self, proxy: PortProxy, replace: bool = False) -> None:
-        """Add a proxy; ``replace`` (netsh ``set``) overwrites the one on the same socket."""
+    def add(self, proxy: PortProxy, replace: bool = False,
+            local: Set[IPAddress] = frozenset()) -> None:
+        """Add a proxy; ``replace`` (netsh ``set``) overwrites the one on the same socket.
+
+        A proxy that would connect to its own listening socket, directly or through other
+        proxies, is refused; ``local`` are the host namespace's addresses (a wildcard
+        listener is reached at each of them)."""
         with self.store.transaction() as db:
             existing = [_proxy(r) for r in db.execute(f"SELECT {COLUMNS} FROM port_proxies")]
             if replace:
@@ -66,12 +107,16 @@ class ProxyConfig:
                 if clash.key == proxy.key:
                     raise AlreadyExists(f"{clash.name} already exists (use 'set' to change it)")
                 raise Conflict(f"{proxy.name} would clash with {clash.name}")
+            loop = loop_of(proxy, existing, local)
+            if loop is not None:
+                raise InvalidRequest(_describe_loop(loop))
             db.execute("DELETE FROM port_proxies WHERE protocol = ? AND listen_address = ? "
                        "AND listen_port = ?", (proxy.protocol, str(proxy.listen_address),
                                                proxy.listen_port))
-            db.execute(f"INSERT INTO port_proxies ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+            db.execute(f"INSERT INTO port_proxies ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (proxy.kind, proxy.protocol, str(proxy.listen_address),
-                        proxy.listen_port, str(proxy.connect_address), proxy.connect_port))
+                        proxy.listen_port, str(proxy.connect_address), proxy.connect_port,
+                        proxy.idle_timeout, proxy.max_connections))
 
     def delete(self, kind: str, key: ProxyKey) -> bool:
         with self.store.transaction() as db:

@@ -45,18 +45,35 @@ def request(state_dir: str | os.PathLike[str], command: str,
 
 
 def relay_status(proxy: PortProxy, info: Any, error: str | None) -> dict[str, Any]:
+    """A static proxy in ``status``: its configuration and, while served, the relay's
+    counters (``info``: a RelayInfo or None)."""
+    def count(name: str) -> int:
+        return int(getattr(info, name)) if info is not None else 0
+
     return {
         "Name": proxy.name,
         "Kind": "portproxy",
         "Protocol": proxy.protocol,
         "Listen": _hostport(str(proxy.listen_address), proxy.listen_port),
         "Connect": _hostport(str(proxy.connect_address), proxy.connect_port),
-        "State": "listening" if info is not None else (f"error: {error}" if error
-                                                       else "inactive"),
-        "Connections": info.connections if info is not None else 0,
-        "Accepted": info.accepted if info is not None else 0,
-        "Errors": info.errors if info is not None else 0,
+        "State": _state(info, error),
+        "Connections": count("connections"),
+        "MaxConnections": info.max_connections if info is not None else proxy.max_connections,
+        "IdleTimeout": info.idle_timeout if info is not None else float(proxy.idle_timeout),
+        "Accepted": count("accepted"),
+        "Errors": count("errors"),
+        "Refused": count("refused"),
+        "IdleClosed": count("idle_closed"),
+        "Loops": count("loops"),
     }
+
+
+def _state(info: Any, error: str | None) -> str:
+    if info is None:
+        return f"error: {error}" if error else "inactive"
+    if info.protocol == "tcp" and 0 < info.max_connections <= info.connections:
+        return "full: refusing new connections"
+    return "listening"
 
 
 def _hostport(host: str, port: int) -> str:

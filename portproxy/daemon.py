@@ -1,40 +1,107 @@
 """The hns daemon: one process, one event loop, serving its components (the static port
 proxies today: :mod:`portproxy.proxies`).
 
-Theory of operation: at start the daemon moves its main thread into the host namespace
-(before any other thread exists, so every thread and socket it makes later is there),
-opens the control socket, and reconciles each component with the state.  Changes in the
-state are noticed through SQLite's ``data_version`` (polled once a second: one cheap
-pragma) or at once when the CLI sends ``reload`` over the control socket.  SIGTERM and
-SIGINT stop the loop; the listening sockets close with it.
+Theory of operation: at start the daemon takes the state directory's daemon lock (an
+exclusive ``flock`` on ``daemon.lock``, held for its life and released by the kernel
+however it ends; the holder's pid is written into the file), so one daemon serves a state
+directory: a second one exits at once naming the first.  It then moves its main thread
+into the host namespace (before any other thread exists, so every thread and socket it
+makes later is there), opens the control socket, and reconciles each component with the
+state.  Changes in the state are noticed through SQLite's ``data_version`` (polled once a
+second: one cheap pragma) or at once when the CLI sends ``reload`` over the control
+socket; SIGHUP does the same as ``reload``.  SIGTERM and SIGINT stop the loop; the
+listening sockets close with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
 import signal
 import socket
 import threading
+import time
+from pathlib import Path
 from typing import Any, Protocol
 
+from hns.errors import HnsError
 from hns.netns import enter_netns
 from hns.store import Store
-from portproxy.control import control_path, request
+from portproxy.control import control_path
 from portproxy.dns import DnsProxy
 from portproxy.engine import Engine
 from portproxy.forwarder import Forwarder
 from portproxy.mirror import Mirror
+from portproxy.netsh import DEFAULT_MAX_CONNECTIONS
 from portproxy.proxies import StaticProxies
 
-__all__ = ["Component", "Daemon", "sd_notify"]
+__all__ = ["LOCK_FILE", "AlreadyRunning", "Component", "Daemon", "DaemonLock", "sd_notify"]
 
 log = logging.getLogger("hns.daemon")
 
 MAX_REQUEST = 64 * 1024
+LOCK_FILE = "daemon.lock"
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class AlreadyRunning(HnsError):
+    """Another daemon holds the state directory's daemon lock (exit 1)."""
+
+
+class DaemonLock:
+    """The exclusive lock of one state directory's daemon: an ``flock`` on
+    ``<state-dir>/daemon.lock``, which holds the holder's pid.  The file is never removed
+    (a daemon that unlinked it could let two others lock two different files)."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(state_dir) / LOCK_FILE
+        self._fd = -1
+
+    def acquire(self, tries: int = 50) -> None:
+        """Take the lock now or raise :class:`AlreadyRunning` naming the holder.
+
+        The holder writes its pid just after locking and empties the file just before
+        it lets go, so while the lock is taken and the file empty, both are tried again
+        for a little while."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            pid = self._lock_or_holder(fd, tries)
+        except BaseException:
+            os.close(fd)
+            raise
+        if pid is not None or self._fd != fd:
+            os.close(fd)
+            raise AlreadyRunning(f"a daemon already serves {self.path.parent} "
+                                 f"(pid {pid or 'unknown'})")
+
+    def _lock_or_holder(self, fd: int, tries: int) -> int | None:
+        """Lock ``fd`` (then ``self._fd`` is it) or return the holder's pid (or None)."""
+        for attempt in range(tries):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+                if text.isascii() and text.isdigit():
+                    return int(text)
+                if attempt + 1 < tries:
+                    time.sleep(0.01)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._fd = fd
+            return None
+        return None
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)     # closing the last fd of the file drops the flock
+            self._fd = -1
 
 
 def sd_notify(message: str) -> None:
@@ -68,7 +135,8 @@ class Daemon:
         self.host_netns = host_netns
         self.retry_interval = retry_interval
         self.poll_interval = poll_interval
-        self.engine = Engine()
+        # every relay of the daemon has a cap (static proxies: their own)
+        self.engine = Engine(tcp_max_connections=DEFAULT_MAX_CONNECTIONS)
         self.components: list[Component] = [StaticProxies(self.engine, store, retry_interval)]
         # first: a forward gives way to a static proxy before the proxy binds its port
         self.components.insert(0, Forwarder(self.engine, store, retry_interval=retry_interval))
@@ -78,17 +146,30 @@ class Daemon:
         self.components.append(DnsProxy(self.engine, store, host_netns, retry_interval))
         self._version = -1
         self._control: socket.socket | None = None
+        self._lock = DaemonLock(store.state_dir)
 
     # lifecycle
 
     def run(self) -> int:
-        if self.host_netns:
-            if threading.active_count() != 1:
-                raise RuntimeError("the daemon must enter the host namespace before threads")
-            enter_netns(self.host_netns)
-        self._open_control()
-        previous = {sig: signal.signal(sig, self._on_signal)
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        """Serve until SIGTERM or SIGINT; :class:`AlreadyRunning` if another daemon serves
+        the state directory."""
+        self._lock.acquire()
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
+        try:
+            if self.host_netns:
+                if threading.active_count() != 1:
+                    raise RuntimeError("the daemon must enter the host namespace before "
+                                       "threads")
+                enter_netns(self.host_netns)
+            self._open_control()
+            self._serve()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._lock.release()
+        return 0
+
+    def _serve(self) -> None:
         try:
             self.reconcile()
             self.engine.call_later(self.poll_interval, self._poll)
@@ -97,16 +178,20 @@ class Daemon:
             self.engine.run()
         finally:
             sd_notify("STOPPING=1")
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             for component in self.components:
                 component.close()
             self._close_control()
-        return 0
 
     def _on_signal(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:   # the loop may be mid-reconcile: reload from it
+            self.engine.call_soon_threadsafe(self._reload_on_hup)
+            return
         log.info("signal %d: stopping", signum)
         self.engine.stop()
+
+    def _reload_on_hup(self) -> None:
+        log.info("SIGHUP: reloading the state")
+        self.reconcile()
 
     # state
 
@@ -130,9 +215,7 @@ class Daemon:
     def _open_control(self) -> None:
         path = control_path(self.store.state_dir)
         with contextlib.suppress(FileNotFoundError):
-            if request(self.store.state_dir, "status", timeout=1.0) is not None:
-                raise RuntimeError(f"a daemon already serves {self.store.state_dir}")
-            path.unlink()
+            path.unlink()        # a killed daemon's: we hold the lock, no one serves it
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:

@@ -38,6 +38,13 @@ An fd closed by one handler may be reused by a socket made by the next one, in t
 batch of events: events for an fd registered after the batch was read are skipped (epoll
 reports the new file again on the next wait if it is ready).
 
+Loops: the local address of every TCP connection the engine dials in its own namespace
+(the default ``dial``) is kept in a table while it lives.  A client accepted from one of
+those addresses, at the address that connection dialed (the whole 4-tuple), is the
+engine's own connection; it carries the relays it went through,
+and one arriving at a relay it already went through is a loop: it is reset at once
+(which resets the chain behind it) and counted.
+
 Ownership: the engine owns every socket handed to ``add_tcp``/``add_udp`` and closes it
 on ``remove`` or ``close``; fds given to ``add_reader`` stay the caller's.
 """
@@ -59,7 +66,7 @@ from typing import Protocol
 
 from portproxy._buffers import DEFAULT_BUFFER_SIZE, DEFAULT_PIPE_SIZE, PipePool
 from portproxy._relay import Address, Relay, RelayInfo, check_address
-from portproxy._tcpio import DEFAULT_CONNECT_TIMEOUT, Dial, TcpRelay, dial_tcp
+from portproxy._tcpio import DEFAULT_CONNECT_TIMEOUT, Connection, Dial, TcpRelay, dial_tcp
 from portproxy._udpio import UdpRelay, dial_udp
 from portproxy.udp import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_FLOWS
 
@@ -115,7 +122,9 @@ class Engine:
     size of the splice pipe of each direction of a connection, ``buffer_size`` that of the
     copy buffer used where splice is refused (memory per connection is bounded by two of
     them); ``splice=False`` copies always.  ``udp_idle_timeout`` and ``udp_max_flows``
-    are the defaults of :meth:`add_udp`.  ``clock`` is monotonic seconds.  ``workers``
+    are the defaults of :meth:`add_udp`; ``tcp_idle_timeout`` (0: never) and
+    ``tcp_max_connections`` (per listener; 0: no cap) those of :meth:`add_tcp`.  ``clock``
+    is monotonic seconds.  ``workers``
     is the number of extra loops (threads) for TCP connections; the default is one per
     CPU beyond the first, at most :data:`MAX_WORKERS`; 0 runs everything on one thread.
     """
@@ -123,19 +132,24 @@ class Engine:
     def __init__(self, *, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  pipe_size: int = DEFAULT_PIPE_SIZE, buffer_size: int = DEFAULT_BUFFER_SIZE,
                  splice: bool = True, udp_idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
-                 udp_max_flows: int = DEFAULT_MAX_FLOWS,
+                 udp_max_flows: int = DEFAULT_MAX_FLOWS, tcp_idle_timeout: float = 0.0,
+                 tcp_max_connections: int = 0,
                  clock: Callable[[], float] = time.monotonic,
                  workers: int | None = None) -> None:
         if connect_timeout <= 0 or buffer_size < 1:
             raise ValueError("connect_timeout and buffer_size must be positive")
         if workers is not None and workers < 0:
             raise ValueError("workers must not be negative")
+        if tcp_idle_timeout < 0 or tcp_max_connections < 0:
+            raise ValueError("tcp_idle_timeout and tcp_max_connections must not be negative")
         self.workers = default_workers() if workers is None else workers
         self.connect_timeout = connect_timeout
         self.buffer_size = buffer_size
         self.splice = splice
         self.udp_idle_timeout = udp_idle_timeout
         self.udp_max_flows = udp_max_flows
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.tcp_max_connections = tcp_max_connections
         self.now = clock
         self.pipes = PipePool(pipe_size)
         self._epoll: select.epoll | None = None
@@ -160,21 +174,34 @@ class Engine:
         self._thread: threading.Thread | None = None    # the one in run()
         self._started = threading.Event()                # set while run() runs
         self._threads: list[threading.Thread] = []
+        # local address of each live connection dialed here -> it (see Loops above)
+        self._dials: dict[Address, Connection] = {}
+        self._dials_lock = threading.Lock()
 
     # -- relays ------------------------------------------------------------------------
 
     def add_tcp(self, listen_sock: socket.socket, connect: Address, *, name: str = "",
-                dial: Dial | None = None, connect_timeout: float | None = None) -> Relay:
+                dial: Dial | None = None, connect_timeout: float | None = None,
+                idle_timeout: float | None = None,
+                max_connections: int | None = None) -> Relay:
         """Relay the connections accepted on ``listen_sock`` to ``connect``.
 
         ``dial(connect)`` returns a non-blocking socket whose connect is under way (it
-        may dial in another namespace); the default is :func:`dial_tcp`.  The engine
-        owns ``listen_sock`` from now on (it calls ``listen()`` if needed).
+        may dial in another namespace); the default is :func:`dial_tcp`, whose
+        connections are watched for loops.  ``idle_timeout`` (s, 0: never) closes a
+        connection idle that long; over ``max_connections`` live connections (0: no
+        cap) new ones are reset at once.  The engine owns ``listen_sock`` from now on (it
+        calls ``listen()`` if needed).
         """
         connect = check_address(connect)
+        idle = self.tcp_idle_timeout if idle_timeout is None else idle_timeout
+        cap = self.tcp_max_connections if max_connections is None else max_connections
+        if idle < 0 or cap < 0:
+            raise ValueError("idle_timeout and max_connections must not be negative")
         relay = TcpRelay(self, listen_sock, connect, name=name or _default_name(connect),
                          dial=dial or dial_tcp,
-                         connect_timeout=connect_timeout or self.connect_timeout)
+                         connect_timeout=connect_timeout or self.connect_timeout,
+                         idle_timeout=idle, max_connections=cap, track=dial is None)
         return self._add(relay)
 
     def add_udp(self, bound_sock: socket.socket, connect: Address, *, name: str = "",
@@ -190,6 +217,8 @@ class Engine:
                          dial=dial or dial_udp,
                          idle_timeout=idle_timeout or self.udp_idle_timeout,
                          max_flows=max_flows or self.udp_max_flows)
+        relay.idle_timeout = idle_timeout or self.udp_idle_timeout
+        relay.max_connections = max_flows or self.udp_max_flows
         return self._add(relay)
 
     def _add(self, relay: Relay) -> Relay:

@@ -3,26 +3,38 @@
 netsh's grammar: ``add|set|delete v4tov4|v4tov6|v6tov4|v6tov6 key=value ...``, keywords
 case-insensitive, in any order.  Defaults as netsh: ``listenaddress`` = every address of
 the listen family, ``connectport`` = ``listenport``, ``connectaddress`` = this computer
-(the loopback address of the connect family), ``protocol`` = tcp.  UDP goes beyond netsh.
-Addresses must be IP literals: names are not resolved when a proxy is configured.
+(the loopback address of the connect family), ``protocol`` = tcp.  UDP goes beyond netsh,
+and so do ``idletimeout=SECONDS`` (0, the default: never; for UDP, the flow timeout
+instead of the engine's) and ``maxconnections=N`` (live connections or flows per
+listener, default 4096).  Addresses must be IP literals: names are not resolved when a
+proxy is configured.
+
+:func:`loop_of` finds the proxies through which a new one would connect back to its own
+listening socket (its connect address:port served by itself, or by a chain of others).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+import re
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from hns.errors import InvalidRequest
 
-__all__ = ["KINDS", "PortProxy", "ProxyKey", "parse_add", "parse_delete"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "KINDS", "PortProxy", "ProxyKey", "conflicts", "loop_of",
+           "parse_add", "parse_delete"]
 
 IPAddress = IPv4Address | IPv6Address
 KINDS = ("v4tov4", "v4tov6", "v6tov4", "v6tov6")
 PROTOCOLS = ("tcp", "udp")
-ADD_KEYS = {"listenport", "listenaddress", "connectaddress", "connectport", "protocol"}
+ADD_KEYS = {"listenport", "listenaddress", "connectaddress", "connectport", "protocol",
+            "idletimeout", "maxconnections"}
+DEFAULT_MAX_CONNECTIONS = 4096
+MAX_IDLE_TIMEOUT = 365 * 86400     # seconds
+MAX_CONNECTIONS = 1 << 20
 DELETE_KEYS = {"listenport", "listenaddress", "protocol"}
 
 
@@ -43,6 +55,8 @@ class PortProxy:
     listen_port: int
     connect_address: IPAddress
     connect_port: int
+    idle_timeout: int = 0                          # seconds; 0: never (TCP)
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     @property
     def key(self) -> ProxyKey:
@@ -65,6 +79,8 @@ class PortProxy:
             "ListenPort": self.listen_port,
             "ConnectAddress": str(self.connect_address),
             "ConnectPort": self.connect_port,
+            "IdleTimeout": self.idle_timeout,
+            "MaxConnections": self.max_connections,
         }
 
 
@@ -96,8 +112,15 @@ def _kind(text: str) -> tuple[int, int]:
 
 
 def _port(text: str, what: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
+    # ASCII digits only: str.isdigit() and int() also take '²' and other scripts' digits
+    if not re.fullmatch(r"[0-9]{1,5}", text) or not 1 <= int(text) <= 65535:
         raise InvalidRequest(f"invalid {what} {text!r}: a port number from 1 to 65535")
+    return int(text)
+
+
+def _number(text: str, what: str, low: int, high: int, unit: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,10}", text) or not low <= int(text) <= high:
+        raise InvalidRequest(f"invalid {what} {text!r}: {unit} from {low} to {high}")
     return int(text)
 
 
@@ -109,6 +132,9 @@ def _address(text: str, version: int, what: str) -> IPAddress:
                              "(names are not resolved)") from None
     if addr.version != version:
         raise InvalidRequest(f"invalid {what} {text!r}: this proxy type wants IPv{version}")
+    scope = getattr(addr, "scope_id", None)
+    if scope is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", scope):
+        raise InvalidRequest(f"invalid {what} {text!r}: the zone is not an interface name")
     if addr.is_multicast:
         raise InvalidRequest(f"invalid {what} {text!r}: multicast")
     return addr
@@ -142,8 +168,13 @@ def parse_add(kind: str, args: Sequence[str]) -> PortProxy:
         raise InvalidRequest(f"invalid connectaddress {connect}: unspecified address")
     connect_port = (_port(words["connectport"], "connectport") if "connectport" in words
                     else listen_port)
+    idle = (_number(words["idletimeout"], "idletimeout", 0, MAX_IDLE_TIMEOUT, "seconds")
+            if "idletimeout" in words else 0)
+    cap = (_number(words["maxconnections"], "maxconnections", 1, MAX_CONNECTIONS,
+                   "a number of connections") if "maxconnections" in words
+           else DEFAULT_MAX_CONNECTIONS)
     return PortProxy(kind.lower(), _protocol(words.get("protocol")), listen, listen_port,
-                     connect, connect_port)
+                     connect, connect_port, idle, cap)
 
 
 def parse_delete(kind: str, args: Sequence[str]) -> tuple[str, ProxyKey]:
@@ -167,4 +198,50 @@ def conflicts(new: PortProxy, existing: Sequence[PortProxy]) -> PortProxy | None
         if (old.listen_address == new.listen_address or old.listen_address.is_unspecified
                 or new.listen_address.is_unspecified):
             return old
+    return None
+
+
+def _plain(addr: IPAddress) -> IPAddress:
+    """The address without its zone, and an IPv4-mapped IPv6 address as the IPv4 one (an
+    AF_INET6 socket connecting to ``::ffff:a.b.c.d`` reaches IPv4 ``a.b.c.d``)."""
+    if addr.version == 6:
+        mapped = IPv6Address(int(addr)).ipv4_mapped
+        return mapped if mapped is not None else IPv6Address(int(addr))
+    return addr
+
+
+def _serves(listener: PortProxy, protocol: str, address: IPAddress, port: int,
+            local: Set[IPAddress]) -> bool:
+    """Whether a connection to ``address:port`` would reach ``listener``'s socket."""
+    if (listener.protocol != protocol or listener.listen_port != port
+            or listener.listen_family != address.version):
+        return False
+    if _plain(listener.listen_address) == address:
+        return True
+    return listener.listen_address.is_unspecified and (address.is_loopback or address in local)
+
+
+def loop_of(new: PortProxy, existing: Sequence[PortProxy],
+            local: Set[IPAddress] = frozenset()) -> list[PortProxy] | None:
+    """The proxies through which ``new`` would connect back to itself (``[new]`` when it
+    would connect to its own socket), or None.
+
+    ``local`` are the addresses of the host namespace: a wildcard listener serves each
+    of them (and loopback, always) at its port.  ``existing`` should not hold ``new``'s
+    own key (``set`` replaces it)."""
+    proxies = [p for p in existing if p.key != new.key]
+    plain_local = {_plain(a) for a in local}
+    path = [new]
+    current = new
+    for _ in range(len(proxies) + 1):
+        address = _plain(current.connect_address)
+        hop = next((p for p in [new, *proxies]
+                    if _serves(p, current.protocol, address, current.connect_port,
+                               plain_local)), None)
+        if hop is None or (hop is not new and hop in path):
+            return None                    # ends elsewhere, or a loop of others only
+        if hop is new:
+            return path
+        path.append(hop)
+        current = hop
     return None

@@ -1,8 +1,10 @@
 """The static port proxies as a component of the daemon.
 
-Each configured proxy gets a listening socket handed to the relay engine.  A proxy whose
-socket cannot be opened (address in use, an address not yet on the host) keeps its error,
-shown by ``hnsctl status``, and is retried every ``retry_interval`` seconds.
+Each configured proxy gets a listening socket handed to the relay engine, with its idle
+timeout and connection cap.  A proxy whose socket cannot be opened (address in use, an
+address not yet on the host) keeps its error, shown by ``hnsctl status``, and is retried
+every ``retry_interval`` seconds.  A proxy changed in any way (``set``) is served anew:
+its listener is closed and its live connections reset.
 """
 
 from __future__ import annotations
@@ -98,8 +100,14 @@ class StaticProxies:
             served.retry = self.engine.call_later(self.retry_interval, lambda: self._start(key))
             return
         target = (str(proxy.connect_address), proxy.connect_port)
-        add = self.engine.add_tcp if proxy.protocol == "tcp" else self.engine.add_udp
-        served.relay = add(sock, target, name=proxy.name)
+        if proxy.protocol == "tcp":
+            served.relay = self.engine.add_tcp(sock, target, name=proxy.name,
+                                               idle_timeout=float(proxy.idle_timeout),
+                                               max_connections=proxy.max_connections)
+        else:   # flows always expire: 0 keeps the engine's timeout
+            served.relay = self.engine.add_udp(sock, target, name=proxy.name,
+                                               idle_timeout=proxy.idle_timeout or None,
+                                               max_flows=proxy.max_connections)
         served.error = None
         log.info("%s -> %s:%d", proxy.name, *target)
 

@@ -10,8 +10,8 @@ and carries bytes in two independent *halves*: ``UP`` (client -> target) and ``D
 
 The I/O layer asks :meth:`Half.wants_read` before reading a half's source and
 :meth:`Half.wants_write` before writing its sink, reports what happened (``received``,
-``sent``, ``eof``, ``reset``, ``connected``, ``connect_failed``, ``tick``) and carries out
-the actions returned, in order.  Backpressure falls out of ``wants_read``: a half whose
+``sent``, ``eof``, ``reset``, ``connected``, ``connect_failed``, ``tick``, ``active``) and
+carries out the actions returned, in order.  Backpressure falls out of ``wants_read``: a half whose
 buffer is full stops reading its source until the sink has taken some bytes, so a slow
 reader never grows memory; the kernel's TCP window then slows the sender.
 
@@ -21,7 +21,7 @@ Transitions (the tables below are the whole truth)::
                  any live state --reset--> ABORTED
     connection:  CONNECTING --connected--> RELAYING --both halves SHUT--> CLOSED
                  CONNECTING --failed | timeout | reset--> CLOSED
-                 RELAYING --reset | error--> CLOSED
+                 RELAYING --reset | error | idle--> CLOSED
 
 Contracts and hazards:
 
@@ -31,6 +31,10 @@ Contracts and hazards:
   {1, 0} then close) whatever is still buffered: a reset means the stream is broken.
 * Nothing is read before the target is connected; a refused, unreachable or timed-out
   target aborts the client.
+* With an idle timeout, a connection that moved no byte either way (nor a FIN) for that
+  long is closed on the next ``tick``: both sides closed gracefully when nothing is
+  buffered, reset when bytes are (they could never be delivered whole).  The I/O layer
+  reports movement with ``active(now)``; ``due()`` says when a ``tick`` may matter.
 * Every event after CLOSED is ignored (returns no action): the I/O layer may report the
   errors of a socket it is tearing down without special cases.
 """
@@ -108,6 +112,7 @@ class Outcome(enum.Enum):
     REFUSED = "refused"      # the target refused or was unreachable
     TIMEOUT = "timeout"      # the target did not answer within the connect timeout
     ERROR = "error"          # an unexpected local failure; both sides reset
+    IDLE = "idle"            # no byte moved for the idle timeout; both sides closed
 
     @property
     def is_error(self) -> bool:
@@ -165,6 +170,7 @@ class _ConnEvent(enum.Enum):
     TIMEOUT = "timeout"
     RESET = "reset"
     FINISHED = "finished"
+    IDLE = "idle"
 
 
 _HALF_TRANSITIONS: dict[tuple[HalfState, _HalfEvent], HalfState] = {
@@ -182,6 +188,7 @@ _CONN_TRANSITIONS: dict[tuple[ConnState, _ConnEvent], ConnState] = {
     (ConnState.CONNECTING, _ConnEvent.RESET): ConnState.CLOSED,
     (ConnState.RELAYING, _ConnEvent.RESET): ConnState.CLOSED,
     (ConnState.RELAYING, _ConnEvent.FINISHED): ConnState.CLOSED,
+    (ConnState.RELAYING, _ConnEvent.IDLE): ConnState.CLOSED,
 }
 
 
@@ -224,13 +231,21 @@ class Half:
 
 
 class TcpConnection:
-    """The state of one relayed connection; see the module docstring."""
+    """The state of one relayed connection; see the module docstring.
 
-    __slots__ = ("deadline", "halves", "state")
+    ``idle_timeout`` (seconds, 0: never) closes a connection that moved nothing for that
+    long once it is relaying."""
 
-    def __init__(self, now: float, connect_timeout: float, capacity: int) -> None:
+    __slots__ = ("deadline", "halves", "idle_timeout", "last_active", "state")
+
+    def __init__(self, now: float, connect_timeout: float, capacity: int,
+                 idle_timeout: float = 0.0) -> None:
+        if idle_timeout < 0:
+            raise ValueError(f"idle_timeout must not be negative, not {idle_timeout}")
         self.state = ConnState.CONNECTING
         self.deadline = now + connect_timeout
+        self.idle_timeout = idle_timeout
+        self.last_active = now
         self.halves = (Half(Direction.UP, capacity), Half(Direction.DOWN, capacity))
 
     @property
@@ -254,9 +269,11 @@ class TcpConnection:
 
     # -- connecting --------------------------------------------------------------------
 
-    def connected(self) -> list[Action]:
-        """The target accepted the connection: start moving bytes."""
+    def connected(self, now: float | None = None) -> list[Action]:
+        """The target accepted the connection: start moving bytes (idle from ``now``)."""
         self._step(_ConnEvent.CONNECTED)
+        if now is not None:
+            self.last_active = now
         return []
 
     def connect_failed(self, errno: int) -> list[Action]:
@@ -267,11 +284,32 @@ class TcpConnection:
         return [Abort(Side.CLIENT), Close(Side.TARGET), Finished(Outcome.REFUSED, errno)]
 
     def tick(self, now: float) -> list[Action]:
-        """The clock moved: a connection still connecting past its deadline times out."""
+        """The clock moved: a connection still connecting past its deadline times out; one
+        relaying and idle for its idle timeout is closed."""
+        if self.state is ConnState.RELAYING:
+            if not self.idle_timeout or now < self.last_active + self.idle_timeout:
+                return []
+            self._step(_ConnEvent.IDLE)
+            buffered = any(h.pending for h in self.halves)
+            self._abort_halves()
+            end: type[Abort] | type[Close] = Abort if buffered else Close
+            return [end(Side.CLIENT), end(Side.TARGET), Finished(Outcome.IDLE)]
         if self.state is not ConnState.CONNECTING or now < self.deadline:
             return []
         self._step(_ConnEvent.TIMEOUT)
         return [Abort(Side.CLIENT), Close(Side.TARGET), Finished(Outcome.TIMEOUT)]
+
+    def active(self, now: float) -> None:
+        """Bytes (or a FIN) moved at ``now``: the idle clock starts again."""
+        self.last_active = now
+
+    def due(self) -> float | None:
+        """When ``tick`` may next end the connection (connect deadline or idle timeout)."""
+        if self.state is ConnState.CONNECTING:
+            return self.deadline
+        if self.state is ConnState.RELAYING and self.idle_timeout:
+            return self.last_active + self.idle_timeout
+        return None
 
     # -- relaying ----------------------------------------------------------------------
 

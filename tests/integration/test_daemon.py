@@ -184,3 +184,165 @@ def test_tells_systemd_when_ready_and_when_stopping(hns_sandbox: Sandbox,
             if proc.poll() is None:
                 proc.kill()
             proc.communicate()
+
+
+# -- one daemon per state directory, signals ------------------------------------------
+
+
+def start_daemon(sandbox: Sandbox) -> subprocess.Popen[str]:
+    return subprocess.Popen([*sandbox.hnsctl_argv(), "daemon"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def served_by(sandbox: Sandbox) -> int | None:
+    result = sandbox.hnsctl("--json", "status")
+    answer = json.loads(result.stdout) if result.returncode == 0 else {}
+    return answer.get("Pid") if answer.get("Running") else None
+
+
+def gave_way(proc: subprocess.Popen[str], winner: int) -> None:
+    """``proc`` exited 1 with one line naming ``winner``, no traceback."""
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert len(err.splitlines()) == 1 and f"(pid {winner})" in err, err
+    assert err.startswith("hnsctl: error: a daemon already serves")
+
+
+def race_two_daemons(sandbox: Sandbox) -> None:
+    procs = [start_daemon(sandbox), start_daemon(sandbox)]
+    try:
+        wait_for(lambda: any(p.poll() is not None for p in procs), "one daemon to give way",
+                 attempts=1200)
+        loser, winner = procs if procs[0].poll() is not None else procs[::-1]
+        gave_way(loser, winner.pid)
+        wait_for(lambda: served_by(sandbox) == winner.pid, "the other to serve",
+                 attempts=1200)
+        assert winner.poll() is None
+        later = start_daemon(sandbox)            # one started once the first serves
+        gave_way(later, winner.pid)
+        assert served_by(sandbox) == winner.pid
+        winner.send_signal(signal.SIGTERM)
+        assert winner.wait(timeout=30) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+def test_two_daemons_started_at_once_exactly_one_serves(hns_sandbox: Sandbox) -> None:
+    for _ in range(4):
+        race_two_daemons(hns_sandbox)
+
+
+def test_sighup_reloads_and_the_daemon_keeps_serving(
+        hns_sandbox: Sandbox, nat_vm: SandboxVm, daemon: DaemonProc) -> None:
+    assert daemon.proc is not None
+    serve_http_peer_echo(nat_vm, 80)
+    proxy(hns_sandbox, "add", "v4tov4", "listenport=8080", f"connectaddress={nat_vm.ip}",
+          "connectport=80")
+    wait_for(lambda: daemon.relay("8080")["State"] == "listening", "the proxy")
+    for _ in range(2):
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: daemon.status()["Running"] is True, "the daemon after SIGHUP")
+    assert daemon.proc.poll() is None and daemon.status()["Pid"] == daemon.proc.pid
+    assert os.path.exists(os.path.join(hns_sandbox.state_dir, "daemon.sock"))
+    result = curl(hns_sandbox.outside, f"http://{hns_sandbox.uplink_ip}:8080/")
+    assert result.returncode == 0 and result.stdout.strip() == nat_vm.gateway
+    daemon.proc.send_signal(signal.SIGTERM)
+    _, err = daemon.proc.communicate(timeout=30)
+    assert daemon.proc.returncode == 0
+    assert err.count("SIGHUP: reloading the state") == 2, err
+
+
+# -- loops, idle timeout, connection cap ----------------------------------------------
+
+
+def test_a_proxy_that_would_loop_is_refused_and_changes_nothing(hns_sandbox: Sandbox) -> None:
+    up = hns_sandbox.uplink_ip
+    proxy(hns_sandbox, "add", "v4tov4", "listenport=8080", "connectport=8081")
+    before = hns_sandbox.hnsctl("--json", "portproxy", "show", "all").stdout
+    for words in (["add", "v4tov4", "listenport=9000"],                  # netsh's defaults
+                  ["add", "v4tov4", "listenport=9000", f"connectaddress={up}"],
+                  ["add", "v4tov4", "listenport=9000", f"listenaddress={up}",
+                   f"connectaddress={up}"],
+                  ["add", "v6tov6", "listenport=9000"],
+                  ["add", "v6tov6", "listenport=9000",
+                   f"connectaddress={hns_sandbox.uplink_ip6}"],
+                  ["add", "v4tov4", "listenport=8081", f"connectaddress={up}",
+                   "connectport=8080"],                                  # through 8080
+                  ["set", "v4tov4", "listenport=8080"]):
+        result = hns_sandbox.hnsctl("portproxy", *words)
+        assert result.returncode == 2, (words, result.stderr)
+        assert len(result.stderr.splitlines()) == 1 and "a loop" in result.stderr
+    assert hns_sandbox.hnsctl("--json", "portproxy", "show", "all").stdout == before
+    proxy(hns_sandbox, "add", "v4tov4", "listenport=8081", "connectaddress=192.0.2.10")
+
+
+def test_a_loop_made_at_run_time_is_cut_and_logged(hns_sandbox: Sandbox,
+                                                  daemon: DaemonProc) -> None:
+    far = "10.99.0.1"    # not an address of the host yet: the proxies are accepted
+    proxy(hns_sandbox, "add", "v4tov4", "listenport=8091", f"connectaddress={far}",
+          "connectport=8092")
+    proxy(hns_sandbox, "add", "v4tov4", "listenport=8092", f"connectaddress={far}",
+          "connectport=8091")
+    proxy(hns_sandbox, "add", "v4tov4", "listenport=8093", f"connectaddress={far}")
+    hns_sandbox.host.run(["ip", "addr", "add", f"{far}/32", "dev", "lo"], check=True)
+    wait_for(lambda: daemon.relay(":8093")["State"] == "listening", "the proxies")
+    for port in (8091, 8093):
+        assert curl(hns_sandbox.host, f"http://127.0.0.1:{port}/").returncode != 0
+        wait_for(lambda p=port: daemon.relay(f":{p}")["Loops"] == 1,  # type: ignore[misc]
+                 f"the loop through {port} to be cut")
+        wait_for(lambda p=port: daemon.relay(f":{p}")["Connections"] == 0,  # type: ignore[misc]
+                 "the chain to end")
+    assert daemon.relay(":8091")["Accepted"] == 1 and daemon.relay(":8092")["Accepted"] == 1
+    assert daemon.relay(":8093")["Accepted"] == 1
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    _, err = daemon.proc.communicate(timeout=30)
+    assert daemon.proc.returncode == 0 and err.count("(a loop): cut") == 2, err
+
+
+def test_an_idle_connection_is_closed_after_its_idle_timeout(
+        hns_sandbox: Sandbox, nat_vm: SandboxVm, daemon: DaemonProc) -> None:
+    nat_vm.popen(["socat", "TCP-LISTEN:6000,reuseaddr,fork", "SYSTEM:sleep 60"])
+    wait_listening(nat_vm, 6000)
+    proxy(hns_sandbox, "add", "v4tov4", "listenport=6000", f"connectaddress={nat_vm.ip}",
+          "idletimeout=1")
+    shown = json.loads(hns_sandbox.hnsctl("--json", "portproxy", "show", "all").stdout)
+    assert shown[0]["IdleTimeout"] == 1 and shown[0]["MaxConnections"] == 4096
+    wait_for(lambda: daemon.relay("6000")["State"] == "listening", "the proxy")
+    client = hns_sandbox.outside.popen(["socat", "-u", f"TCP:{hns_sandbox.uplink_ip}:6000",
+                                        "-"])
+    wait_for(lambda: client.poll() is not None, "the idle connection to be closed",
+             attempts=600)
+    relay = daemon.relay("6000")
+    assert relay["IdleClosed"] == 1 and relay["Connections"] == 0 and relay["Errors"] == 0
+    assert relay["IdleTimeout"] == 1
+
+
+def test_over_its_cap_a_proxy_refuses_new_connections(
+        hns_sandbox: Sandbox, nat_vm: SandboxVm, daemon: DaemonProc) -> None:
+    nat_vm.popen(["socat", "TCP-LISTEN:6000,reuseaddr,fork", "SYSTEM:sleep 60"])
+    wait_listening(nat_vm, 6000)
+    proxy(hns_sandbox, "add", "v4tov4", "listenport=6000", f"connectaddress={nat_vm.ip}",
+          "maxconnections=2")
+    wait_for(lambda: daemon.relay("6000")["State"] == "listening", "the proxy")
+    clients = [hns_sandbox.outside.popen(["socat", "-u", f"TCP:{hns_sandbox.uplink_ip}:6000",
+                                          "-"]) for _ in range(2)]
+    wait_for(lambda: daemon.relay("6000")["Connections"] == 2, "two live connections")
+    assert daemon.relay("6000")["State"] == "full: refusing new connections"
+    assert "2/2" in hns_sandbox.hnsctl("status").stdout
+    for _ in range(3):
+        refused = hns_sandbox.outside.run(["socat", "-u",
+                                           f"TCP:{hns_sandbox.uplink_ip}:6000", "-"])
+        assert refused.returncode != 0 or refused.stdout == ""
+    wait_for(lambda: daemon.relay("6000")["Refused"] == 3, "three refusals")
+    assert daemon.relay("6000")["Connections"] == 2 and daemon.relay("6000")["Accepted"] == 2
+    for c in clients:
+        c.kill()
+    wait_for(lambda: daemon.relay("6000")["State"] == "listening", "room again")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGTERM)
+    _, err = daemon.proc.communicate(timeout=30)
+    assert err.count("refusing new ones") == 1, err

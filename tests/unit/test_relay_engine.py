@@ -569,3 +569,131 @@ def test_dial_tcp_in_a_factory_and_refuses_names() -> None:
     assert made == [(socket.AF_INET, socket.SOCK_STREAM)]
     with pytest.raises(ValueError):
         dial_tcp(("example.org", 80))
+
+
+# -- limits: idle timeout, connection cap, loops ---------------------------------------
+
+
+def echoes(sock: socket.socket, data: bytes = b"x") -> bool:
+    sock.sendall(data)
+    return sock.recv(len(data)) == data
+
+
+def test_an_idle_connection_is_closed_and_counted_a_busy_one_is_not(
+        engine: Engine, servers: Callable[..., Server]) -> None:
+    server = servers(echo)
+    relay, port = add_tcp(engine, server.address, idle_timeout=0.5)
+    with connect(port) as idle, connect(port) as busy:
+        assert echoes(idle) and echoes(busy)
+        for _ in range(30):            # 1.5 s of traffic, a byte every 50 ms
+            assert echoes(busy)
+            time.sleep(0.05)
+        assert reset_or_eof(idle)
+        assert echoes(busy)
+    wait_for(lambda: relay.info().idle_closed >= 1, "the idle close to be counted")
+    assert relay.info().idle_timeout == 0.5 and relay.info().errors == 0
+
+
+def test_no_idle_timeout_by_default(engine: Engine, servers: Callable[..., Server]) -> None:
+    relay, port = add_tcp(engine, servers(echo).address)
+    assert relay.info().idle_timeout == 0 and relay.info().max_connections == 0
+    with connect(port) as client:
+        assert echoes(client)
+        time.sleep(0.3)
+        assert echoes(client)
+
+
+def test_over_the_cap_new_connections_are_refused_and_logged_once(
+        engine: Engine, servers: Callable[..., Server],
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="portproxy.engine")
+    relay, port = add_tcp(engine, servers(echo).address, max_connections=2)
+    first, second = connect(port), connect(port)
+    assert echoes(first) and echoes(second)
+    assert all(closed_at_once(port) for _ in range(3))
+    wait_for(lambda: relay.info().refused == 3, "three refusals")
+    first.close()
+    wait_for(lambda: relay.info().connections == 1, "a connection to end")
+    with connect(port) as third:
+        assert echoes(third)
+        assert closed_at_once(port)
+        wait_for(lambda: relay.info().refused == 4, "the fourth refusal")
+    second.close()
+    refusing = [r for r in caplog.records if "refusing new ones" in r.getMessage()]
+    assert len(refusing) == 2           # once per time at the cap, not per connection
+    assert any("accepting again" in r.getMessage() for r in caplog.records)
+    assert relay.info().max_connections == 2 and relay.info().errors == 0
+
+
+def listener_on_lo() -> tuple[socket.socket, int]:
+    sock = socket.socket()
+    sock.bind((LO, 0))
+    return sock, sock.getsockname()[1]
+
+
+def test_a_relay_connecting_to_itself_is_cut(engine: Engine,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="portproxy.engine")
+    sock, port = listener_on_lo()
+    relay = on_engine(engine, lambda: engine.add_tcp(sock, (LO, port), name="self"))
+    assert closed_at_once(port)
+    wait_for(lambda: relay.info().loops == 1, "the loop to be cut")
+    wait_for(lambda: relay.info().connections == 0, "the chain to end")
+    assert relay.info().accepted == 1 and engine._dials == {}
+    assert sum("a loop" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_loop_through_two_relays_is_cut_and_a_chain_is_not(
+        engine: Engine, servers: Callable[..., Server]) -> None:
+    (sock_a, port_a), (sock_b, port_b) = listener_on_lo(), listener_on_lo()
+    a = on_engine(engine, lambda: engine.add_tcp(sock_a, (LO, port_b), name="a"))
+    b = on_engine(engine, lambda: engine.add_tcp(sock_b, (LO, port_a), name="b"))
+    assert closed_at_once(port_a)
+    wait_for(lambda: a.info().loops == 1, "the loop to be cut at a")
+    assert b.info().loops == 0 and b.info().accepted == 1
+    on_engine(engine, lambda: engine.remove(b))
+    server = servers(echo)
+    (sock_c, port_c), (sock_d, port_d) = listener_on_lo(), listener_on_lo()
+    on_engine(engine, lambda: engine.add_tcp(sock_c, (LO, port_d), name="c"))
+    d = on_engine(engine, lambda: engine.add_tcp(sock_d, server.address, name="d"))
+    with connect(port_c) as client:     # c -> d -> the server: a chain, no loop
+        assert echoes(client, b"chained")
+    assert d.info().loops == 0 and d.info().accepted == 1
+
+
+def test_a_relay_dialing_elsewhere_is_not_watched_for_loops(engine: Engine) -> None:
+    sock, port = listener_on_lo()
+    relay = on_engine(engine, lambda: engine.add_tcp(
+        sock, (LO, port), dial=lambda address: dial_tcp(address), name="own dial",
+        max_connections=20))
+    with connect(port) as client:
+        client.sendall(b"x")
+        # not cut as a loop: the cascade grows to the cap; stop it by removing the relay
+        wait_for(lambda: relay.info().refused >= 1, "the cascade to reach the cap")
+        assert relay.info().loops == 0 and relay.info().accepted == 20
+        on_engine(engine, lambda: engine.remove(relay))
+        assert reset_or_eof(client)
+
+
+def test_a_bulky_connection_moved_to_a_worker_still_times_out(
+        servers: Callable[..., Server]) -> None:
+    def discard(conn: socket.socket) -> None:
+        while conn.recv(1 << 20):
+            pass
+
+    eng = Engine(connect_timeout=2.0, workers=1)
+    thread = threading.Thread(target=eng.run, name="engine", daemon=True)
+    thread.start()
+    try:
+        relay, port = add_tcp(eng, servers(discard).address, idle_timeout=0.5)
+        assert isinstance(relay, TcpRelay)
+        with connect(port) as client:
+            client.sendall(os.urandom(1 << 20) * 8)       # bulky: placed on the worker
+            wait_for(lambda: any(c.engine is not eng for c in list(relay.conns)),
+                     "the connection to move to the worker")
+            assert reset_or_eof(client)
+        wait_for(lambda: relay.info().idle_closed == 1, "the idle close on the worker")
+    finally:
+        eng.stop()
+        thread.join(10)
+        eng.close()

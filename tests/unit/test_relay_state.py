@@ -367,3 +367,76 @@ def test_directions_and_sides() -> None:
     assert Side.CLIENT.other is Side.TARGET
     with pytest.raises(ValueError):
         Half(Direction.UP, 0)
+
+
+# -- idle timeout ----------------------------------------------------------------------
+
+
+def relaying(idle: float, now: float = 0.0) -> TcpConnection:
+    conn = TcpConnection(now=now, connect_timeout=10.0, capacity=100, idle_timeout=idle)
+    conn.connected(now)
+    return conn
+
+
+def test_an_idle_connection_is_closed_on_both_sides_after_its_timeout() -> None:
+    conn = relaying(30.0, now=100.0)
+    assert conn.due() == 130.0
+    assert conn.tick(129.9) == []
+    assert conn.tick(130.0) == [Close(Side.CLIENT), Close(Side.TARGET), Finished(Outcome.IDLE)]
+    assert conn.closed and conn.due() is None and not Outcome.IDLE.is_error
+    assert conn.tick(500.0) == [] and conn.reset(Side.CLIENT) == []
+
+
+def test_activity_moves_the_idle_deadline() -> None:
+    conn = relaying(30.0)
+    conn.received(Direction.UP, 10)
+    conn.sent(Direction.UP, 10)
+    conn.active(25.0)
+    assert conn.tick(30.0) == [] and conn.due() == 55.0
+    assert conn.tick(55.0)[-1] == Finished(Outcome.IDLE)
+
+
+def test_idle_with_bytes_stuck_in_a_buffer_resets_both_sides() -> None:
+    conn = relaying(5.0)
+    conn.received(Direction.DOWN, 40)     # the client does not read: nothing moves
+    assert conn.tick(5.0) == [Abort(Side.CLIENT), Abort(Side.TARGET), Finished(Outcome.IDLE)]
+    assert all(h.state is HalfState.ABORTED for h in conn.halves)
+
+
+def test_idle_after_a_half_close_still_closes() -> None:
+    conn = relaying(5.0)
+    assert conn.eof(Direction.UP) == [ShutdownWrite(Side.TARGET)]
+    assert conn.tick(6.0)[-1] == Finished(Outcome.IDLE)
+
+
+def test_no_idle_timeout_never_closes_and_connecting_keeps_its_own_deadline() -> None:
+    forever = relaying(0.0)
+    assert forever.tick(1e12) == [] and forever.due() is None
+    connecting = TcpConnection(now=0.0, connect_timeout=10.0, capacity=100, idle_timeout=1.0)
+    assert connecting.due() == 10.0 and connecting.tick(5.0) == []
+    assert connecting.tick(10.0)[-1] == Finished(Outcome.TIMEOUT)
+    with pytest.raises(ValueError):
+        TcpConnection(now=0.0, connect_timeout=1.0, capacity=1, idle_timeout=-1.0)
+
+
+def test_idle_in_the_simulation_only_after_both_peers_stop() -> None:
+    sim = SimRelay(capacity=1000)
+    sim.conn = TcpConnection(now=0.0, connect_timeout=10.0, capacity=1000, idle_timeout=2.0)
+    connected(sim)
+    sim.client.outgoing += b"x" * 5000
+    clock = 0.0
+
+    def server() -> bool:
+        sim.server.read_all()
+        return False
+
+    for _ in range(20):           # one step a second, bytes moving: never idle
+        clock += 1.0
+        if sim.step():
+            sim.conn.active(clock)
+        server()
+        assert sim.conn.tick(clock) == [] or sim.conn.closed
+        if not sim.client.outgoing and not any(h.pending for h in sim.conn.halves):
+            break
+    assert bytes(sim.server.received) == b"x" * 5000 and not sim.conn.closed
+    assert sim.conn.tick(clock + 2.0)[-1] == Finished(Outcome.IDLE)
