@@ -1,7 +1,8 @@
 """``hnsctl``: the command line of hns.
 
 Exit codes: 0 success, 1 runtime failure (nothing half-made is left), 2 invalid input
-(nothing changed).  Errors are one line on stderr; ``--debug`` adds the traceback.
+(nothing changed).  Errors are one line on stderr; ``--debug`` adds the traceback.  A
+closed stdout (output piped to ``head``) ends the command quietly.
 """
 
 from __future__ import annotations
@@ -10,14 +11,24 @@ import argparse
 import json
 import logging
 import os
+import select
+import shlex
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from hns.errors import HnsError, KernelError
-from hns.model import HostPort, Network, Vm, format_port_list, parse_on_off
-from hns.netns import netns_exists
+from hns.errors import HnsError, InvalidRequest, KernelError
+from hns.model import (
+    HostPort,
+    Network,
+    Vm,
+    format_port_list,
+    parse_name,
+    parse_netns_name,
+    parse_on_off,
+)
+from hns.netns import netns_exists, netns_mounted
 from hns.process import exec_in_netns
 from hns.service import DEFAULT_STATE_DIR, Service
 
@@ -26,9 +37,21 @@ __all__ = ["main"]
 PROG = "hnsctl"
 
 
+def _printable(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (an error echoes
+    user input, which may hold anything)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _one_line(text: str) -> str:
+    """``text`` (a kernel's or nft's message may have several lines) as one line."""
+    return _printable("; ".join(line.strip() for line in text.splitlines() if line.strip()))
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+        if sys.stderr is not None:  # None: stderr was closed
+            sys.stderr.write(f"{PROG}: error: {_printable(message)} (see '{self.prog} --help')\n")
         raise SystemExit(2)
 
 
@@ -169,7 +192,8 @@ def _vm_cmd(svc: Service, args: argparse.Namespace) -> int:
     if args.action == "create":
         _show(svc.create_vm(args.name, args.network, args.ip, args.mac), args.json)
     elif args.action == "list":
-        vms = svc.list_vms(args.network)
+        vms = svc.list_vms(None if args.network is None else
+                           parse_name(args.network, "network name"))
         if args.json:
             _print_json([v.to_json() for v in vms])
         else:
@@ -196,7 +220,8 @@ def _vm_exec(svc: Service, args: argparse.Namespace) -> int:
     if not netns_exists(vm.netns):
         raise KernelError(f"the namespace of vm {vm.name} is gone; run 'hnsctl restore'")
     svc.close()
-    sys.stdout.flush()
+    if sys.stdout is not None:
+        sys.stdout.flush()
     exec_in_netns(vm.netns, argv)
     return 127  # not reached
 
@@ -242,9 +267,9 @@ def _up(svc: Service, args: argparse.Namespace) -> int:
           f"namespace {vm.netns}")
     globals_ = []
     if args.state_dir != DEFAULT_STATE_DIR:
-        globals_.append(f"--state-dir {args.state_dir}")
+        globals_.append(f"--state-dir {shlex.quote(args.state_dir)}")
     if args.host_netns:
-        globals_.append(f"--host-netns {args.host_netns}")
+        globals_.append(f"--host-netns {shlex.quote(args.host_netns)}")
     prefix = " ".join([PROG, *globals_])
     print(f"shell: {prefix} vm exec {vm.name} -- bash   (or: ip netns exec {vm.netns} bash)")
     return 0
@@ -285,27 +310,121 @@ COMMANDS: dict[str, Handler] = {
 
 class _StderrFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"{PROG}: {record.levelname.lower()}: {record.getMessage()}"
+        return f"{PROG}: {record.levelname.lower()}: {_one_line(record.getMessage())}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_StderrFormatter())
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        handlers=[handler])
+# Commands that may make the state directory; every other one only reads or removes,
+# and on a state directory that does not exist says so instead of creating one.
+MAKES_STATE = frozenset({("network", "create"), ("vm", "create"), ("portmap", "add"),
+                         ("portproxy", "add"), ("portproxy", "set"), ("up", None),
+                         ("restore", None), ("daemon", None)})
+PATH_MAX = 4096
+NAME_MAX = 255
+
+
+def check_state_dir(path: str, makes_state: bool) -> None:
+    """InvalidRequest unless ``path`` can be the state directory of this command."""
+    raw = os.fsencode(path)
+    if not raw:
+        raise InvalidRequest("invalid --state-dir '': empty")
+    if len(raw) >= PATH_MAX or any(len(part) > NAME_MAX for part in raw.split(b"/")):
+        raise InvalidRequest(f"invalid --state-dir {path!r}: name too long")
+    if os.path.isdir(path):
+        return
+    if os.path.lexists(path):
+        raise InvalidRequest(f"invalid --state-dir {path!r}: not a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InvalidRequest(f"invalid --state-dir {path!r}: {parent} is not a directory")
+    if not makes_state:
+        raise InvalidRequest(f"state directory {path!r} does not exist (a create command "
+                             "or 'hnsctl up' makes it)")
+
+
+def check_host_netns(name: str | None) -> None:
+    """InvalidRequest unless ``name`` (if given) is a mounted network namespace."""
+    if name is None:
+        return
+    parse_netns_name(name, "host namespace")
+    if not netns_exists(name):
+        raise InvalidRequest(f"host namespace {name!r} does not exist")
+    if not netns_mounted(name):
+        raise InvalidRequest(f"host namespace {name!r} is not a network namespace "
+                             f"(/run/netns/{name} is not a mounted namespace)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    check_state_dir(args.state_dir,
+                    (args.command, getattr(args, "action", None)) in MAKES_STATE)
+    check_host_netns(args.host_netns)
+    with Service(args.state_dir, args.host_netns) as svc:
+        from portproxy.cli import HANDLERS
+        return {**COMMANDS, **HANDLERS}[args.command](svc, args)
+
+
+def _stdout_closed() -> bool:
+    """True when nobody reads stdout any more (a pipe whose reader went away)."""
     try:
-        with Service(args.state_dir, args.host_netns) as svc:
-            from portproxy.cli import HANDLERS
-            return {**COMMANDS, **HANDLERS}[args.command](svc, args)
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the flush at exit cannot fail again (as the Python
+    documentation on SIGPIPE recommends)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):
+        pass
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    debug = False
+    try:
+        args = _build_parser().parse_args(argv)
+        debug = args.debug
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_StderrFormatter())
+        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                            handlers=[handler])
+        return _run(args)
     except HnsError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(str(exc), exc.exit_code, debug)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError as exc:
+        if _stdout_closed():
+            raise
+        return _fail(f"unexpected error ({type(exc).__name__}): {exc}", 1, debug)
+    except Exception as exc:  # a bug: still one line, the traceback with --debug
+        return _fail(f"unexpected error ({type(exc).__name__}): {exc}", 1, debug)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            if sys.stdout is not None:
+                sys.stdout.flush()  # here, where a closed stdout can still be caught
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ __all__ = [
     "Protocol",
     "Vm",
     "format_port_list",
+    "parse_decimal",
     "parse_host_address",
     "parse_ipv4",
     "parse_mac",
@@ -45,8 +46,9 @@ PRIVATE_RANGES = tuple(IPv4Network(r) for r in
                        ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"))
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 NETNS_RE = re.compile(r"[A-Za-z0-9_.@+-]{1,255}")
-MAC_RE = re.compile(r"[0-9a-f]{2}([:-][0-9a-f]{2}){5}")
+MAC_RE = re.compile(r"[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}")
 PORT_RE = re.compile(r"[0-9]{1,5}")
+DIGITS_RE = re.compile(r"[0-9]+")  # ASCII only: int() and str.isdigit() take any script
 
 
 class NetworkType(enum.Enum):
@@ -103,9 +105,9 @@ def parse_ipv4(text: str, what: str = "address") -> IPv4Address:
 
 
 def parse_mac(text: str) -> str:
-    """A unicast MAC in lower case with colons."""
+    """A unicast MAC in lower case with colons (``-`` accepted as the separator too)."""
     mac = text.strip().lower()
-    if not MAC_RE.fullmatch(mac):
+    if not text.isascii() or not MAC_RE.fullmatch(mac):
         raise InvalidRequest(f"invalid MAC address {text!r}: expected six hex bytes")
     mac = mac.replace("-", ":")
     first = int(mac[:2], 16)
@@ -118,7 +120,7 @@ def parse_mac(text: str) -> str:
 
 def parse_on_off(text: str, what: str = "switch") -> bool:
     """``on``/``off`` (also true/false, yes/no, 1/0, any case) as a bool."""
-    word = text.strip().lower()
+    word = text.strip().lower() if text.isascii() else ""
     if word in ("on", "true", "yes", "1"):
         return True
     if word in ("off", "false", "no", "0"):
@@ -126,13 +128,20 @@ def parse_on_off(text: str, what: str = "switch") -> bool:
     raise InvalidRequest(f"invalid {what} {text!r}: use on or off")
 
 
+def parse_decimal(text: str, what: str) -> int:
+    """A non-negative number written in ASCII digits (no sign, space or ``_``)."""
+    if not DIGITS_RE.fullmatch(text):
+        raise InvalidRequest(f"invalid {what} {text!r}: not a number")
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else 10 ** 18  # beyond every range we check
+
+
 def parse_mtu(value: int | str) -> int:
-    try:
-        mtu = int(value)
-    except (TypeError, ValueError):
-        raise InvalidRequest(f"invalid MTU {value!r}: not a number") from None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise InvalidRequest(f"invalid MTU {value!r}: not a number")
+    mtu = parse_decimal(value, "MTU") if isinstance(value, str) else value
     if not MIN_MTU <= mtu <= MAX_MTU:
-        raise InvalidRequest(f"invalid MTU {mtu}: must be between {MIN_MTU} and {MAX_MTU}")
+        raise InvalidRequest(f"invalid MTU {value}: must be between {MIN_MTU} and {MAX_MTU}")
     return mtu
 
 
@@ -231,7 +240,7 @@ class Protocol(enum.Enum):
 
     @classmethod
     def parse(cls, text: str | int) -> Protocol:
-        word = str(text).strip().lower()
+        word = str(text).strip(" \t").lower()
         for member in cls:
             if word in (member.keyword, str(member.value)):
                 return member
@@ -242,28 +251,27 @@ def parse_port(value: int | str, what: str = "port") -> int:
     """A port number 1-65535, from an int or a string of digits."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise InvalidRequest(f"invalid {what} {value!r}: not a number")
-    if isinstance(value, str):
-        if not PORT_RE.fullmatch(value):
-            raise InvalidRequest(f"invalid {what} {value!r}: not a number")
-        value = int(value)
-    if not 1 <= value <= 65535:
+    if isinstance(value, str) and not PORT_RE.fullmatch(value):
+        raise InvalidRequest(f"invalid {what} {value!r}: not a number")
+    port = int(value)
+    if not 1 <= port <= 65535:
         raise InvalidRequest(f"invalid {what} {value}: must be between 1 and 65535")
-    return value
+    return port
 
 
 def parse_port_list(text: str | None, what: str = "port list") -> tuple[int, ...]:
     """``22,8000-8010`` as a sorted tuple of distinct ports (empty text: no port); at most
     4096 ports in all."""
-    if text is None or not text.strip():
+    if text is None or not text.strip(" \t"):
         return ()
     ports: set[int] = set()
     for item in text.split(","):
-        word = item.strip()
+        word = item.strip(" \t")
         low, sep, high = word.partition("-")
         if not word or (sep and not high):
             raise InvalidRequest(f"invalid {what} {text!r}: empty item")
-        first = parse_port(low.strip(), what)
-        last = parse_port(high.strip(), what) if sep else first
+        first = parse_port(low.strip(" \t"), what)
+        last = parse_port(high.strip(" \t"), what) if sep else first
         if last < first:
             raise InvalidRequest(f"invalid {what} {text!r}: range {word} runs backwards")
         ports.update(range(first, last + 1))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import threading
 from collections.abc import Callable
@@ -33,6 +34,7 @@ __all__ = [
     "list_netns",
     "netns_exists",
     "netns_inode",
+    "netns_mounted",
     "netns_path",
     "run_in_netns",
 ]
@@ -45,6 +47,7 @@ MS_REC = 0x4000
 MS_BIND = 0x1000
 MS_SHARED = 1 << 20
 MNT_DETACH = 2
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3), Linux 4.11
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _rundir_lock = threading.Lock()
@@ -63,6 +66,28 @@ def netns_path(name: str) -> str:
 
 def netns_exists(name: str) -> bool:
     return os.path.exists(netns_path(name))
+
+
+def netns_mounted(name: str) -> bool:
+    """True when ``/run/netns/NAME`` is a mounted network namespace, not merely a file.
+
+    The name must be on nsfs (the same device as this process's own namespace files; a
+    plain file, a directory or a symlink is not) and the kernel must call it a network
+    namespace (``NS_GET_NSTYPE``; a bind mount of, say, a mount namespace is on nsfs too).
+    """
+    path = netns_path(name)
+    try:
+        if os.lstat(path).st_dev != os.stat("/proc/self/ns/net").st_dev:
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        return bool(fcntl.ioctl(fd, NS_GET_NSTYPE) == CLONE_NEWNET)
+    except OSError as exc:
+        return exc.errno == errno.ENOTTY  # a kernel before 4.11: nsfs is all we can tell
+    finally:
+        os.close(fd)
 
 
 def netns_inode(name: str | None) -> tuple[int, int]:

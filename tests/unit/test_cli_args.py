@@ -7,11 +7,13 @@ own answers (not found, already exists, VMs attached).  The state lives in tmp_p
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
@@ -50,7 +52,10 @@ def _no_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
-    return tmp_path / "state"
+    """An empty state directory (read commands refuse one that does not exist)."""
+    path = tmp_path / "state"
+    path.mkdir()
+    return path
 
 
 @pytest.fixture
@@ -119,7 +124,7 @@ def test_parse_errors_exit_2_with_one_line(argv: list[str], state: Path,
         hnsctl(state, *argv)
     assert excinfo.value.code == 2
     assert "--help" in one_error_line(capsys)
-    assert not state.exists()  # nothing was opened
+    assert list(state.iterdir()) == []  # nothing was opened
 
 
 def test_global_option_without_value_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -262,3 +267,151 @@ def test_deleting_nothing_is_fine(state: Path, args: list[str], line: str,
     out, err = capsys.readouterr()
     assert out == ""
     assert err.splitlines() == [line]
+
+
+# the state directory, the host namespace, numbers, names on delete (exit 2, nothing made)
+
+
+READ_OR_REMOVE = [
+    ["network", "list"], ["network", "show", "n"], ["network", "delete", "n"],
+    ["vm", "list"], ["vm", "show", "v"], ["vm", "delete", "v"], ["vm", "exec", "v", "--", "true"],
+    ["portmap", "list"], ["portmap", "delete", "v", "--protocol", "tcp", "--external-port", "80"],
+    ["portproxy", "show"], ["portproxy", "delete", "v4tov4", "listenport=80"],
+    ["portproxy", "reset"], ["status"], ["gc"], ["gc", "--dry-run"], ["down"],
+]
+
+
+@pytest.mark.parametrize("args", READ_OR_REMOVE)
+def test_a_missing_state_dir_is_not_created_by_reads_and_removals(
+        tmp_path: Path, args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nothing-here"
+    assert hnsctl(missing, *args) == 2
+    assert "does not exist" in one_error_line(capsys)
+    assert not missing.exists()
+
+
+def test_a_create_command_makes_the_state_dir(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    state = tmp_path / "a" / "b"
+    assert hnsctl(state, "vm", "create", "v", "--network", "nope") == 2
+    assert "network 'nope' does not exist" in one_error_line(capsys)
+    assert (state / "hns.db").exists()
+
+
+@pytest.mark.parametrize(("make", "words"), [
+    (lambda p: "", "invalid --state-dir '': empty"),
+    (lambda p: (p / "file").write_text("x") and str(p / "file"), "not a directory"),
+    (lambda p: (p / "file").write_text("x") and str(p / "file" / "sub"),
+     "file is not a directory"),
+    (lambda p: (p / "link").symlink_to(p / "gone") or str(p / "link"), "not a directory"),
+    (lambda p: str(p / ("x" * 256)), "name too long"),
+    (lambda p: "/" + "d/" * 2100, "name too long"),
+])
+@pytest.mark.parametrize("args", [["network", "list"], ["network", "create", "n", "--type",
+                                                        "nat"]])
+def test_a_bad_state_dir_is_exit_2(tmp_path: Path, make: Any, words: str, args: list[str],
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["--state-dir", make(tmp_path), *args]) == 2
+    assert words in one_error_line(capsys)
+    assert sorted(tmp_path.rglob("*")) == sorted(set(before) | set(tmp_path.iterdir()))
+
+
+def test_netns_mounted_tells_a_network_namespace_from_a_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "link").symlink_to("/proc/self/ns/net")
+    monkeypatch.setattr(netns, "NETNS_DIR", str(tmp_path))
+    assert [netns.netns_mounted(n) for n in ("file", "dir", "link", "gone")] == [False] * 4
+
+
+@pytest.mark.parametrize("kind", ["file", "dir", "link"])
+def test_host_netns_must_be_a_mounted_network_namespace(
+        state: Path, tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run-netns"
+    run.mkdir()
+    {"file": lambda p: p.write_text(""), "dir": lambda p: p.mkdir(),
+     "link": lambda p: p.symlink_to("/proc/self/ns/net")}[kind](run / "fake")
+    monkeypatch.setattr(netns, "NETNS_DIR", str(run))
+    assert hnsctl(state, "--host-netns", "fake", "network", "list") == 2
+    assert "not a network namespace" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["vm", "delete", "bad name!"], "invalid vm name"),
+    (["vm", "delete", ""], "invalid vm name"),
+    (["vm", "delete", "x" * 33], "invalid vm name"),
+    (["network", "delete", "bad name!"], "invalid network name"),
+    (["network", "delete", "-x", "--force"], "required: name"),
+    (["network", "delete", "../n"], "invalid network name"),
+    (["portmap", "delete", "bad name!", "--protocol", "tcp", "--external-port", "80"],
+     "invalid vm name"),
+    (["vm", "list", "--network", ""], "invalid network name"),
+    (["network", "create", "n2", "--type", "nat", "--mtu", "\u0661\u0665\u0660\u0660"],
+     "invalid MTU"),
+    (["network", "create", "n2", "--type", "nat", "--mtu", "1500 "], "invalid MTU"),
+    (["network", "create", "n2", "--type", "nat", "--mtu", "9" * 5000], "invalid MTU"),
+    (["network", "create", "n2", "--type", "nat", "--localhost-forwarding", "\u0661"],
+     "invalid --localhost-forwarding"),
+    (["network", "create", "n2", "--type", "mirrored", "--ignored-ports", "22,\u0668\u0660"],
+     "invalid"),
+    (["portproxy", "add", "v4tov4", "listenport=\u0668\u0660"], "invalid listenport"),
+    (["portproxy", "add", "v4tov4", "listenport=²"], "invalid listenport"),
+    (["portproxy", "add", "v4tov4", "listenport=80", "connectport=\u00b3"],
+     "invalid connectport"),
+    (["portproxy", "delete", "v4tov4", "listenport=\u0968\u0966"], "invalid listenport"),
+    (["portproxy", "add", "v6tov6", "listenport=80", "listenaddress=fe80::1%a\nb"],
+     "invalid listenaddress"),
+    (["network", "list", "a\nb"], "unrecognized arguments: a\\nb"),
+])
+def test_bad_input_of_this_issue_is_one_line_exit_2(state: Path, seeded: tuple[Network, Vm],
+                                                   args: list[str], words: str,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    before = snapshot(state)
+    try:
+        rc = hnsctl(state, *args)
+    except SystemExit as exc:  # argparse
+        rc = int(str(exc.code))
+    assert rc == 2
+    assert words in one_error_line(capsys)
+    assert snapshot(state) == before
+
+
+def test_an_unexpected_exception_is_one_line_and_exit_1(
+        state: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    def boom(self: object) -> NoReturn:
+        raise RuntimeError("first line\nsecond line")
+
+    monkeypatch.setattr(service.Service, "list_networks", boom)
+    assert hnsctl(state, "network", "list") == 1
+    assert one_error_line(capsys) == (
+        "hnsctl: error: unexpected error (RuntimeError): first line; second line")
+    assert hnsctl(state, "--debug", "network", "list") == 1
+    _out, err = capsys.readouterr()
+    assert "Traceback" in err and err.splitlines()[-1].startswith(PREFIX)
+
+
+def test_a_closed_stdout_ends_quietly(state: Path) -> None:
+    """``hnsctl ... | head -1``: more output than a pipe holds, the reader gone."""
+    store = Store(state)
+    with store.transaction() as db:
+        for i in range(300):
+            net_id = str(uuid.uuid4())
+            store.insert_network(db, Network(
+                id=net_id, name=f"n{i}", type=NetworkType.NAT,
+                subnet=IPv4Network(f"10.{i // 256}.{i % 256}.0/24"),
+                gateway=IPv4Address(f"10.{i // 256}.{i % 256}.1"), mtu=1500,
+                bridge=naming.bridge_name(store.instance, net_id)))
+    store.close()
+    for args in (["--json", "network", "list"], ["network", "list"], ["--help"]):
+        proc = subprocess.Popen([sys.executable, "-m", "hns.cli", "--state-dir", str(state),
+                                 *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.read(10)
+        proc.stdout.close()  # the reader goes away while hnsctl still writes
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 0, err
+        assert err == b""

@@ -164,7 +164,7 @@ def test_parse_mtu_accepts(value: int | str, expected: int) -> None:
     (65536, "between 576 and 65535"),
     ("99", "between 576 and 65535"),
     (0, "between"),
-    ("-1500", "between"),
+    ("-1500", "not a number"),
     ("abc", "not a number"),
     ("", "not a number"),
     ("1500.0", "not a number"),
