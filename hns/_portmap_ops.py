@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from hns import naming, portmap
 from hns.errors import Conflict, HnsError, KernelError
+from hns.failpoint import failpoint
 from hns.model import HostPort, PortMapping, Protocol, parse_name
 from hns.store import MappedPort, Store
 from nat.nft import NftRunner
@@ -62,17 +63,24 @@ class PortMappingOps:
         portmap.check_batch(batch)
         if not batch:
             return []
+        ports = [m.host_port for m in batch]
         with self.store.lock("nft"):
+            self._finish_port_mappings()
             with self.store.transaction() as db:
                 vms = portmap.check_free(self.store, db, batch)
-                self.store.insert_port_mappings(db, {n: v.id for n, v in vms.items()}, batch)
+                self.store.insert_port_mappings(db, {n: v.id for n, v in vms.items()}, batch,
+                                                "adding")
+            failpoint("portmap-add:after-store")
             try:
                 specs = [portmap.spec(m, vms[m.vm].ip) for m in batch]
                 self._apply_nft_or_render(
                     render_add_port_mappings(naming.nft_table_name(self.instance), specs))
+                failpoint("portmap-add:after-nft")
+                with self.store.transaction() as db:
+                    self.store.set_port_mappings_state(db, ports, "ready")
             except BaseException:
                 with self.store.transaction() as db:
-                    self.store.delete_port_mappings(db, [m.host_port for m in batch])
+                    self.store.delete_port_mappings(db, ports)
                 with contextlib.suppress(HnsError):
                     self._sync_nat_locked()  # in case nft was interrupted half way
                 raise
@@ -85,16 +93,33 @@ class PortMappingOps:
         name = parse_name(vm, "vm name")
         port = HostPort.parse(protocol, external_port, host_address)
         with self.store.lock("nft"):
+            self._finish_port_mappings()
             found = self.store.find_port_mapping(port)
             if found is None:
                 return False
             if found.mapping.vm != name:
                 raise Conflict(f"host port {port.describe()} is mapped to vm "
                                f"{found.mapping.vm!r}, not {name!r}")
+            with self.store.transaction() as db:
+                self.store.set_port_mappings_state(db, [port], "deleting")
+            failpoint("portmap-delete:after-mark")
             self._remove_port_mappings([found])
+            failpoint("portmap-delete:after-nft")
             with self.store.transaction() as db:
                 self.store.delete_port_mappings(db, [port])
         return True
+
+    def _finish_port_mappings(self) -> None:
+        """Roll back mappings whose add or delete was killed (the caller holds the nft
+        lock, which every mapping command holds throughout: nobody works on them)."""
+        leftovers = self.store.incomplete_port_mappings()
+        if not leftovers:
+            return
+        log.info("removing %d port mapping(s) an interrupted command left: %s",
+                 len(leftovers), ", ".join(m.mapping.describe() for m in leftovers))
+        self._remove_port_mappings(leftovers)
+        with self.store.transaction() as db:
+            self.store.delete_port_mappings(db, [m.mapping.host_port for m in leftovers])
 
     def _apply_nft_or_render(self, script: str, drop: frozenset[HostPort] = frozenset()) -> None:
         """Apply an incremental script; where nft refuses it (a table made by an older

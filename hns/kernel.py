@@ -28,7 +28,7 @@ from hns.mirrored import HostView, MirrorSpec, host_view
 from hns.netns import NetnsExecutor, netns_path, run_in_netns
 
 __all__ = ["EndpointSpec", "HostKernel", "configure_mirrored_vm", "configure_vm_side",
-           "kill_netns_processes"]
+           "kill_netns_processes", "netns_tag", "tag_netns"]
 
 T = TypeVar("T")
 BRIDGE_MODE_HAIRPIN = 1  # IFLA_BRPORT_MODE: see HostKernel.attach_port
@@ -285,6 +285,28 @@ def configure_vm_side(netns: str, ip: IPv4Address, prefixlen: int,
             ipr.route("replace", dst="0.0.0.0/0", gateway=str(gateway), oif=index)
     with _netlink(f"cannot configure the network of {netns}"):
         run_in_netns(netns, configure)
+
+
+def tag_netns(netns: str, alias: str) -> None:
+    """Tag a VM namespace as ours: the alias of its loopback (a namespace has no
+    attributes of its own, and ``lo`` is the one link every namespace has)."""
+    def tag() -> None:
+        with IPRoute() as ipr:
+            ipr.link("set", index=1, ifalias=alias)
+    with _netlink(f"cannot tag namespace {netns}"):
+        run_in_netns(netns, tag)
+
+
+def netns_tag(netns: str) -> str | None:
+    """The tag :func:`tag_netns` gave a namespace (None: none, or not readable)."""
+    def read() -> str | None:
+        with IPRoute() as ipr:
+            alias = ipr.link("get", index=1)[0].get_attr("IFLA_IFALIAS")
+            return str(alias) if alias else None
+    try:
+        return run_in_netns(netns, read)
+    except (NetlinkError, OSError, KernelError):
+        return None
 
 
 def kill_netns_processes(netns: str) -> int:

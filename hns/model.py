@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_MTU",
     "HostPort",
     "Network",
+    "NetworkOptions",
     "NetworkType",
     "PortMapping",
     "Protocol",
@@ -33,6 +34,7 @@ __all__ = [
     "parse_mtu",
     "parse_name",
     "parse_netns_name",
+    "parse_network_options",
     "parse_on_off",
     "parse_port",
     "parse_port_list",
@@ -378,3 +380,42 @@ class PortMapping:
             "ExternalPort": self.external_port,
             "VIP": str(self.host_address) if self.host_address else "",
         }}
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    """The checked options of ``network create`` (all but the name)."""
+
+    type: NetworkType
+    subnet: IPv4Network | None
+    gateway: IPv4Address | None
+    mtu: int
+    ignored_ports: tuple[int, ...]
+
+
+def parse_network_options(type: NetworkType | str, subnet: IPv4Network | str | None,
+                          gateway: IPv4Address | str | None, mtu: int | str | None,
+                          ignored_ports: str | tuple[int, ...] | None,
+                          host_address_loopback: bool | None) -> NetworkOptions:
+    """Check the options of a new network together: InvalidRequest for what does not
+    fit (a subnet for a mirrored network, mirrored-only options on a NAT one, ...)."""
+    from hns import ipam
+    net_type = type if isinstance(type, NetworkType) else NetworkType.parse(type)
+    mirrored = net_type is NetworkType.MIRRORED
+    if not mirrored and (ignored_ports is not None or host_address_loopback is not None):
+        raise InvalidRequest("--ignored-ports and --host-address-loopback are for "
+                             "mirrored networks")
+    if mirrored and (subnet is not None or gateway is not None):
+        raise InvalidRequest("a mirrored network has no subnet of its own: its VMs have "
+                             "the host's addresses (drop --subnet and --gateway)")
+    ignored = (parse_port_list(ignored_ports, "ignored ports")
+               if isinstance(ignored_ports, str) or ignored_ports is None
+               else tuple(sorted({parse_port(p, "ignored port") for p in ignored_ports})))
+    pinned = parse_subnet(str(subnet)) if subnet is not None else None
+    gw = parse_ipv4(str(gateway), "gateway") if gateway is not None else None
+    if gw is not None and pinned is None:
+        raise InvalidRequest("--gateway needs --subnet")
+    if pinned is not None and gw is not None:
+        ipam.validate_gateway(pinned, gw)
+    size = parse_mtu(mtu) if mtu is not None else DEFAULT_MTU
+    return NetworkOptions(net_type, pinned, gw, size, ignored)

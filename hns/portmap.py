@@ -16,7 +16,9 @@ transaction):
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address
 
@@ -25,7 +27,8 @@ from hns.model import HostPort, PortMapping, Vm
 from hns.store import MappedPort, Store
 from nat.ruleset import PortMapSpec
 
-__all__ = ["check_batch", "check_free", "conflict_message", "spec", "specs"]
+__all__ = ["check_batch", "check_free", "conflict_message", "spec", "specs",
+           "with_policies"]
 
 
 def conflict_message(new: HostPort, taken: MappedPort) -> str:
@@ -65,3 +68,11 @@ def spec(mapping: PortMapping, target: IPv4Address) -> PortMapSpec:
 
 def specs(mapped: Iterable[MappedPort]) -> list[PortMapSpec]:
     return [spec(m.mapping, m.target) for m in mapped]
+
+
+def with_policies(vms: list[Vm], mapped: Iterable[MappedPort]) -> list[Vm]:
+    """The VMs with their port mappings as HNS endpoint policies."""
+    policies: dict[str, list[dict[str, object]]] = defaultdict(list)
+    for m in mapped:
+        policies[m.mapping.vm].append(m.mapping.to_policy())
+    return [dataclasses.replace(vm, policies=tuple(policies[vm.name])) for vm in vms]

@@ -68,7 +68,13 @@ def render_vm_resolv(host_text: str, gateway: IPv4Address | str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_vm_resolv(netns: str, host_netns: str | None, gateway: IPv4Address | str) -> str:
+OWNER_LINE = "# hns instance "
+
+
+def write_vm_resolv(netns: str, host_netns: str | None, gateway: IPv4Address | str,
+                    owner: str = "") -> str:
+    """Write the VM's resolv.conf; ``owner`` (the instance ID) goes into a comment, so
+    that ``gc`` removes only its own entries of /etc/netns."""
     try:
         with open(host_resolv_path(host_netns)) as f:
             host_text = f.read()
@@ -79,10 +85,23 @@ def write_vm_resolv(netns: str, host_netns: str | None, gateway: IPv4Address | s
     path = os.path.join(directory, "resolv.conf")
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".resolv.")
     with os.fdopen(fd, "w") as f:
-        f.write(render_vm_resolv(host_text, gateway))
+        f.write(render_vm_resolv(host_text, gateway)
+                + (f"{OWNER_LINE}{owner}\n" if owner else ""))
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
+
+
+def vm_resolv_owner(netns: str) -> str | None:
+    """The instance ID written into a VM's resolv.conf, if any."""
+    try:
+        with open(os.path.join(ETC_NETNS, netns, "resolv.conf")) as f:
+            for line in f:
+                if line.startswith(OWNER_LINE):
+                    return line[len(OWNER_LINE):].strip()
+    except OSError:
+        pass
+    return None
 
 
 def remove_vm_resolv(netns: str) -> None:

@@ -11,43 +11,39 @@ kernel objects tagged with this instance that the state does not know.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
+import sqlite3
 import uuid
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Interface
 from typing import TYPE_CHECKING
 
-from hns import ipam, naming, portmap, resolv
+from hns import ipam, leftovers, naming, portmap, resolv
 from hns._portmap_ops import PortMappingOps
 from hns.errors import AlreadyExists, Conflict, HnsError, InvalidRequest, KernelError
+from hns.failpoint import failpoint
 from hns.mirrored import (
     TRANSIT_POOL,
-    TRANSIT_PREFIXLEN,
+    choose_network_subnet,
     mirror_spec,
     transit6_gateway,
     transit6_subnet,
 )
 from hns.model import (
-    DEFAULT_MTU,
     HostPort,
     Network,
     NetworkType,
     Vm,
     parse_ipv4,
     parse_mac,
-    parse_mtu,
     parse_name,
     parse_netns_name,
-    parse_port,
-    parse_port_list,
-    parse_subnet,
+    parse_network_options,
 )
 from hns.netns import create_netns, delete_netns, list_netns, netns_exists
-from hns.store import MappedPort, Store
+from hns.store import ANY_STATE, INCOMPLETE, LIVE, PENDING_OR_READY, Store
 from nat.mirror import apply_vm_table
 from nat.nft import Nft, NftRunner
 from nat.ruleset import (
@@ -86,10 +82,29 @@ class Service(PortMappingOps):
                 parse_netns_name(host_netns, "host namespace")):
             raise InvalidRequest(f"host namespace {host_netns!r} does not exist")
         self.host_netns = host_netns
-        self.store = Store(state_dir)
-        self.instance = self.store.instance
         self.nft: NftRunner = nft or Nft(host_netns)
         self._kernel: HostKernel | None = None
+        self.store = Store(state_dir, tag_taken=self._tag_taken)
+        self.instance = self.store.instance
+        self.instance_id = self.store.instance_id
+
+    def _tag_taken(self, tag: str) -> bool:
+        """Whether kernel objects of instance tag ``tag`` exist (see hns.leftovers)."""
+        return leftovers.tag_in_use(naming.netns_prefix(tag),
+                                    f"inet {naming.nft_table_name(tag)}", list_netns(),
+                                    _etc_netns_entries(), self.nft.list_tables())
+
+    def _alias(self, object_id: str) -> str:
+        """The tag of a kernel object: this instance's full ID and the object's."""
+        return naming.link_alias(self.instance_id, object_id)
+
+    @property
+    def _owner(self) -> str:
+        return naming.instance_alias_prefix(self.instance_id).rstrip(":")
+
+    @property
+    def _owner_comment(self) -> str:
+        return f'comment "{self._owner}"'
 
     @property
     def kernel(self) -> HostKernel:
@@ -120,19 +135,11 @@ class Service(PortMappingOps):
 
     def list_vms(self, network: str | None = None) -> list[Vm]:
         net_id = self.store.network(network).id if network else None
-        return self._with_policies(self.store.vms(net_id), self.store.port_mappings())
+        return portmap.with_policies(self.store.vms(net_id), self.store.port_mappings())
 
     def get_vm(self, name: str) -> Vm:
         vm = self.store.vm(name)
-        return self._with_policies([vm], self.store.port_mappings(vm.id))[0]
-
-    @staticmethod
-    def _with_policies(vms: list[Vm], mapped: list[MappedPort]) -> list[Vm]:
-        """The VMs with their port mappings as HNS endpoint policies."""
-        policies: dict[str, list[dict[str, object]]] = defaultdict(list)
-        for m in mapped:
-            policies[m.mapping.vm].append(m.mapping.to_policy())
-        return [dataclasses.replace(vm, policies=tuple(policies[vm.name])) for vm in vms]
+        return portmap.with_policies([vm], self.store.port_mappings(vm.id))[0]
 
     # networks
 
@@ -158,87 +165,68 @@ class Service(PortMappingOps):
         ``firewall`` (WSL's): nothing unsolicited is forwarded into the VMs; a mirrored
         network always has it."""
         name = parse_name(name, "network name")
-        net_type = type if isinstance(type, NetworkType) else NetworkType.parse(type)
-        mirrored = net_type is NetworkType.MIRRORED
-        if not mirrored and (ignored_ports is not None or host_address_loopback is not None):
-            raise InvalidRequest("--ignored-ports and --host-address-loopback are for "
-                                 "mirrored networks")
-        if mirrored and (subnet is not None or gateway is not None):
-            raise InvalidRequest("a mirrored network has no subnet of its own: its VMs have "
-                                 "the host's addresses (drop --subnet and --gateway)")
-        ignored = (parse_port_list(ignored_ports, "ignored ports")
-                   if isinstance(ignored_ports, str) or ignored_ports is None
-                   else tuple(sorted({parse_port(p, "ignored port") for p in ignored_ports})))
-        pinned = parse_subnet(str(subnet)) if subnet is not None else None
-        gw = parse_ipv4(str(gateway), "gateway") if gateway is not None else None
-        if gw is not None and pinned is None:
-            raise InvalidRequest("--gateway needs --subnet")
-        if pinned is not None and gw is not None:
-            ipam.validate_gateway(pinned, gw)
-        size = parse_mtu(mtu) if mtu is not None else DEFAULT_MTU
-        if self.store.find_network(name) is not None:
-            raise AlreadyExists(f"network {name!r} already exists")
-        host_taken = self._host_prefixes()
-        with self.store.transaction() as db:
-            if self.store.find_network(name, db) is not None:
+        opts = parse_network_options(type, subnet, gateway, mtu, ignored_ports,
+                                     host_address_loopback)
+        mirrored, pinned, gw = opts.type is NetworkType.MIRRORED, opts.subnet, opts.gateway
+        with self.store.lock(f"network-{name}"):
+            self._finish_network(name)
+            if self.store.find_network(name) is not None:
                 raise AlreadyExists(f"network {name!r} already exists")
-            others = [(f"network {n.name}", n.subnet) for n in self.store.networks(db)]
-            if pinned is not None:
-                ipam.check_subnet_free(pinned, others + host_taken)
-                chosen = pinned
-            else:
-                remembered = self.store.remembered_subnet(name, db)
-                if remembered is not None and mirrored != remembered.subnet_of(TRANSIT_POOL):
-                    remembered = None   # the name was used for a network of the other type
-                choice = self._choose_subnet(mirrored, others, host_taken, remembered)
-                chosen = choice.subnet
-                if choice.replaced is not None:
-                    log.warning("the address range %s remembered for network %s collides with "
-                                "the host; created the network with range %s instead",
-                                choice.replaced, name, chosen)
-            net_id = str(uuid.uuid4())
-            net = Network(id=net_id, name=name, type=net_type, subnet=chosen,
-                          gateway=gw or ipam.default_gateway(chosen), mtu=size,
-                          bridge=naming.bridge_name(self.instance, net_id),
-                          localhost_forwarding=bool(localhost_forwarding),
-                          ignored_ports=ignored, host_address_loopback=bool(host_address_loopback),
-                          firewall=bool(firewall) or mirrored)
-            self.store.insert_network(db, net)
-        try:
-            self._apply_network(net)
-        except BaseException:
-            self._undo_network(net)
-            raise
+            host_taken = self._host_prefixes()
+            with self.store.transaction() as db:
+                if self.store.find_network(name, db, ANY_STATE) is not None:
+                    raise AlreadyExists(f"network {name!r} already exists")
+                others = [(f"network {n.name}", n.subnet)
+                          for n in self.store.networks(db, ANY_STATE)]
+                chosen = self._pick_subnet(db, name, mirrored, pinned, others, host_taken)
+                net_id = str(uuid.uuid4())
+                net = Network(id=net_id, name=name, type=opts.type, subnet=chosen,
+                              gateway=gw or ipam.default_gateway(chosen), mtu=opts.mtu,
+                              bridge=naming.bridge_name(self.instance, net_id),
+                              localhost_forwarding=bool(localhost_forwarding),
+                              ignored_ports=opts.ignored_ports,
+                              host_address_loopback=bool(host_address_loopback),
+                              firewall=bool(firewall) or mirrored)
+                self.store.insert_network(db, net, "creating")
+            failpoint("network-create:after-store")
+            try:
+                self._apply_network(net)
+                with self.store.transaction() as db:
+                    self.store.set_state(db, "network", net.id, "ready")
+            except BaseException:
+                self._undo_network(net)
+                raise
         self._poke_daemon()
         return net
 
-    @staticmethod
-    def _choose_subnet(mirrored: bool, others: list[tuple[str, IPv4Network]],
-                       host_taken: list[tuple[str, IPv4Network]],
-                       remembered: IPv4Network | None) -> ipam.SubnetChoice:
-        if not mirrored:
-            return ipam.choose_subnet([n for _, n in others + host_taken], remembered)
-        # A transit /24's own route is more specific than a wider host route (the
-        # link-local 169.254.0.0/16 that NetworkManager and avahi add): only the host's
-        # prefixes as specific as the /24, and its own addresses, take a /24.
-        taken = [n for _, n in others] + [n for _, n in host_taken
-                                          if n.prefixlen >= TRANSIT_PREFIXLEN]
-        try:
-            return ipam.choose_subnet(taken, remembered, (TRANSIT_POOL,), TRANSIT_PREFIXLEN)
-        except Conflict:
-            raise Conflict(f"no free /{TRANSIT_PREFIXLEN} left in {TRANSIT_POOL} for the "
-                           "transit network of a mirrored network") from None
+    def _pick_subnet(self, db: sqlite3.Connection, name: str, mirrored: bool,
+                     pinned: IPv4Network | None, others: list[tuple[str, IPv4Network]],
+                     host_taken: list[tuple[str, IPv4Network]]) -> IPv4Network:
+        if pinned is not None:
+            ipam.check_subnet_free(pinned, others + host_taken)
+            return pinned
+        remembered = self.store.remembered_subnet(name, db)
+        if remembered is not None and mirrored != remembered.subnet_of(TRANSIT_POOL):
+            remembered = None   # the name was used for a network of the other type
+        choice = choose_network_subnet(mirrored, others, host_taken, remembered)
+        if choice.replaced is not None:
+            log.warning("the address range %s remembered for network %s collides with "
+                        "the host; created the network with range %s instead",
+                        choice.replaced, name, choice.subnet)
+        return choice.subnet
 
     def _apply_network(self, net: Network) -> None:
         self._ensure_bridge(net)
+        failpoint("network-create:after-bridge")
         self.kernel.enable_forwarding()
         if net.mirrored:
             self.kernel.enable_forwarding6()
         self._sync_nat()
+        failpoint("network-create:after-nft")
 
     def _ensure_bridge(self, net: Network) -> bool:
         made = self.kernel.ensure_bridge(net.bridge, net.gateway, net.subnet.prefixlen,
-                                         net.mtu, naming.link_alias(self.instance, net.id),
+                                         net.mtu, self._alias(net.id),
                                          naming.bridge_mac(net.id))
         if net.mirrored:
             self.kernel.ensure_address6(net.bridge, IPv6Interface(
@@ -246,6 +234,7 @@ class Service(PortMappingOps):
         return made
 
     def _undo_network(self, net: Network) -> None:
+        """Remove a network whatever state it is in (its VMs' rows go with it)."""
         with contextlib.suppress(HnsError):
             self.kernel.delete_link(net.bridge)
         with self.store.lock("nft"):
@@ -254,6 +243,17 @@ class Service(PortMappingOps):
             with contextlib.suppress(HnsError):
                 self._sync_nat_locked()
 
+    def _finish_network(self, name: str) -> None:
+        """Roll back what a killed create or delete of network ``name`` left (the caller
+        holds the network's lock, so no command is working on it now)."""
+        net = self.store.find_network(name, states=INCOMPLETE)
+        if net is None:
+            return
+        log.info("network %s: removing what an interrupted create or delete left", name)
+        for vm in self.store.vms(net.id, states=ANY_STATE):
+            self._delete_vm(vm.name, remember=False)
+        self._undo_network(net)
+
     def _sync_nat(self) -> None:
         with self.store.lock("nft"):
             self._sync_nat_locked()
@@ -261,37 +261,50 @@ class Service(PortMappingOps):
     def _sync_nat_locked(self, exclude: frozenset[str] = frozenset(),
                          drop: frozenset[HostPort] = frozenset()) -> None:
         """Render the whole NAT table from the state and apply it atomically; leave out
-        the networks in ``exclude`` and the port mappings of the host ports in ``drop``."""
+        the networks in ``exclude`` and the port mappings of the host ports in ``drop``.
+        Networks being created are in (their commands hold no nft lock throughout),
+        networks being deleted are not."""
         table_name = naming.nft_table_name(self.instance)
         specs = [NatSpec(n.id, n.subnet, n.bridge,
                          transit6_subnet(self.instance, n.subnet) if n.mirrored else None,
                          isolated=n.firewall or n.mirrored)
-                 for n in self.store.networks() if n.id not in exclude]
+                 for n in self.store.networks(states=LIVE) if n.id not in exclude]
         if specs:
             ids = {s.id for s in specs}
-            mapped = portmap.specs(m for m in self.store.port_mappings()
+            mapped = portmap.specs(m for m in self.store.port_mappings(states=PENDING_OR_READY)
                                    if m.network_id in ids and m.mapping.host_port not in drop)
-            self.nft.apply(render_replace(nat_table(table_name, specs, mapped)))
+            self.nft.apply(render_replace(nat_table(table_name, specs, mapped,
+                                                    owner=self._owner)))
         else:
             self.nft.apply(render_delete("inet", table_name))
 
     def delete_network(self, name: str, force: bool = False) -> bool:
         """Delete a network; False if it did not exist.  Refuses while VMs are attached."""
-        net = self.store.find_network(name)
-        if net is None:
-            return False
-        vms = self.store.vms(net.id)
-        if vms and not force:
-            names = ", ".join(v.name for v in vms)
-            raise Conflict(f"network {name!r} has VMs attached ({names}); delete them first "
-                           "or use --force")
-        for vm in vms:
-            self.delete_vm(vm.name)
-        with self.store.lock("nft"):
-            self._sync_nat_locked(exclude=frozenset({net.id}))
-            self.kernel.delete_link(net.bridge)
+        name = parse_name(name, "network name")
+        with self.store.lock(f"network-{name}"):
+            net = self.store.find_network(name)
+            if net is None:
+                if self.store.find_network(name, states=INCOMPLETE) is None:
+                    return False
+                self._finish_network(name)
+                self._poke_daemon()
+                return True
+            if self.store.vms(net.id) and not force:
+                names = ", ".join(v.name for v in self.store.vms(net.id))
+                raise Conflict(f"network {name!r} has VMs attached ({names}); delete them "
+                               "first or use --force")
+            for vm in self.store.vms(net.id, states=ANY_STATE):
+                self._delete_vm(vm.name, remember=False)
             with self.store.transaction() as db:
-                self.store.delete_network(db, net.id)
+                self.store.set_state(db, "network", net.id, "deleting")
+            failpoint("network-delete:after-mark")
+            with self.store.lock("nft"):
+                self._sync_nat_locked()        # a network being deleted is left out
+                failpoint("network-delete:after-nft")
+                self.kernel.delete_link(net.bridge)
+                failpoint("network-delete:after-bridge")
+                with self.store.transaction() as db:
+                    self.store.delete_network(db, net.id)
         self._poke_daemon()
         return True
 
@@ -300,34 +313,49 @@ class Service(PortMappingOps):
     def create_vm(self, name: str, network: str, ip: IPv4Address | str | None = None,
                   mac: str | None = None) -> Vm:
         name = parse_name(name, "vm name")
+        network = parse_name(network, "network name")
         want_ip = parse_ipv4(str(ip)) if ip is not None else None
         want_mac = parse_mac(mac) if mac is not None else None
-        with self.store.transaction() as db:
-            net = self.store.network(network, db)
-            if self.store.find_vm(name, db) is not None:
-                raise AlreadyExists(f"vm {name!r} already exists")
-            addr = ipam.allocate_ip(net.subnet, net.gateway, self.store.taken_ips(db, net.id),
-                                    want_ip)
-            hw = ipam.allocate_mac(self.store.taken_macs(db), want_mac)
-            vm_id = str(uuid.uuid4())
-            vm = Vm(id=vm_id, name=name, network=net.name, network_id=net.id,
-                    netns=naming.vm_netns_name(self.instance, name), ip=addr,
-                    prefixlen=net.subnet.prefixlen, gateway=net.gateway, mac=hw,
-                    host_ifname=naming.host_veth_name(self.instance, vm_id), mtu=net.mtu)
-            self.store.insert_vm(db, vm)
-        try:
-            self._apply_vm(vm, net)
-        except BaseException:
-            with contextlib.suppress(HnsError, OSError):
-                self._teardown_vm(vm)
+        # lock order, everywhere: the network, then the VM, then nft
+        with self.store.lock(f"network-{network}", shared=True), \
+                self.store.lock(f"vm-{name}"):
+            self._finish_vm(name)
             with self.store.transaction() as db:
-                self.store.delete_vm(db, vm.id)
-            raise
+                net = self.store.network(network, db)
+                if self.store.find_vm(name, db, ANY_STATE) is not None:
+                    raise AlreadyExists(f"vm {name!r} already exists")
+                addr = ipam.allocate_ip(net.subnet, net.gateway,
+                                        self.store.taken_ips(db, net.id), want_ip)
+                hw = ipam.allocate_mac(self.store.taken_macs(db), want_mac)
+                vm_id = str(uuid.uuid4())
+                vm = Vm(id=vm_id, name=name, network=net.name, network_id=net.id,
+                        netns=naming.vm_netns_name(self.instance, name), ip=addr,
+                        prefixlen=net.subnet.prefixlen, gateway=net.gateway, mac=hw,
+                        host_ifname=naming.host_veth_name(self.instance, vm_id), mtu=net.mtu)
+                self.store.insert_vm(db, vm, "creating")
+            failpoint("vm-create:after-store")
+            try:
+                self._apply_vm(vm, net, "vm-create")
+                with self.store.transaction() as db:
+                    self.store.set_state(db, "vm", vm.id, "ready")
+            except BaseException:
+                with contextlib.suppress(HnsError, OSError):
+                    self._teardown_vm(vm)
+                with self.store.transaction() as db:
+                    self.store.delete_vm(db, vm.id)
+                raise
         self._poke_daemon()
         return vm
 
-    def _apply_vm(self, vm: Vm, net: Network) -> None:
-        from hns.kernel import EndpointSpec
+    def _finish_vm(self, name: str) -> None:
+        """Roll back what a killed create or delete of VM ``name`` left (the caller holds
+        the VM's lock, so no command is working on it now)."""
+        if self.store.find_vm(name, states=INCOMPLETE) is not None:
+            log.info("vm %s: removing what an interrupted create or delete left", name)
+            self._remove_vm(name, remember=False)
+
+    def _apply_vm(self, vm: Vm, net: Network, op: str = "restore") -> None:
+        from hns.kernel import EndpointSpec, tag_netns
         try:
             create_netns(vm.netns)
         except KernelError as exc:
@@ -335,10 +363,14 @@ class Service(PortMappingOps):
                 raise KernelError(f"network namespace {vm.netns} already exists; "
                                   "'hnsctl gc' removes leftovers", exc.errno) from None
             raise
+        tag_netns(vm.netns, self._alias(vm.id))
+        failpoint(f"{op}:after-netns")
         self.kernel.add_endpoint(EndpointSpec(
             host_ifname=vm.host_ifname, netns=vm.netns, mac=vm.mac, mtu=vm.mtu,
-            bridge=net.bridge, alias=naming.link_alias(self.instance, vm.id)))
+            bridge=net.bridge, alias=self._alias(vm.id)))
+        failpoint(f"{op}:after-veth")
         self._configure_vm_side(vm, net)
+        failpoint(f"{op}:after-config")
 
     def _configure_vm_side(self, vm: Vm, net: Network) -> None:
         from hns.kernel import configure_mirrored_vm, configure_vm_side
@@ -349,7 +381,7 @@ class Service(PortMappingOps):
             apply_vm_table(vm.interface, spec)
         else:
             configure_vm_side(vm.netns, vm.ip, vm.prefixlen, vm.gateway)
-        resolv.write_vm_resolv(vm.netns, self.host_netns, vm.gateway)
+        resolv.write_vm_resolv(vm.netns, self.host_netns, vm.gateway, self.instance_id)
 
     def _poke_daemon(self) -> None:
         """Tell a running daemon to reload now (it watches the VMs for localhost
@@ -368,24 +400,38 @@ class Service(PortMappingOps):
     def delete_vm(self, name: str) -> bool:
         """Delete a VM and everything it had (port mappings too); False if it did not
         exist."""
-        return self._delete_vm(name, remember=False)
+        return self._delete_vm(parse_name(name, "vm name"), remember=False)
 
     def _delete_vm(self, name: str, remember: bool) -> bool:
         """``remember``: keep copies of its port mappings under its name (``down``)."""
-        with self.store.lock("nft"):  # no full render between the nft and state changes
-            vm = self.store.find_vm(name)
-            if vm is None:
-                return False
-            mapped = self.store.port_mappings(vm.id)
+        with self.store.lock(f"vm-{name}"):
+            return self._remove_vm(name, remember)
+
+    def _remove_vm(self, name: str, remember: bool) -> bool:
+        """Delete VM ``name`` in whatever state (the caller holds its lock): marked
+        ``deleting`` first (so no render and no reader sees its mappings any more), then
+        nft, then the kernel, then the row."""
+        vm = self.store.find_vm(name, states=ANY_STATE)
+        if vm is None:
+            return False
+        complete = self.store.find_vm(name) is not None
+        with self.store.lock("nft"):
+            mapped = self.store.vm_port_mappings(vm.id)
+            with self.store.transaction() as db:
+                if not remember:      # a deleted VM's mappings are gone, remembered ones too
+                    self.store.forget_port_mappings(db, vm.name)
+                elif complete:
+                    self.store.remember_port_mappings(db, vm.name, [
+                        m.mapping for m in self.store.port_mappings(vm.id, db)])
+                self.store.set_state(db, "vm", vm.id, "deleting")
+            failpoint("vm-delete:after-mark")
             if mapped:
                 self._remove_port_mappings(mapped)
-            self._teardown_vm(vm)
-            with self.store.transaction() as db:
-                if remember:
-                    self.store.remember_port_mappings(db, vm.name, [m.mapping for m in mapped])
-                else:  # a deleted VM's mappings are gone, remembered ones too
-                    self.store.forget_port_mappings(db, vm.name)
-                self.store.delete_vm(db, vm.id)  # its mappings go with it (cascade)
+            failpoint("vm-delete:after-nft")
+        self._teardown_vm(vm)
+        failpoint("vm-delete:after-kernel")
+        with self.store.transaction() as db:
+            self.store.delete_vm(db, vm.id)  # its mappings go with it (cascade)
         self._poke_daemon()
         return True
 
@@ -422,7 +468,9 @@ class Service(PortMappingOps):
         return any(vms_gone) or net_gone
 
     def restore(self) -> list[str]:
-        """Recreate every kernel object of the state (after a reboot); what was made."""
+        """Recreate every kernel object of the state (after a reboot); what was made.
+        Objects whose create or delete was interrupted are left to that command (run
+        again) or to ``gc``."""
         made: list[str] = []
         networks = self.store.networks()
         for net in networks:
@@ -434,59 +482,103 @@ class Service(PortMappingOps):
                 self.kernel.enable_forwarding6()
             self._sync_nat()
         by_id = {n.id: n for n in networks}
-        for vm in self.store.vms():
-            if netns_exists(vm.netns) and self.kernel.link_exists(vm.host_ifname):
-                self.kernel.attach_port(vm.host_ifname, by_id[vm.network_id].bridge)
-                self._configure_vm_side(vm, by_id[vm.network_id])
-                continue
-            self._teardown_vm(vm)
-            self._apply_vm(vm, by_id[vm.network_id])
-            made.append(f"vm {vm.name} ({vm.ip}, {vm.mac})")
+        for listed in self.store.vms():
+            with self.store.lock(f"vm-{listed.name}"):
+                vm = self.store.find_vm(listed.name)   # deleted meanwhile: nothing to do
+                if vm is None or vm.network_id not in by_id:
+                    continue
+                if netns_exists(vm.netns) and self.kernel.link_exists(vm.host_ifname):
+                    self.kernel.attach_port(vm.host_ifname, by_id[vm.network_id].bridge)
+                    self._configure_vm_side(vm, by_id[vm.network_id])
+                    continue
+                self._teardown_vm(vm)
+                self._apply_vm(vm, by_id[vm.network_id])
+                made.append(f"vm {vm.name} ({vm.ip}, {vm.mac})")
         if networks:
             self._poke_daemon()     # mirrored VMs' tables were made again: their ports too
         return made
 
     def gc(self, dry_run: bool = False) -> list[str]:
-        """Remove kernel objects tagged with this instance that the state does not know."""
-        networks = self.store.networks()
-        vms = self.store.vms()
-        known_links = {n.bridge for n in networks} | {v.host_ifname for v in vms}
-        known_netns = {v.netns for v in vms}
-        found: list[str] = []
-        from hns.kernel import kill_netns_processes
-        links = self.kernel.tagged_links(naming.instance_alias_prefix(self.instance))
-        # endpoints first: deleting a bridge does not delete its ports
-        for link in sorted(links, key=lambda n: not n.startswith("hv")):
-            if link not in known_links:
-                found.append(f"link {link}")
-                if not dry_run:
-                    self.kernel.delete_link(link)
+        """Remove what interrupted commands left (incomplete objects no command is
+        working on), and kernel objects carrying this instance's ID that the state does
+        not know."""
+        found = self._gc_incomplete(dry_run)
+        rows_vms = self.store.vms(states=ANY_STATE)
+        known_links = ({n.bridge for n in self.store.networks(states=ANY_STATE)}
+                       | {v.host_ifname for v in rows_vms})
+        known_netns = {v.netns for v in rows_vms}
+        from hns.kernel import kill_netns_processes, netns_tag
         prefix = naming.netns_prefix(self.instance)
-        for ns in list_netns():
-            if ns.startswith(prefix) and ns not in known_netns:
-                found.append(f"netns {ns}")
-                if not dry_run:
-                    kill_netns_processes(ns)
-                    delete_netns(ns)
-        with contextlib.suppress(FileNotFoundError):
-            for entry in sorted(os.listdir(resolv.ETC_NETNS)):
-                if entry.startswith(prefix) and entry not in known_netns:
-                    found.append(f"resolv.conf {resolv.ETC_NETNS}/{entry}")
+        ours = naming.instance_alias_prefix(self.instance_id)
+        for link in leftovers.leftover_links(self.kernel.tagged_links(ours), known_links):
+            found.append(f"link {link}")
+            if not dry_run:
+                self.kernel.delete_link(link)
+        namespaces = [ns for ns in list_netns() if ns.startswith(prefix)]
+        for ns in leftovers.leftover_netns({ns: netns_tag(ns) for ns in namespaces},
+                                           known_netns, prefix, ours):
+            found.append(f"netns {ns}")
+            if not dry_run:
+                kill_netns_processes(ns)
+                delete_netns(ns)
+        owners = {e: resolv.vm_resolv_owner(e) for e in _etc_netns_entries()
+                  if e.startswith(prefix)}
+        for entry in leftovers.leftover_resolv(owners, known_netns, list_netns(), prefix,
+                                               self.instance_id):
+            found.append(f"resolv.conf {resolv.ETC_NETNS}/{entry}")
+            if not dry_run:
+                resolv.remove_vm_resolv(entry)
+        found.extend(self._gc_tables(dry_run))
+        return found
+
+    def _gc_incomplete(self, dry_run: bool) -> list[str]:
+        """Objects whose create or delete was killed: rolled back, unless a command is
+        working on them right now (it holds their lock)."""
+        found: list[str] = []
+        with self.store.lock("nft"):
+            pending = self.store.incomplete_port_mappings()
+            for m in pending:
+                found.append(f"incomplete port mapping {m.mapping.describe()}")
+            if pending and not dry_run:
+                self._finish_port_mappings()
+        for vm in self.store.incomplete_vms():
+            with self.store.try_lock(f"vm-{vm.name}") as free:
+                if free and self.store.find_vm(vm.name, states=INCOMPLETE) is not None:
+                    found.append(f"incomplete vm {vm.name}")
                     if not dry_run:
-                        resolv.remove_vm_resolv(entry)
-        table = f"inet {naming.nft_table_name(self.instance)}"
+                        self._remove_vm(vm.name, remember=False)
+        for net in self.store.incomplete_networks():
+            with self.store.try_lock(f"network-{net.name}") as free:
+                if free and self.store.find_network(net.name, states=INCOMPLETE) is not None:
+                    found.append(f"incomplete network {net.name}")
+                    if not dry_run:
+                        self._finish_network(net.name)
+        return found
+
+    def _gc_tables(self, dry_run: bool) -> list[str]:
+        """Our nft tables when no network needs them (only tables that carry our ID)."""
+        found: list[str] = []
+        name = naming.nft_table_name(self.instance)
         tables = self.nft.list_tables()
-        if not networks and table in tables:
-            found.append(f"nft table {table}")
+        if f"inet {name}" in tables and not self.store.networks(states=ANY_STATE) and \
+                self._owner_comment in (self.nft.list_table("inet", name) or ""):
+            found.append(f"nft table inet {name}")
             if not dry_run:
                 self._sync_nat()
         # the daemon's inbound table of mirrored networks, left by a daemon that was killed
-        mirror = f"{naming.nft_table_name(self.instance)}-mirror"
-        if f"inet {mirror}" in tables and not any(n.mirrored for n in networks):
+        mirror = f"{name}-mirror"
+        if f"inet {mirror}" in tables and not any(n.mirrored for n in self.store.networks()):
             found.append(f"nft table inet {mirror}")
             if not dry_run:
                 self.nft.apply(render_delete("inet", mirror))
         return found
+
+
+def _etc_netns_entries() -> list[str]:
+    try:
+        return sorted(os.listdir(resolv.ETC_NETNS))
+    except FileNotFoundError:
+        return []
 
 
 @contextlib.contextmanager

@@ -31,7 +31,8 @@ from hns.model import (
     parse_port_list,
 )
 
-__all__ = ["MappedPort", "Store"]
+__all__ = ["ANY_STATE", "INCOMPLETE", "LIVE", "PENDING_OR_READY", "READY", "MappedPort",
+           "Store"]
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -47,7 +48,8 @@ CREATE TABLE IF NOT EXISTS networks (
     localhost_forwarding INTEGER NOT NULL DEFAULT 1,
     ignored_ports TEXT NOT NULL DEFAULT '',
     host_address_loopback INTEGER NOT NULL DEFAULT 0,
-    firewall INTEGER NOT NULL DEFAULT 1
+    firewall INTEGER NOT NULL DEFAULT 1,
+    state TEXT NOT NULL DEFAULT 'ready'
 );
 CREATE TABLE IF NOT EXISTS vms (
     id TEXT PRIMARY KEY,
@@ -57,6 +59,7 @@ CREATE TABLE IF NOT EXISTS vms (
     mac TEXT NOT NULL UNIQUE,
     netns TEXT NOT NULL UNIQUE,
     host_ifname TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL DEFAULT 'ready',
     UNIQUE (network_id, ip)
 );
 CREATE TABLE IF NOT EXISTS remembered_subnets (
@@ -75,6 +78,7 @@ PORT_MAPPING_SCHEMA = (
         external_port INTEGER NOT NULL CHECK (external_port BETWEEN 1 AND 65535),
         internal_port INTEGER NOT NULL CHECK (internal_port BETWEEN 1 AND 65535),
         host_address TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL DEFAULT 'ready',
         PRIMARY KEY (protocol, external_port, host_address))""",
     "CREATE INDEX IF NOT EXISTS port_mappings_vm ON port_mappings (vm_id)",
     """CREATE TRIGGER IF NOT EXISTS port_mappings_host_port BEFORE INSERT ON port_mappings
@@ -96,6 +100,9 @@ SELECT v.name, p.protocol, p.external_port, p.internal_port, p.host_address, v.i
        v.network_id
 FROM port_mappings p JOIN vms v ON v.id = p.vm_id
 """
+# what a reader sees of mappings: complete ones of complete VMs (an incomplete row is the
+# leftover of a command that was killed, or one in progress); renders take "adding" too
+PORT_MAPPING_OF_READY_VMS = " v.state = 'ready' AND p.state IN "
 
 
 VM_SELECT = """
@@ -158,6 +165,28 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
                    "DEFAULT 0")
     if "firewall" not in columns:
         db.execute("ALTER TABLE networks ADD COLUMN firewall INTEGER NOT NULL DEFAULT 1")
+    for table in ("networks", "vms", "port_mappings"):
+        if "state" not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN state TEXT NOT NULL DEFAULT 'ready'")
+
+
+READY = ("ready",)
+LIVE = ("creating", "ready")           # what the kernel should have (deleting: going)
+ANY_STATE = ("creating", "ready", "deleting")
+INCOMPLETE = ("creating", "deleting")
+PENDING_OR_READY = ("adding", "ready")  # mappings the NAT table has
+STATES = frozenset({*ANY_STATE, "adding"})
+
+
+def _state(state: str) -> str:
+    if state not in STATES:
+        raise ValueError(f"not a state: {state!r}")
+    return state
+
+
+def _in(states: tuple[str, ...]) -> str:
+    """An SQL ``(...)`` list of known states (checked, so safe to paste)."""
+    return "(" + ", ".join(f"'{_state(s)}'" for s in states) + ")"
 
 
 def _address(port: HostPort) -> str:
@@ -187,8 +216,12 @@ def _integrity(exc: sqlite3.IntegrityError, what: str) -> AlreadyExists:
 class Store:
     """Desired state of one hns instance, in ``<state_dir>/hns.db``."""
 
-    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, state_dir: str | os.PathLike[str],
+                 tag_taken: Callable[[str], bool] | None = None) -> None:
+        """``tag_taken(tag)``: whether kernel objects of that instance tag exist already
+        (asked only when a new state directory chooses its tag)."""
         self.state_dir = Path(state_dir)
+        self._tag_taken = tag_taken
         try:
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.state_dir / "hns.db", timeout=60,
@@ -197,6 +230,7 @@ class Store:
             self._db.execute("PRAGMA foreign_keys = ON")
             _retry_busy(self._setup_schema)
             self.instance = self._meta("instance")
+            self.instance_id = self._meta("instance_id")
         except (OSError, sqlite3.Error) as exc:
             raise StateError(f"cannot open the state store in {self.state_dir}: {exc}") from None
 
@@ -216,8 +250,19 @@ class Store:
             _add_missing_columns(db)
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
                        (str(SCHEMA_VERSION),))
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('instance', ?)",
-                       (secrets.token_hex(2),))
+            if db.execute("SELECT 1 FROM meta WHERE key = 'instance'").fetchone() is None:
+                db.execute("INSERT INTO meta VALUES ('instance', ?)", (self._new_tag(),))
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('instance_id', ?)",
+                       (secrets.token_hex(16),))
+
+    def _new_tag(self) -> str:
+        """A random instance tag no kernel object of this machine carries yet: the tag
+        is only 16 bits, and names of namespaces are global."""
+        for _ in range(64):
+            tag = secrets.token_hex(2)
+            if self._tag_taken is None or not self._tag_taken(tag):
+                return tag
+        raise StateError("no free instance tag found (64 tries): too many hns instances")
 
     def close(self) -> None:
         self._db.close()
@@ -246,26 +291,68 @@ class Store:
             self._db.execute("COMMIT")
 
     @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """An exclusive lock between processes of this instance (a flock on a file)."""
-        fd = os.open(self.state_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
+    def lock(self, name: str, shared: bool = False) -> Iterator[None]:
+        """A lock between processes of this instance (a flock on a file), exclusive or
+        ``shared``.  It goes with the process: a killed holder releases it."""
+        fd = self._lock_fd(name)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
 
-    # networks
+    @contextlib.contextmanager
+    def try_lock(self, name: str) -> Iterator[bool]:
+        """The exclusive lock if free now (True), else False at once."""
+        fd = self._lock_fd(name)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+            else:
+                yield True
+        finally:
+            os.close(fd)
 
-    def networks(self, db: sqlite3.Connection | None = None) -> list[Network]:
-        rows = (db or self._db).execute(
-            f"SELECT {NETWORK_COLUMNS} FROM networks ORDER BY name")
+    def _lock_fd(self, name: str) -> int:
+        return os.open(self.state_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                       0o600)
+
+    def set_state(self, db: sqlite3.Connection, kind: str, object_id: str, state: str) -> None:
+        """Mark a network or VM (``kind``) ``creating``, ``ready`` or ``deleting``."""
+        table = {"network": "networks", "vm": "vms"}[kind]
+        db.execute(f"UPDATE {table} SET state = ? WHERE id = ?", (_state(state), object_id))
+
+    def incomplete_networks(self) -> list[Network]:
+        """Networks whose create or delete did not finish (killed, or in progress)."""
+        rows = self._db.execute(f"SELECT {NETWORK_COLUMNS} FROM networks "
+                                "WHERE state != 'ready' ORDER BY name")
         return [_network(r) for r in rows]
 
-    def find_network(self, name: str, db: sqlite3.Connection | None = None) -> Network | None:
+    def incomplete_vms(self) -> list[Vm]:
+        rows = self._db.execute(VM_SELECT + " WHERE v.state != 'ready' ORDER BY v.name")
+        return [_vm(r) for r in rows]
+
+    def incomplete_port_mappings(self) -> list[MappedPort]:
+        rows = self._db.execute(PORT_MAPPING_SELECT + " WHERE p.state != 'ready'")
+        return [_mapped_port(r) for r in rows]
+
+    # networks
+
+    def networks(self, db: sqlite3.Connection | None = None,
+                 states: tuple[str, ...] = READY) -> list[Network]:
+        """The networks in ``states`` (default: complete ones only)."""
+        rows = (db or self._db).execute(
+            f"SELECT {NETWORK_COLUMNS} FROM networks WHERE state IN {_in(states)} "
+            "ORDER BY name")
+        return [_network(r) for r in rows]
+
+    def find_network(self, name: str, db: sqlite3.Connection | None = None,
+                     states: tuple[str, ...] = READY) -> Network | None:
         row = (db or self._db).execute(
-            f"SELECT {NETWORK_COLUMNS} FROM networks WHERE name = ?", (name,)).fetchone()
+            f"SELECT {NETWORK_COLUMNS} FROM networks WHERE name = ? AND state IN "
+            f"{_in(states)}", (name,)).fetchone()
         return _network(row) if row else None
 
     def network(self, name: str, db: sqlite3.Connection | None = None) -> Network:
@@ -274,14 +361,15 @@ class Store:
             raise NotFound(f"network {name!r} does not exist")
         return net
 
-    def insert_network(self, db: sqlite3.Connection, net: Network) -> None:
+    def insert_network(self, db: sqlite3.Connection, net: Network,
+                       state: str = "ready") -> None:
         try:
-            db.execute(f"INSERT INTO networks ({NETWORK_COLUMNS}) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            db.execute(f"INSERT INTO networks ({NETWORK_COLUMNS}, state) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (net.id, net.name, net.type.value, str(net.subnet), str(net.gateway),
                         net.mtu, net.bridge, int(net.localhost_forwarding),
                         format_port_list(net.ignored_ports), int(net.host_address_loopback),
-                        int(net.firewall)))
+                        int(net.firewall), _state(state)))
             db.execute("INSERT OR REPLACE INTO remembered_subnets VALUES (?, ?)",
                        (net.name, str(net.subnet)))
         except sqlite3.IntegrityError as exc:
@@ -298,17 +386,21 @@ class Store:
 
     # VMs
 
-    def vms(self, network_id: str | None = None,
-            db: sqlite3.Connection | None = None) -> list[Vm]:
+    def vms(self, network_id: str | None = None, db: sqlite3.Connection | None = None,
+            states: tuple[str, ...] = READY) -> list[Vm]:
+        """The VMs in ``states`` (default: complete ones only)."""
+        where = f" WHERE v.state IN {_in(states)}"
         if network_id is None:
-            rows = (db or self._db).execute(VM_SELECT + " ORDER BY v.name")
+            rows = (db or self._db).execute(VM_SELECT + where + " ORDER BY v.name")
         else:
-            rows = (db or self._db).execute(VM_SELECT + " WHERE n.id = ? ORDER BY v.name",
+            rows = (db or self._db).execute(VM_SELECT + where + " AND n.id = ? ORDER BY v.name",
                                             (network_id,))
         return [_vm(r) for r in rows]
 
-    def find_vm(self, name: str, db: sqlite3.Connection | None = None) -> Vm | None:
-        row = (db or self._db).execute(VM_SELECT + " WHERE v.name = ?", (name,)).fetchone()
+    def find_vm(self, name: str, db: sqlite3.Connection | None = None,
+                states: tuple[str, ...] = READY) -> Vm | None:
+        row = (db or self._db).execute(
+            VM_SELECT + f" WHERE v.name = ? AND v.state IN {_in(states)}", (name,)).fetchone()
         return _vm(row) if row else None
 
     def vm(self, name: str, db: sqlite3.Connection | None = None) -> Vm:
@@ -324,11 +416,11 @@ class Store:
     def taken_macs(self, db: sqlite3.Connection) -> set[str]:
         return {r[0] for r in db.execute("SELECT mac FROM vms")}
 
-    def insert_vm(self, db: sqlite3.Connection, vm: Vm) -> None:
+    def insert_vm(self, db: sqlite3.Connection, vm: Vm, state: str = "ready") -> None:
         try:
-            db.execute("INSERT INTO vms VALUES (?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO vms VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (vm.id, vm.name, vm.network_id, str(vm.ip), vm.mac, vm.netns,
-                        vm.host_ifname))
+                        vm.host_ifname, _state(state)))
         except sqlite3.IntegrityError as exc:
             raise _integrity(exc, f"vm {vm.name}") from None
 
@@ -337,14 +429,21 @@ class Store:
 
     # port mappings
 
-    def port_mappings(self, vm_id: str | None = None,
-                      db: sqlite3.Connection | None = None) -> list[MappedPort]:
+    def port_mappings(self, vm_id: str | None = None, db: sqlite3.Connection | None = None,
+                      states: tuple[str, ...] = READY) -> list[MappedPort]:
+        """Mappings in ``states`` (default: complete ones) of complete VMs."""
         order = " ORDER BY v.name, p.protocol, p.external_port, p.host_address"
+        where = PORT_MAPPING_OF_READY_VMS + _in(states)
         if vm_id is None:
-            rows = (db or self._db).execute(PORT_MAPPING_SELECT + order)
+            rows = (db or self._db).execute(PORT_MAPPING_SELECT + " WHERE" + where + order)
         else:
-            rows = (db or self._db).execute(PORT_MAPPING_SELECT + " WHERE p.vm_id = ?" + order,
-                                            (vm_id,))
+            rows = (db or self._db).execute(PORT_MAPPING_SELECT + " WHERE p.vm_id = ? AND"
+                                            + where + order, (vm_id,))
+        return [_mapped_port(r) for r in rows]
+
+    def vm_port_mappings(self, vm_id: str) -> list[MappedPort]:
+        """Every mapping row of a VM, whatever its state or the VM's."""
+        rows = self._db.execute(PORT_MAPPING_SELECT + " WHERE p.vm_id = ?", (vm_id,))
         return [_mapped_port(r) for r in rows]
 
     def port_mapping_conflict(self, port: HostPort,
@@ -366,14 +465,21 @@ class Store:
         return _mapped_port(row) if row else None
 
     def insert_port_mappings(self, db: sqlite3.Connection, vm_ids: Mapping[str, str],
-                             mappings: Iterable[PortMapping]) -> None:
+                             mappings: Iterable[PortMapping], state: str = "ready") -> None:
         """Insert mappings; ``vm_ids`` maps each VM name to its id."""
         try:
-            db.executemany("INSERT INTO port_mappings VALUES (?, ?, ?, ?, ?)",
+            db.executemany("INSERT INTO port_mappings VALUES (?, ?, ?, ?, ?, ?)",
                            ((vm_ids[m.vm], m.protocol.value, m.external_port, m.internal_port,
-                             _address(m.host_port)) for m in mappings))
+                             _address(m.host_port), _state(state)) for m in mappings))
         except sqlite3.IntegrityError as exc:
             raise Conflict(f"a host port is already mapped ({exc})") from None
+
+    def set_port_mappings_state(self, db: sqlite3.Connection, ports: Iterable[HostPort],
+                                state: str) -> None:
+        """Mark mappings ``adding``, ``ready`` or ``deleting``."""
+        db.executemany("UPDATE port_mappings SET state = ? WHERE protocol = ? AND "
+                       "external_port = ? AND host_address = ?",
+                       ((_state(state), p.protocol.value, p.port, _address(p)) for p in ports))
 
     def delete_port_mappings(self, db: sqlite3.Connection, ports: Iterable[HostPort]) -> None:
         db.executemany("DELETE FROM port_mappings WHERE protocol = ? AND external_port = ? "

@@ -21,6 +21,8 @@ class NftRunner(Protocol):
 
     def list_tables(self) -> list[str]: ...
 
+    def list_table(self, family: str, name: str) -> str | None: ...
+
 
 def _classify(stderr: str) -> int:
     text = stderr.lower()
@@ -79,6 +81,9 @@ class FakeNft:
 
     def list_tables(self) -> list[str]:
         return []
+
+    def list_table(self, family: str, name: str) -> str | None:
+        return None
 
     def dump(self) -> str:
         return "".join(self.scripts)

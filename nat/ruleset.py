@@ -147,14 +147,19 @@ class Table:
     chains: tuple[Chain, ...] = field(default=())
     maps: tuple[Map, ...] = field(default=())
     sets: tuple[Set, ...] = field(default=())
+    comment: str | None = None   # the owner's tag: gc removes only tables carrying its own
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"bad table family {self.family!r}")
         _ident(self.name)
+        if self.comment is not None:
+            _comment(self.comment)
 
     def render(self) -> str:
-        body = "\n".join([*(x.render() for x in self.sets), *(m.render() for m in self.maps),
+        head = [f'\tcomment "{self.comment}"'] if self.comment is not None else []
+        body = "\n".join([*head, *(x.render() for x in self.sets),
+                          *(m.render() for m in self.maps),
                           *(chain.render() for chain in self.chains)])
         return f"table {self.family} {self.name} {{\n{body}\n}}\n"
 
@@ -262,7 +267,7 @@ def port_maps(mappings: Iterable[PortMapSpec]) -> tuple[Map, Map]:
 
 
 def nat_table(name: str, networks: Iterable[NatSpec],
-              mappings: Iterable[PortMapSpec] = ()) -> Table:
+              mappings: Iterable[PortMapSpec] = (), owner: str | None = None) -> Table:
     """The instance's table: masquerade per network, port mappings (maps, DNAT, hairpin),
     and the isolation of the networks (``forward``)."""
     nets = sorted(networks, key=lambda n: n.id)
@@ -281,7 +286,7 @@ def nat_table(name: str, networks: Iterable[NatSpec],
     forward = isolation_chain(nets)
     if forward is not None:
         chains.append(forward)
-    return Table("inet", name, tuple(chains), port_maps(mappings))
+    return Table("inet", name, tuple(chains), port_maps(mappings), comment=owner)
 
 
 FORWARD_PRIORITY = "filter - 10"

@@ -83,8 +83,8 @@ def netns_list() -> list[str]:
 
 
 def tagged_links(sandbox: Sandbox) -> list[str]:
-    """Links of the host namespace whose alias carries this instance's tag."""
-    tag = naming.link_alias(sandbox.service.instance, "")
+    """Links of the host namespace whose alias carries this instance's ID."""
+    tag = naming.link_alias(sandbox.service.instance_id, "")
     return [link["ifname"] for link in ip_json(sandbox.host, "-d", "link")
             if str(link.get("ifalias", "")).startswith(tag)]
 

@@ -22,3 +22,10 @@ def _no_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("hns.netns.create_netns", _refuse)
     monkeypatch.setattr("hns.netns.NetnsExecutor.__init__", _refuse)
     monkeypatch.setattr("hns.process.run", _refuse)
+
+
+@pytest.fixture(autouse=True)
+def _no_tag_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new state dir asks the host (namespaces, nft) which instance tags are taken:
+    not in unit tests (a fixture of its own: test modules override ``_no_kernel``)."""
+    monkeypatch.setattr("hns.service.Service._tag_taken", lambda self, tag: False)
