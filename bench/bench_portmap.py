@@ -12,12 +12,16 @@ also has a VM ``filler`` that holds ``--count`` more mappings:
    (a subprocess each, so interpreter start-up counts), ``--cli-trials`` times;
 3. throughput: iperf3 (``-t --seconds``, ``-O 1``) from the outside namespace to the
    host's uplink address at the port mapped to ``srv``, with one mapping (first sandbox)
-   and with ``--count`` + 1 mappings (second sandbox), and a direct baseline from the host
-   namespace to the VM's own address (the outside has no route to the VM); the paths
-   are taken in turn, ``--runs`` rounds, and the median of each is reported.
+   and with ``--count`` + 1 mappings (second sandbox), with one mapping on a network
+   whose isolation is off (``--firewall off``, a third sandbox: no forward chain, the
+   data path before isolation existed), and a direct baseline from the host namespace to
+   the VM's own address (the outside has no route to the VM); the paths are taken in
+   turn, ``--runs`` rounds, and the median of each is reported, with the median and
+   range of the per-round ratio isolation on / off.
    For information also the outside reaching the VM's address through the host without
-   NAT (a route to the subnet added to the outside namespace for that run only): the
-   same path as a mapped connection, so the ratio to it is the cost of the DNAT itself.
+   NAT (a route to the subnet added to the outside namespace for that run only; in the
+   sandbox without isolation, since isolation keeps the outside out): the same path as a
+   mapped connection, so the ratio to it is the cost of the DNAT itself.
 
 How: a :class:`hns.testing.sandbox.Sandbox` (a namespace playing the host, one playing the
 outside network, a private state directory) is closed in a ``finally``, also on Ctrl-C
@@ -58,6 +62,7 @@ GOAL_INSTALL_S = 2.0
 GOAL_ONE_MORE_MS = 50.0
 GOAL_SCALE_RATIO = 0.95
 GOAL_DIRECT_RATIO = 0.9
+GOAL_ISOLATION_RATIO = 0.98
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,8 @@ class Throughput:
     routed_gbps: float
     one_gbps: float
     many_gbps: float
+    open_gbps: float                            # one mapping, isolation off
+    isolation_ratios: tuple[float, ...]         # per round: isolation on / off
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,8 @@ class Results:
                  GOAL_SCALE_RATIO, "x", False),
             Goal("throughput mapped / direct", t.one_gbps / t.direct_gbps, GOAL_DIRECT_RATIO,
                  "x", False),
+            Goal("throughput isolation on / off (median)",
+                 statistics.median(t.isolation_ratios), GOAL_ISOLATION_RATIO, "x", False),
         ]
 
     def to_json(self) -> dict[str, Any]:
@@ -146,20 +155,24 @@ class Results:
         }
 
 
-def throughput(one: Sandbox, many: Sandbox, args: argparse.Namespace) -> Throughput:
+def throughput(one: Sandbox, many: Sandbox, open_: Sandbox,
+               args: argparse.Namespace) -> Throughput:
     """iperf3 through each path, the paths taken in turn (direct, routed, one mapping,
-    many mappings; ``--runs`` rounds) so that a busy moment of the machine hits them
-    alike; the median of each."""
+    many mappings, one mapping without isolation; ``--runs`` rounds) so that a busy
+    moment of the machine hits them alike; the median of each."""
     srv_ip = str(one.service.get_vm("srv").ip)
-    subnet = str(one.service.get_network(NETWORK).subnet)
-    route = one.outside.run(["ip", "route", "add", subnet, "via", one.uplink_ip])
+    open_ip = str(open_.service.get_vm("srv").ip)
+    # routed without NAT: only a network without isolation lets the outside in
+    subnet = str(open_.service.get_network(NETWORK).subnet)
+    route = open_.outside.run(["ip", "route", "add", subnet, "via", open_.uplink_ip])
     if route.returncode != 0:
         raise RuntimeError(f"ip route add: {route.stderr.strip()}")
     paths: list[tuple[Peer, str, int]] = [
         (one.host, srv_ip, IPERF_PORT),                # direct: host -> VM address
-        (one.outside, srv_ip, IPERF_PORT),             # routed through the host, no NAT
+        (open_.outside, open_ip, IPERF_PORT),          # routed through the host, no NAT
         (one.outside, one.uplink_ip, SRV_PORT),        # one mapping
         (many.outside, many.uplink_ip, SRV_PORT),      # --count + 1 mappings
+        (open_.outside, open_.uplink_ip, SRV_PORT),    # one mapping, isolation off
     ]
     samples: list[list[float]] = [[] for _ in paths]
     try:
@@ -168,16 +181,17 @@ def throughput(one: Sandbox, many: Sandbox, args: argparse.Namespace) -> Through
             for sample, (client, host, port) in zip(samples, paths, strict=True):
                 sample.append(iperf_gbps(client, host, port, args.seconds))
     finally:
-        one.outside.run(["ip", "route", "del", subnet])
-    direct, routed, single, scaled = (statistics.median(x) for x in samples)
-    return Throughput(direct, routed, single, scaled)
+        open_.outside.run(["ip", "route", "del", subnet])
+    direct, routed, single, scaled, opened = (statistics.median(x) for x in samples)
+    ratios = tuple(on / off for on, off in zip(samples[2], samples[4], strict=True))
+    return Throughput(direct, routed, single, scaled, opened, ratios)
 
 
-def setup(sandbox: Sandbox) -> Service:
+def setup(sandbox: Sandbox, firewall: bool = True) -> Service:
     """The network, the VM ``srv`` with an iperf3 server, its one mapping."""
     svc: Service = sandbox.service
     progress(f"sandbox {sandbox.host_netns}, state {sandbox.state_dir}")
-    svc.create_network(NETWORK, "nat")
+    svc.create_network(NETWORK, "nat", firewall=firewall)
     srv = sandbox.vm("srv", NETWORK)
     srv.popen(["iperf3", "-s", "-p", str(IPERF_PORT)])
     wait_listening(srv, IPERF_PORT)
@@ -211,13 +225,15 @@ def bench_cli_one_more(sandbox: Sandbox, trials: int) -> Stats:
 
 
 def run(args: argparse.Namespace) -> Results:
-    """Two sandboxes: one keeps a single mapping, the other gets ``--count`` more."""
+    """Three sandboxes: one keeps a single mapping, the other gets ``--count`` more, the
+    third has a single mapping on a network without isolation."""
     sandboxes: list[Sandbox] = []
     try:
-        sandboxes.append(Sandbox())
-        sandboxes.append(Sandbox())
-        one, many = sandboxes
+        for _ in range(3):
+            sandboxes.append(Sandbox())
+        one, many, open_ = sandboxes
         setup(one)
+        setup(open_, firewall=False)
         svc = setup(many)
         many.vm("filler", NETWORK)
         progress(f"installing {args.count} mappings in one call")
@@ -227,8 +243,8 @@ def run(args: argparse.Namespace) -> Results:
         progress(f"one more mapping: {args.trials} API and {args.cli_trials} CLI trials")
         one_more, one_less = bench_one_more(svc, args.trials)
         cli_one_more = bench_cli_one_more(many, args.cli_trials)
-        progress(f"iperf3: {args.runs} rounds of 4 paths, {args.seconds} s each")
-        rates = throughput(one, many, args)
+        progress(f"iperf3: {args.runs} rounds of 5 paths, {args.seconds} s each")
+        rates = throughput(one, many, open_, args)
         delete_vm = timed(svc.delete_vm, "filler")
         return Results(args.count, install, delete_vm, one_more, one_less, cli_one_more,
                        rates)
@@ -266,10 +282,14 @@ def print_table(r: Results) -> None:
     rows = [("direct, host -> VM address", t.direct_gbps),
             ("routed, outside -> VM address, no NAT", t.routed_gbps),
             ("outside -> host port, 1 mapping", t.one_gbps),
-            (f"outside -> host port, {r.count + 1} mappings", t.many_gbps)]
+            (f"outside -> host port, {r.count + 1} mappings", t.many_gbps),
+            ("outside -> host port, 1 mapping, no isolation", t.open_gbps)]
     for label, gbps in rows:
         print(f"iperf3 {label:<44}{gbps:8.2f} Gbit/s")
     print(f"(for information: 1 mapping / routed without NAT = {t.one_gbps / t.routed_gbps:.3f})")
+    ratios = t.isolation_ratios
+    print(f"isolation on / off per round: median {statistics.median(ratios):.3f}, "
+          f"range {min(ratios):.3f}-{max(ratios):.3f} ({len(ratios)} rounds)")
     print()
     print(f"{'goal':<44}{'value':>12}{'limit':>12}  result")
     for g in r.goals():
