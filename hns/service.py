@@ -567,7 +567,8 @@ class Service(PortMappingOps):
                 self._sync_nat()
         # the daemon's inbound table of mirrored networks, left by a daemon that was killed
         mirror = f"{name}-mirror"
-        if f"inet {mirror}" in tables and not any(n.mirrored for n in self.store.networks()):
+        if f"inet {mirror}" in tables and not any(n.mirrored for n in self.store.networks()) \
+                and self._owner_comment in (self.nft.list_table("inet", mirror) or ""):
             found.append(f"nft table inet {mirror}")
             if not dry_run:
                 self.nft.apply(render_delete("inet", mirror))

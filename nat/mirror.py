@@ -14,6 +14,7 @@ masqueraded (to the transit gateway) so that the VM's reply comes back through t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
@@ -123,12 +124,17 @@ def _maps(version: int) -> tuple[str, str]:
 
 
 def inbound_table(name: str, addresses: Iterable[IPv4Address | IPv6Address],
-                  ports: Iterable[InboundPort] = ()) -> str:
-    """The whole host-side inbound table as ``nft -f`` text (replacing any old one)."""
+                  ports: Iterable[InboundPort] = (), owner: str | None = None) -> str:
+    """The whole host-side inbound table as ``nft -f`` text (replacing any old one);
+    ``owner``: the table's comment, the instance's tag that gc goes by."""
     _ident(name)
+    if owner is not None and not re.fullmatch(r"[A-Za-z0-9:_.-]+", owner):
+        raise ValueError(f"not a safe comment: {owner!r}")
     addrs = sorted(set(addresses), key=lambda a: (a.version, int(a)))
     ports = sorted(set(ports), key=lambda p: (p.version, p.protocol, p.port))
     lines = [f"table inet {name} {{}}", f"delete table inet {name}", f"table inet {name} {{"]
+    if owner is not None:
+        lines.append(f'\tcomment "{owner}"')
     for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
         mine = [str(a) for a in addrs if a.version == version]
         body = f" elements = {{ {', '.join(mine)} }};" if mine else ""

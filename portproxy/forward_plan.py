@@ -24,6 +24,14 @@ oldest remaining claim wins.  The others are reported as conflicts.  A static po
 proxy (``hnsctl portproxy``) listening on the same port of the same family, on every
 address or on loopback, is configuration and wins over forwarding: the port is
 *reserved* and every claim on it is a conflict.
+
+The ephemeral cap (as WSL caps the guest's share): every host port the daemon holds for
+a VM is a port the host cannot use for its own outgoing connections, so of the ports
+inside the host's ``ip_local_port_range`` at most half are held, per protocol (TCP and
+UDP have separate port spaces; the IPv4 and IPv6 keys of one port count once).  The
+ports of the oldest claims are held; every claim on the others is a conflict ("over the
+ephemeral cap").  Ports outside the range are not counted.  :func:`over_cap` is shared
+with mirrored networks (:mod:`portproxy.mirror_plan`).
 """
 
 from __future__ import annotations
@@ -37,8 +45,10 @@ from dataclasses import dataclass
 from portproxy.netsh import PortProxy
 from portproxy.tracker import DiagSocket
 
-__all__ = ["Claims", "ForwardKey", "Plan", "changes", "keys_of", "plan", "reserved_by",
-           "wanted_keys"]
+__all__ = ["Claims", "ForwardKey", "Plan", "cap_reason", "changes", "ephemeral_cap", "keys_of",
+           "over_cap", "plan", "reserved_by", "wanted_keys"]
+
+PortRange = tuple[int, int]
 
 _V4_SERVED = frozenset({ipaddress.IPv4Address("0.0.0.0"), ipaddress.IPv4Address("127.0.0.1")})
 _V6_SERVED = frozenset({ipaddress.IPv6Address("::"), ipaddress.IPv6Address("::1")})
@@ -143,20 +153,62 @@ class Plan:
     conflicts: Mapping[tuple[str, ForwardKey], str]
 
 
+def ephemeral_cap(ephemeral: PortRange) -> int:
+    """How many ports of the host's ephemeral range (low, high) may be held per protocol."""
+    low, high = ephemeral
+    return (high - low + 1) // 2
+
+
+def cap_reason(ephemeral: PortRange) -> str:
+    return f"over the ephemeral cap (half of the host's {ephemeral[0]}-{ephemeral[1]})"
+
+
+def over_cap(ranked: Mapping[ForwardKey, tuple[int, str]], ephemeral: PortRange | None
+             ) -> frozenset[ForwardKey]:
+    """The keys not to hold so that at most half the ephemeral range is held per
+    protocol.  ``ranked``: each key that would be held, with its claim's (sequence
+    number, vm); ports are admitted oldest claim first, a port's keys all together."""
+    if ephemeral is None:
+        return frozenset()
+    low, high = ephemeral
+    limit = ephemeral_cap(ephemeral)
+    admitted: dict[str, set[int]] = {}
+    over: set[ForwardKey] = set()
+    for key in sorted((k for k in ranked if low <= k.port <= high),
+                      key=lambda k: (ranked[k], k)):
+        ports = admitted.setdefault(key.protocol, set())
+        if key.port in ports:
+            continue
+        if len(ports) < limit:
+            ports.add(key.port)
+        else:
+            over.add(key)
+    return frozenset(over)
+
+
 def plan(claims: Mapping[str, Mapping[ForwardKey, int]],
-         reserved: Mapping[ForwardKey, str] | None = None) -> Plan:
+         reserved: Mapping[ForwardKey, str] | None = None,
+         ephemeral: PortRange | None = None) -> Plan:
     """Each key to the claim with the lowest sequence number (ties: the VM's name),
-    unless it is ``reserved``."""
+    unless it is ``reserved`` or over the cap of the host's ``ephemeral`` port range."""
     reserved = reserved or {}
     best: dict[ForwardKey, tuple[int, str]] = {}
     for vm, keys in claims.items():
         for key, seq in keys.items():
-            if key not in best or (seq, vm) < best[key]:
+            if key not in reserved and (key not in best or (seq, vm) < best[key]):
                 best[key] = (seq, vm)
-    owners = {key: vm for key, (_seq, vm) in sorted(best.items()) if key not in reserved}
-    conflicts = {(vm, key): f"reserved by {reserved[key]}" if key in reserved else
-                 f"held by vm {owners[key]}"
-                 for vm, keys in claims.items() for key in keys if owners.get(key) != vm}
+    capped = over_cap(best, ephemeral)
+    owners = {key: vm for key, (_seq, vm) in sorted(best.items()) if key not in capped}
+
+    def reason(key: ForwardKey) -> str:
+        if key in reserved:
+            return f"reserved by {reserved[key]}"
+        if ephemeral is not None and key in capped:
+            return cap_reason(ephemeral)
+        return f"held by vm {owners[key]}"
+
+    conflicts = {(vm, key): reason(key) for vm, keys in claims.items() for key in keys
+                 if owners.get(key) != vm}
     return Plan(owners, conflicts)
 
 

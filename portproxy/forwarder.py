@@ -27,6 +27,11 @@ port with another socket of the host that set it.  A host port that cannot be bo
 every ``retry_interval`` until it is free.  Stopping a forward closes its listener and
 resets its connections.
 
+The ephemeral cap: the host's ``ip_local_port_range`` (of the daemon's namespace, the
+host) is read at each ``reconcile`` and every ``full_interval``; a change plans again.
+The plan holds at most half of that range per protocol (see
+:mod:`portproxy.forward_plan`); the other claims are conflicts in the status.
+
 A VM whose namespace cannot be opened (not made yet, gone) is retried every
 ``full_interval`` (2 s), when its namespace is also checked for having been replaced
 under the same name (``restore`` after a reboot), by inode.
@@ -54,6 +59,7 @@ from portproxy.forward_plan import (
     reserved_by,
     wanted_keys,
 )
+from portproxy.tracker import read_port_range
 from portproxy.vmdial import DEFAULT_POOL_SIZE
 from portproxy.vmwatch import VmWatch
 
@@ -121,6 +127,8 @@ class Forwarder:
         self._plan = Plan({}, {})
         self._forwards: dict[ForwardKey, _Forward] = {}
         self._timer: TimerHandle | None = None
+        self._ephemeral: tuple[int, int] | None = None     # the host's, read on reconcile
+        self._next_range = 0.0
 
     # -- the Component protocol -----------------------------------------------------------
 
@@ -138,6 +146,7 @@ class Forwarder:
         for name, vm in desired.items():
             if name not in self._watches:
                 self._watch(vm)
+        self._refresh_range(self.engine.now())
         self._replan()
         if self._watches and self._timer is None:
             self._timer = self.engine.call_later(self.interval(), self._tick)
@@ -197,14 +206,28 @@ class Forwarder:
                 self._claims.update(watch.vm.name, wanted_keys(watch.tracker.sockets))
             else:
                 self._claims.remove(watch.vm.name)
+        if now >= self._next_range:
+            changed |= self._refresh_range(now)
         if changed:
             self._replan()
+
+    def _refresh_range(self, now: float) -> bool:
+        """Read the host's ephemeral port range (this thread's namespace: the daemon's);
+        True when it changed."""
+        self._next_range = now + self.full_interval
+        ephemeral = read_port_range()
+        if ephemeral == self._ephemeral:
+            return False
+        if self._ephemeral is not None:
+            log.info("the host's ephemeral port range is now %d-%d", *ephemeral)
+        self._ephemeral = ephemeral
+        return True
 
     # -- forwards -------------------------------------------------------------------------
 
     def _replan(self) -> None:
         old = self._plan
-        self._plan = plan(self._claims.snapshot(), self._reserved)
+        self._plan = plan(self._claims.snapshot(), self._reserved, self._ephemeral)
         for (vm, key), reason in self._plan.conflicts.items():
             if old.conflicts.get((vm, key)) != reason:
                 log.warning("vm %s: %s %s is not forwarded: %s", vm, key.protocol,

@@ -19,6 +19,15 @@ When the sockets change, the VMs' claims and the host's keys are planned again
 - *to host*: a listener on the VM's loopback (made by a thread inside the VM's
   namespace) relayed to the host's loopback.
 
+A key a VM owned stays its own while the VM has a connection it accepted on the port
+(``MirrorPlan.draining``): the VM trackers keep ``connected_ports`` (``track_connected``,
+set before every poll since :class:`~portproxy.vmwatch.VmWatch` makes a new tracker on
+a reset), and each update of a VM's claims keeps its owned keys on those ports
+(:func:`portproxy.mirror_plan.draining`), their sequence numbers too.  Its listener,
+inbound element and relayed connections stay; the status shows "forwarding (draining: N
+connections)" for it.  The ephemeral cap: the host's ``ip_local_port_range`` (read by the
+engine thread: the daemon runs inside the host namespace) is read with the host's view.
+
 Every socket the component listens on is remembered by inode and left out of what the
 trackers report, so its own listeners never count as the host's or a VM's.  A listener
 that cannot be bound is retried every ``retry_interval``.
@@ -41,7 +50,7 @@ from typing import Any
 from hns.errors import HnsError
 from hns.mirrored import HostView, mirror_spec, transit_addresses
 from hns.model import Network, Vm
-from hns.naming import nft_table_name
+from hns.naming import instance_alias_prefix, nft_table_name
 from hns.netns import run_in_netns
 from hns.store import Store
 from nat.mirror import (
@@ -56,8 +65,8 @@ from nat.ruleset import render_delete
 from portproxy.engine import Engine, Relay, TimerHandle
 from portproxy.forward_plan import Claims, ForwardKey
 from portproxy.forwarder import FULL_INTERVAL, POLL_INTERVAL, POLL_PER_VM, open_loopback
-from portproxy.mirror_plan import Claim, MirrorPlan, host_keys, plan, vm_claims
-from portproxy.tracker import DiagSocket, VmTracker
+from portproxy.mirror_plan import Claim, MirrorPlan, draining, host_keys, plan, vm_claims
+from portproxy.tracker import DiagSocket, VmTracker, read_port_range
 from portproxy.vmwatch import VmWatch
 
 __all__ = ["VIEW_INTERVAL", "Mirror"]
@@ -74,6 +83,7 @@ class _Watch:
     w: VmWatch
     net: Network
     claims: dict[ForwardKey, Claim] = field(default_factory=dict)
+    draining: dict[ForwardKey, Claim] = field(default_factory=dict)
 
     @property
     def vm(self) -> Vm:
@@ -130,6 +140,7 @@ class Mirror:
         self._own: set[int] = set()
         self._host_ports: dict[str, frozenset[tuple[int, str, int]]] = {}
         self._timer: TimerHandle | None = None
+        self._ephemeral: tuple[int, int] | None = None
 
     # -- the Component protocol -----------------------------------------------------------
 
@@ -161,7 +172,8 @@ class Mirror:
     def status(self) -> dict[str, Any]:
         rows = []
         for name in sorted(self._watches):
-            for key in sorted(self._watches[name].claims):
+            kept = {key for vm, key in self._plan.draining if vm == name}
+            for key in sorted(self._watches[name].claims.keys() | kept):
                 rows.append(self._row(name, key, to_host=False))
         for (name, key) in sorted(self._plan.reverse):
             rows.append(self._row(name, key, to_host=True))
@@ -208,6 +220,7 @@ class Mirror:
         watch = _Watch(VmWatch(vm, self.engine.call_soon_threadsafe,
                                full_interval=self.full_interval), net)
         self._watches[vm.name] = watch
+        watch.w.tracker.track_connected = True
         if watch.w.open(self.engine.now()):
             self._update_claims(watch)
 
@@ -228,9 +241,12 @@ class Mirror:
     def _update_claims(self, watch: _Watch) -> None:
         primary = [a for a in (self._view.primary4, self._view.primary6) if a is not None] \
             if self._view is not None else []
+        name = watch.vm.name
         watch.claims = vm_claims(self._sockets(watch.w.tracker), primary,
                                  watch.net.ignored_ports)
-        self._order.update(watch.vm.name, watch.claims)
+        watch.draining = draining(self._plan.owners, {name: watch.claims},
+                                  {name: watch.w.tracker.connected_ports}).get(name, {})
+        self._order.update(name, watch.claims.keys() | watch.draining.keys())
 
     def _tick(self) -> None:
         self._timer = None
@@ -247,6 +263,7 @@ class Mirror:
         if self._host is not None:
             changed |= self._host.poll(now)
         for watch in list(self._watches.values()):
+            watch.w.tracker.track_connected = True     # a reset made a new tracker
             if not watch.w.poll(now):
                 continue
             changed = True
@@ -254,7 +271,7 @@ class Mirror:
                 self._update_claims(watch)
             else:                       # reset: its listeners go, it is opened again
                 self._stop_listeners(watch.vm.name)
-                watch.claims = {}
+                watch.claims, watch.draining = {}, {}
                 self._order.remove(watch.vm.name)
         if now >= self._next_view:
             changed |= self._refresh_view()
@@ -265,8 +282,10 @@ class Mirror:
 
     def _refresh_view(self, force: bool = False) -> bool:
         """Read the host's addresses and routes; on a change configure every VM again and
-        render the host table.  True when the view changed."""
+        render the host table.  Read the host's ephemeral port range too.  True when the
+        view or the range changed."""
         self._next_view = self.engine.now() + self.view_interval
+        ephemeral, self._ephemeral = self._ephemeral, read_port_range()
         if self._kernel is None:
             from hns.kernel import HostKernel
             self._kernel = HostKernel(None)
@@ -275,9 +294,9 @@ class Mirror:
             view = self._kernel.host_view(skip_links=bridges)
         except HnsError as exc:
             log.warning("cannot read the host's addresses: %s", exc)
-            return False
+            return ephemeral != self._ephemeral
         if view == self._view and not force:
-            return False
+            return ephemeral != self._ephemeral
         if self._view is not None:
             log.info("the host's addresses or routes changed: mirroring them again")
         self._view = view
@@ -300,7 +319,9 @@ class Mirror:
     def _render_table(self) -> None:
         addresses = [a.ip for a in self._view.addresses] if self._view is not None else []
         try:
-            self._nft.apply(inbound_table(self.table, addresses, self._inbound.values()))
+            owner = instance_alias_prefix(self.store.instance_id).rstrip(":")
+            self._nft.apply(inbound_table(self.table, addresses, self._inbound.values(),
+                                          owner=owner))
             self._table_made = True
         except HnsError as exc:
             log.error("cannot make nft table %s: %s", self.table, exc)
@@ -313,9 +334,11 @@ class Mirror:
         addresses = [a.ip for a in self._view.addresses] if self._view is not None else []
         held, local = host_keys(self._sockets(self._host), addresses)
         claims = {name: w.claims for name, w in self._watches.items()}
+        drain = {name: w.draining for name, w in self._watches.items() if w.draining}
         ignored = {name: w.net.ignored_ports for name, w in self._watches.items()}
         old, self._plan = self._plan, plan(claims, self._order.snapshot(), held, local,
-                                           self._reserved, ignored)
+                                           self._reserved, ignored, drain=drain,
+                                           ephemeral=self._ephemeral)
         for (vm, key), reason in self._plan.conflicts.items():
             if old.conflicts.get((vm, key)) != reason:
                 log.warning("vm %s: %s port %d (IPv%d) is not forwarded: %s", vm,
@@ -438,6 +461,9 @@ class Mirror:
             state = f"conflict: {conflict}"
         elif listener is None:
             state = "pending"
+        elif listener.relay is not None and (vm, key) in self._plan.draining:
+            count = self._watches[vm].w.tracker.connected_ports.get(key.port, 0)
+            state = f"forwarding (draining: {count} connection{'' if count == 1 else 's'})"
         elif listener.relay is not None:
             state = "forwarding"
         else:

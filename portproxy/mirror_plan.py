@@ -27,6 +27,15 @@ claim on it is a conflict.  Between VMs, the first claim seen holds the key (the
 sequence numbers of :class:`~portproxy.forward_plan.Claims`).  Ignored ports are never
 claimed, nor are the DHCP client ports (``NEVER_FORWARDED``).
 
+A key a VM owns stays its own while the VM still has a TCP connection it accepted on
+the port (a socket in a connected state whose local port it is), as WSL keeps it:
+``draining`` gives those keys of each VM (:func:`draining` finds them from the previous
+owners), which compete as claims of their old sequence numbers and are owned again
+(``MirrorPlan.draining``), or dropped without a conflict when the host or a port mapping
+holds the port.  The ephemeral cap of localhost forwarding
+(:func:`~portproxy.forward_plan.over_cap`) applies to the owned keys: each of them is a
+host loopback listener.
+
 The other direction: each host socket listening on loopback or a wildcard is served
 inside every mirrored VM on the VM's loopback of the family (``reverse``), except in a
 VM that listens on that key itself and for its ignored ports.
@@ -38,10 +47,11 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from portproxy.forward_plan import ForwardKey
+from portproxy.forward_plan import ForwardKey, PortRange, cap_reason, over_cap
 from portproxy.tracker import DiagSocket
 
-__all__ = ["NEVER_FORWARDED", "Claim", "MirrorPlan", "host_keys", "plan", "vm_claims"]
+__all__ = ["NEVER_FORWARDED", "Claim", "MirrorPlan", "draining", "host_keys", "plan",
+           "vm_claims"]
 
 # Host traffic never steered into a VM, as WSL keeps UDP 68: the DHCP clients' ports
 # (the host's own DHCP client uses a raw socket, which no sock_diag dump shows, so the
@@ -144,47 +154,74 @@ def host_keys(sockets: Iterable[DiagSocket], addresses: Iterable[IPAddress]
 @dataclass(frozen=True)
 class MirrorPlan:
     """``owners``: the VM served on each key, with its claim; ``conflicts``: (vm, key) ->
-    why not; ``reverse``: (vm, key) of each host loopback service served in a VM."""
+    why not; ``reverse``: (vm, key) of each host loopback service served in a VM;
+    ``draining``: (vm, key) of the owned keys the VM no longer listens on but still has
+    connections on."""
 
     owners: Mapping[ForwardKey, tuple[str, Claim]] = field(default_factory=dict)
     conflicts: Mapping[tuple[str, ForwardKey], str] = field(default_factory=dict)
     reverse: frozenset[tuple[str, ForwardKey]] = frozenset()
+    draining: frozenset[tuple[str, ForwardKey]] = frozenset()
+
+
+def draining(owners: Mapping[ForwardKey, tuple[str, Claim]],
+             claims: Mapping[str, Mapping[ForwardKey, Claim]],
+             connected: Mapping[str, Iterable[int]]) -> dict[str, dict[ForwardKey, Claim]]:
+    """The TCP keys each VM of ``claims`` owned (``owners``, the previous plan's) and no
+    longer claims, on whose port it still has connections (``connected``: its ports)."""
+    ports = {vm: frozenset(p) for vm, p in connected.items()}
+    kept: dict[str, dict[ForwardKey, Claim]] = {}
+    for key, (vm, claim) in owners.items():
+        if (key.protocol == "tcp" and vm in claims and key not in claims[vm]
+                and key.port in ports.get(vm, ())):
+            kept.setdefault(vm, {})[key] = claim
+    return kept
 
 
 def plan(claims: Mapping[str, Mapping[ForwardKey, Claim]],
          order: Mapping[str, Mapping[ForwardKey, int]],
          host_held: frozenset[ForwardKey], host_local: frozenset[ForwardKey],
          reserved: Mapping[tuple[str, int], str] | None = None,
-         ignored: Mapping[str, Iterable[int]] | None = None) -> MirrorPlan:
+         ignored: Mapping[str, Iterable[int]] | None = None, *,
+         drain: Mapping[str, Mapping[ForwardKey, Claim]] | None = None,
+         ephemeral: PortRange | None = None) -> MirrorPlan:
     """Owners and conflicts of the VMs' claims, and the reverse forwards.
 
     ``order``: each claim's sequence number (lowest first); ``reserved``: (protocol,
     port) -> what holds it (a kernel port mapping); ``ignored``: each VM's ignored
-    ports (for the reverse direction; its claims come without them).
+    ports (for the reverse direction; its claims come without them); ``drain``: the
+    keys each VM keeps for its connections (:func:`draining`); ``ephemeral``: the host's
+    ephemeral port range, for the cap.
     """
-    reserved = reserved or {}
+    reserved, drain = reserved or {}, drain or {}
+    wanted = {vm: {**drain.get(vm, {}), **keys} for vm, keys in claims.items()}
     best: dict[ForwardKey, tuple[int, str]] = {}
     conflicts: dict[tuple[str, ForwardKey], str] = {}
-    for vm, keys in claims.items():
-        for key in keys:
-            if key in host_held:
-                conflicts[(vm, key)] = "the host listens on it"
-                continue
+    for vm, asked in wanted.items():
+        for key in asked:
             holder = reserved.get((key.protocol, key.port))
-            if holder is not None:
-                conflicts[(vm, key)] = f"held by {holder}"
+            if key in host_held or holder is not None:
+                if key in claims[vm]:
+                    conflicts[(vm, key)] = ("the host listens on it" if key in host_held
+                                            else f"held by {holder}")
                 continue
             seq = order.get(vm, {}).get(key, 0)
             if key not in best or (seq, vm) < best[key]:
                 best[key] = (seq, vm)
-    owners = {key: (vm, claims[vm][key]) for key, (_seq, vm) in sorted(best.items())}
+    capped = over_cap(best, ephemeral)
+    owners = {key: (vm, wanted[vm][key]) for key, (_seq, vm) in sorted(best.items())
+              if key not in capped}
     for vm, keys in claims.items():
         for key in keys:
-            holder_vm = owners.get(key, (vm, None))[0]
-            if holder_vm != vm and (vm, key) not in conflicts:
-                conflicts[(vm, key)] = f"held by vm {holder_vm}"
+            owner = owners.get(key)
+            if (vm, key) in conflicts or (owner is not None and owner[0] == vm):
+                continue
+            conflicts[(vm, key)] = (f"held by vm {owner[0]}" if owner is not None
+                                    else cap_reason(ephemeral or (0, 0)))
     ignored = ignored or {}
     reverse = frozenset(
         (vm, key) for vm in claims for key in host_local
-        if key not in claims[vm] and key.port not in set(ignored.get(vm, ())))
-    return MirrorPlan(owners, conflicts, reverse)
+        if key not in wanted[vm] and key.port not in set(ignored.get(vm, ())))
+    kept = frozenset((vm, key) for key, (vm, _claim) in owners.items()
+                     if key not in claims[vm])
+    return MirrorPlan(owners, conflicts, reverse, kept)

@@ -43,6 +43,17 @@ CLOSE) and its port is outside the VM's ``ip_local_port_range``: a client's
 the VM's own outgoing traffic (resolvers, NTP), never servers to forward.  A UDP server
 bound to a port inside the ephemeral range is therefore not forwarded.
 
+Connections that outlive their listener (mirrored mode only, ``track_connected``): WSL
+keeps a port the VM's while a connection the VM accepted on it lives.  The dumps stay
+LISTEN-only, so the cost above holds; when a TCP dump shows that a port lost its last
+listener of that family, one more dump of that family asks for the connected states
+(``CONNECTED_STATES``: established or closing, not TIME_WAIT nor CLOSE), and the ports
+among the lost ones with sockets whose *local* port it is (accepted connections; the
+daemon's own dials into the VM have it as their remote port) are ``connected_ports``,
+with their number of connections.  Each later dump of that family repeats the extra
+dump while the set is not empty; the end of a connection changes the in-use count, so
+the gate sees it.  ``poll`` says "changed" when a port enters or leaves that set.
+
 The pure half (request building, response parsing, the gate, the rule above) works on
 bytes and is unit-tested with crafted messages; :class:`VmTracker` is the thin I/O.
 """
@@ -61,6 +72,7 @@ from dataclasses import dataclass
 from hns.netns import netns_inode, run_in_netns
 
 __all__ = [
+    "CONNECTED_STATES",
     "DUMPS",
     "DiagError",
     "DiagSocket",
@@ -70,9 +82,11 @@ __all__ = [
     "dumps_for",
     "gate_v4",
     "is_listening",
+    "lingering",
     "parse_messages",
     "parse_port_range",
     "parse_sockstat",
+    "read_port_range",
 ]
 
 NETLINK_SOCK_DIAG = 4
@@ -83,13 +97,24 @@ NLMSG_NOOP = 1
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 TCP_ESTABLISHED = 1
+TCP_SYN_RECV = 3
+TCP_FIN_WAIT1 = 4
+TCP_FIN_WAIT2 = 5
 TCP_CLOSE = 7
+TCP_CLOSE_WAIT = 8
+TCP_LAST_ACK = 9
 TCP_LISTEN = 10
+TCP_CLOSING = 11
+# a connection that lives (accepted: SYN_SENT is an outgoing one, TIME_WAIT has ended)
+CONNECTED_STATES = frozenset({TCP_ESTABLISHED, TCP_SYN_RECV, TCP_FIN_WAIT1, TCP_FIN_WAIT2,
+                              TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING})
+CONNECTED_MASK = sum(1 << state for state in CONNECTED_STATES)
 INET_DIAG_SKV6ONLY = 11
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 PROTOCOLS = {IPPROTO_TCP: "tcp", IPPROTO_UDP: "udp"}
 DEFAULT_PORT_RANGE = (32768, 60999)   # the kernel's default ip_local_port_range
+PORT_RANGE_PATH = "/proc/sys/net/ipv4/ip_local_port_range"
 
 _NLMSGHDR = struct.Struct("=IHHII")            # len, type, flags, seq, pid
 _REQ = struct.Struct("=BBBxI48x")              # inet_diag_req_v2, sockid left zero
@@ -237,6 +262,16 @@ def parse_port_range(text: str) -> tuple[int, int]:
     return low, high
 
 
+def read_port_range(path: str = PORT_RANGE_PATH) -> tuple[int, int]:
+    """The ephemeral port range of the calling thread's namespace (a sysctl of the
+    namespace: ``/proc/sys/net`` shows the opener's); the kernel's default if unreadable."""
+    try:
+        with open(path) as f:
+            return parse_port_range(f.read())
+    except (OSError, ValueError):
+        return DEFAULT_PORT_RANGE
+
+
 def is_listening(sock: DiagSocket, port_range: tuple[int, int] = DEFAULT_PORT_RANGE) -> bool:
     """A server socket: TCP in LISTEN; UDP unconnected, bound outside the ephemeral range."""
     if sock.protocol == "tcp":
@@ -251,6 +286,17 @@ def is_listening(sock: DiagSocket, port_range: tuple[int, int] = DEFAULT_PORT_RA
 def listening(sockets: Iterable[DiagSocket],
               port_range: tuple[int, int] = DEFAULT_PORT_RANGE) -> frozenset[DiagSocket]:
     return frozenset(s for s in sockets if is_listening(s, port_range))
+
+
+def lingering(watched: Iterable[int], sockets: Iterable[DiagSocket]) -> dict[int, int]:
+    """Of the ``watched`` ports, those that are the local port of TCP sockets in a
+    connected state (``CONNECTED_STATES``), each with the number of such sockets."""
+    ports = frozenset(watched)
+    found: dict[int, int] = {}
+    for sock in sockets:
+        if sock.protocol == "tcp" and sock.state in CONNECTED_STATES and sock.port in ports:
+            found[sock.port] = found.get(sock.port, 0) + 1
+    return found
 
 
 # -- I/O -----------------------------------------------------------------------------------
@@ -277,11 +323,7 @@ def _open_handles() -> _Handles:
                                  os.O_RDONLY | os.O_CLOEXEC))
         except FileNotFoundError:
             files.append(-1)
-        try:
-            with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-                port_range = parse_port_range(f.read())
-        except (OSError, ValueError):
-            port_range = DEFAULT_PORT_RANGE
+        port_range = read_port_range()
         sock.bind((0, 0))
         sock.setblocking(False)
         return _Handles(sock, files[0], files[1], port_range)
@@ -298,18 +340,24 @@ class VmTracker:
 
     :meth:`open` once (it runs a short thread inside the namespace), then :meth:`poll`
     from the engine thread, :meth:`close` at the end.  The constructor does no I/O.
+    ``track_connected`` (settable at any time): also keep ``connected_ports``.
     """
 
-    def __init__(self, netns: str | None, *, full_interval: float = 2.0) -> None:
+    def __init__(self, netns: str | None, *, full_interval: float = 2.0,
+                 track_connected: bool = False) -> None:
         self.netns = netns                  # None: this process's namespace
         self.full_interval = full_interval
+        self.track_connected = track_connected
         self.sockets: frozenset[DiagSocket] = frozenset()
+        # TCP ports that lost their listener and still have connections: port -> count
+        self.connected_ports: dict[int, int] = {}
         self.dumps = 0                      # dumps made so far (for tests and benchmarks)
         self._h: _Handles | None = None
         self._inode: tuple[int, int] | None = None
         self._counts: dict[str, int] | None = None
         self._gate: tuple[bytes, bytes] = (b"", b"")
         self._found: dict[Dump, frozenset[DiagSocket]] = {}
+        self._lingering: dict[Dump, dict[int, int]] = {}
         self._unsupported: set[Dump] = set()
         self._next_full = 0.0
         self._seq = 0
@@ -368,18 +416,39 @@ class VmTracker:
         for dump in dumps:
             if dump in self._unsupported:
                 continue
-            found = listening(self._dump(h.netlink, dump), h.port_range)
-            if found != self._found.get(dump, frozenset()):
+            before = self._found.get(dump, frozenset())
+            found = listening(self._dump(h.netlink, dump, dump.states), h.port_range)
+            if found != before:
                 self._found[dump] = found
                 changed = True
+            if self.track_connected and dump.protocol == IPPROTO_TCP:
+                changed |= self._linger(h.netlink, dump, before, found)
         if changed:
             self.sockets = frozenset().union(*self._found.values())
         return changed
 
-    def _dump(self, sock: socket.socket, dump: Dump) -> list[DiagSocket]:
+    def _linger(self, sock: socket.socket, dump: Dump, before: frozenset[DiagSocket],
+                after: frozenset[DiagSocket]) -> bool:
+        """Update the ports of ``dump`` that lost their listener and still have
+        connections; True when one came or went."""
+        old = self._lingering.get(dump, {})
+        listen = {s.port for s in after}
+        watched = ({s.port for s in before} | old.keys()) - listen
+        new = lingering(watched, self._dump(sock, dump, CONNECTED_MASK)) if watched else {}
+        if new == old:
+            return False
+        self._lingering[dump] = new
+        merged: dict[int, int] = {}
+        for ports in self._lingering.values():
+            for port, count in ports.items():
+                merged[port] = merged.get(port, 0) + count
+        self.connected_ports = merged
+        return new.keys() != old.keys()
+
+    def _dump(self, sock: socket.socket, dump: Dump, states: int) -> list[DiagSocket]:
         self._seq = self._seq % 0x7FFFFFFF + 1
         self.dumps += 1
-        sock.send(build_request(dump.family, dump.protocol, dump.states, self._seq))
+        sock.send(build_request(dump.family, dump.protocol, states, self._seq))
         view = memoryview(self._buf)
         result: list[DiagSocket] = []
         while True:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
+import sys
 from typing import Any
 
 import pytest
-from nsutil import DaemonProc, udp_ask, wait_for, wait_listening
+from nsutil import DaemonProc, serve_http_peer_echo, udp_ask, wait_for, wait_listening
 
 from hns.testing import Peer, Sandbox, SandboxVm
 
@@ -216,3 +217,47 @@ def test_a_static_port_proxy_on_the_port_wins(hns_sandbox: Sandbox, nat_vm: Sand
     removed = hns_sandbox.hnsctl("portproxy", "delete", "v4tov4", "listenport=8091")
     assert removed.returncode == 0, removed.stderr
     wait_for(lambda: reaches(hns_sandbox.host, url, "forwarded"), "the forward to come back")
+
+
+# Binds TCP listeners on 0.0.0.0 to the ports of argv[1:] and sleeps.
+LISTEN_ON_PORTS = """
+import socket, sys, time
+held = []
+for port in sys.argv[1:]:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", int(port)))
+    s.listen()
+    held.append(s)
+time.sleep(1e6)
+"""
+
+
+def test_forwards_take_at_most_half_of_the_host_ephemeral_range(
+        hns_sandbox: Sandbox, nat_vm: SandboxVm) -> None:
+    # the sandbox's host namespace, never the real host's
+    hns_sandbox.host.run(["sysctl", "-w", "net.ipv4.ip_local_port_range=40000 40009"],
+                         check=True)
+    daemon = DaemonProc(hns_sandbox)
+    daemon.start()
+    try:
+        ports = list(range(40000, 40010))
+        nat_vm.popen([sys.executable, "-c", LISTEN_ON_PORTS, *map(str, ports)])
+        for port in ports:
+            wait_listening(nat_vm, port)
+        capped = "conflict: over the ephemeral cap (half of the host's 40000-40009)"
+
+        def states() -> dict[int, str]:
+            return {f["Port"]: f["State"] for f in forwards(daemon, nat_vm.name)}
+        wait_for(lambda: sorted(states().values()) == [capped] * 5 + ["forwarding"] * 5,
+                 "five forwards and five conflicts")
+        assert [p for p, s in sorted(states().items()) if s == "forwarding"] == ports[:5]
+        held = hns_sandbox.host.run(["ss", "-Hlnt", "sport >= :40000"]).stdout
+        assert sorted(w for w in held.split() if w.startswith("127.0.0.1:")) == [
+            f"127.0.0.1:{p}" for p in ports[:5]]
+        # the host can still open outgoing connections: ephemeral ports remain
+        serve_http_peer_echo(hns_sandbox.outside, 8000)
+        assert reaches(hns_sandbox.host, f"http://{hns_sandbox.outside_ip}:8000/",
+                       hns_sandbox.uplink_ip)
+    finally:
+        daemon.kill()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -302,3 +303,55 @@ def test_daemon_restart_serves_again_and_vm_delete_ends_it(
           "the inbound table to go with the last mirrored VM")
     assert refused(hns_sandbox.host, "http://127.0.0.1:8091/")
     assert daemon.status()["Mirrored"] == []
+
+
+# Listens on 0.0.0.0:argv[1], accepts one connection, closes the listener and echoes
+# the connection's lines until its end.
+ACCEPT_ONE_THEN_ECHO = """
+import socket, sys
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("0.0.0.0", int(sys.argv[1])))
+listener.listen()
+conn, _ = listener.accept()
+listener.close()
+for line in conn.makefile("rb"):
+    conn.sendall(line)
+conn.close()
+"""
+
+
+def host_can_bind(peer: Peer, port: int) -> bool:
+    with peer.socket() as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_a_port_stays_the_vms_while_a_connection_it_accepted_lives(
+        hns_sandbox: Sandbox, mvm: SandboxVm, daemon: DaemonProc) -> None:
+    port = 8092
+    server = mvm.popen([sys.executable, "-c", ACCEPT_ONE_THEN_ECHO, str(port)])
+    wait_listening(mvm, port)
+    until(lambda: state_of(daemon, "box", port) == "forwarding", "the port to be forwarded")
+    with hns_sandbox.host.socket() as client:
+        client.settimeout(30)                     # a safety net, not a measurement
+        client.connect(("127.0.0.1", port))        # the host loopback relay into the VM
+        reader = client.makefile("rb")
+        client.sendall(b"first\n")
+        assert reader.readline() == b"first\n"
+        until(lambda: not mvm.run(["ss", "-Hlnt", f"sport = :{port}"]).stdout.strip(),
+              "the VM's listener to close")
+        until(lambda: state_of(daemon, "box", port) == "forwarding (draining: 1 connection)",
+              "the status to show the key draining")
+        for _ in range(5):                         # several polls later: still the VM's
+            client.sendall(b"again\n")
+            assert reader.readline() == b"again\n"
+            assert not host_can_bind(hns_sandbox.host, port)
+        assert state_of(daemon, "box", port) == "forwarding (draining: 1 connection)"
+        reader.close()
+    server.communicate(timeout=30)                 # the server saw the end and exited
+    until(lambda: state_of(daemon, "box", port) is None, "the key to be released")
+    until(lambda: host_can_bind(hns_sandbox.host, port), "the port to be the host's again")

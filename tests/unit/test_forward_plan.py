@@ -5,12 +5,16 @@ from __future__ import annotations
 import socket
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from portproxy.forward_plan import (
     Claims,
     ForwardKey,
     Plan,
+    cap_reason,
     changes,
+    ephemeral_cap,
     keys_of,
     plan,
     reserved_by,
@@ -148,3 +152,101 @@ def test_a_reserved_port_is_nobodys_and_every_claim_is_told_why() -> None:
     assert result.conflicts == {
         ("a", key(4)): "reserved by portproxy v4tov4 tcp 0.0.0.0:8080",
         ("b", key(4)): "reserved by portproxy v4tov4 tcp 0.0.0.0:8080"}
+
+
+# the ephemeral cap: at most half of the host's ephemeral range is held, per protocol
+
+RANGE = (40000, 40009)                                   # 10 ports: 5 may be held
+CAPPED = "over the ephemeral cap (half of the host's 40000-40009)"
+
+
+def test_the_cap_is_half_the_range_rounded_down() -> None:
+    assert ephemeral_cap(RANGE) == 5
+    assert ephemeral_cap((32768, 60999)) == 14116
+    assert ephemeral_cap((40000, 40000)) == 0
+    assert cap_reason(RANGE) == CAPPED
+
+
+def test_over_the_cap_the_oldest_claims_keep_their_ports() -> None:
+    claims = Claims()
+    for port in (40009, 40001, 40007, 40002, 40000, 40003, 40004, 40005, 40006, 40008):
+        claims.update(f"vm{port}", {key(4, port)})      # claimed in this order
+    result = plan(claims.snapshot(), ephemeral=RANGE)
+    assert sorted(k.port for k in result.owners) == [40000, 40001, 40002, 40007, 40009]
+    assert result.conflicts == {(f"vm{p}", key(4, p)): CAPPED
+                                for p in (40003, 40004, 40005, 40006, 40008)}
+
+
+def test_the_cap_counts_a_port_once_for_both_families_and_each_protocol_apart() -> None:
+    claims = {"a": {key(4, 40000 + i): i + 1 for i in range(5)}}
+    claims["a"].update({key(6, 40000 + i): 10 + i for i in range(5)})     # the same ports
+    claims["b"] = {key(4, 40005, "udp"): 20, key(6, 40006): 21}
+    result = plan(claims, ephemeral=RANGE)
+    assert set(result.owners) == set(claims["a"]) | {key(4, 40005, "udp")}
+    assert result.conflicts == {("b", key(6, 40006)): CAPPED}
+
+
+def test_ports_outside_the_range_are_not_counted_nor_capped() -> None:
+    claims = {"a": {key(4, port): port for port in [*range(40000, 40010), 8080, 39999, 40010]}}
+    result = plan(claims, ephemeral=RANGE)
+    assert {k.port for k in result.owners} == {40000, 40001, 40002, 40003, 40004, 8080,
+                                               39999, 40010}
+    assert plan(claims).conflicts == {}                 # without a range: no cap
+
+
+def test_capped_ports_give_every_claim_the_reason_and_reserved_ones_are_not_counted() -> None:
+    claims = {"a": {key(4, 40000): 1, key(4, 40001): 2},
+              "b": {key(4, 40001): 3, key(4, 40002): 4}}
+    result = plan(claims, {key(4, 40000): "portproxy p"}, ephemeral=(40000, 40002))
+    assert result.owners == {key(4, 40001): "a"}
+    assert result.conflicts == {
+        ("a", key(4, 40000)): "reserved by portproxy p",
+        ("b", key(4, 40001)): "held by vm a",
+        ("b", key(4, 40002)): "over the ephemeral cap (half of the host's 40000-40002)"}
+
+
+def test_when_an_old_claim_goes_a_capped_one_is_held() -> None:
+    claims = Claims()
+    for port in range(40000, 40007):
+        claims.update(f"vm{port}", {key(4, port)})
+    assert key(4, 40005) not in plan(claims.snapshot(), ephemeral=RANGE).owners
+    claims.remove("vm40002")
+    assert plan(claims.snapshot(), ephemeral=RANGE).owners[key(4, 40005)] == "vm40005"
+
+
+_keys = st.builds(ForwardKey, st.sampled_from(["tcp", "udp"]), st.sampled_from([4, 6]),
+                  st.integers(39990, 40030))
+_claims = st.dictionaries(st.sampled_from(["a", "b", "c", "d"]),
+                          st.dictionaries(_keys, st.integers(1, 60), max_size=25),
+                          max_size=4)
+_ranges = st.tuples(st.integers(39995, 40015), st.integers(0, 20)).map(
+    lambda t: (t[0], t[0] + t[1]))
+
+
+@given(_claims, _ranges)
+def test_the_cap_holds_for_any_claims(claims: dict[str, dict[ForwardKey, int]],
+                                      ephemeral: tuple[int, int]) -> None:
+    low, high = ephemeral
+    capped, free = plan(claims, ephemeral=ephemeral), plan(claims)
+
+    def inside(k: ForwardKey) -> bool:
+        return low <= k.port <= high
+
+    for protocol in ("tcp", "udp"):
+        ports = {k.port for k in capped.owners if k.protocol == protocol and inside(k)}
+        assert len(ports) <= ephemeral_cap(ephemeral)
+    # the cap only takes keys away, and never one outside the range
+    assert capped.owners.items() <= free.owners.items()
+    assert {k: v for k, v in free.owners.items() if not inside(k)}.items() \
+        <= capped.owners.items()
+    # oldest win: a capped port's best claim is not older than any held port's
+    rank = {k: min((s, vm) for vm, ks in claims.items() for kk, s in ks.items() if kk == k)
+            for k in free.owners}
+    for k in free.owners.keys() - capped.owners.keys():
+        assert capped.conflicts[(free.owners[k], k)] == cap_reason(ephemeral)
+        held = [kk for kk in capped.owners if kk.protocol == k.protocol and inside(kk)]
+        assert len({kk.port for kk in held}) == ephemeral_cap(ephemeral)
+        ports = {kk.port for kk in held}
+        assert k.port not in ports
+        for port in ports:
+            assert min(rank[kk] for kk in held if kk.port == port) <= rank[k]   # ties: key

@@ -4,12 +4,15 @@ the sockstat gate, the ephemeral-port rule.  No root, no kernel."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 
 from portproxy.tracker import (
+    CONNECTED_STATES,
     DUMPS,
     INET_DIAG_SKV6ONLY,
     NLMSG_DONE,
@@ -20,14 +23,19 @@ from portproxy.tracker import (
     TCP_LISTEN,
     DiagError,
     DiagSocket,
+    Dump,
+    VmTracker,
+    _Handles,
     build_request,
     dumps_for,
     gate_v4,
     is_listening,
+    lingering,
     listening,
     parse_messages,
     parse_port_range,
     parse_sockstat,
+    read_port_range,
 )
 
 TCP, UDP = 6, 17
@@ -231,3 +239,97 @@ def test_is_listening(sock: DiagSocket, expected: bool) -> None:
 def test_the_ephemeral_range_is_the_vms() -> None:
     assert is_listening(udp(40000), (50000, 50100))
     assert listening([udp(40000), udp(50050)], (50000, 50100)) == frozenset({udp(40000)})
+
+
+def test_the_port_range_of_a_file_or_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "ip_local_port_range"
+    path.write_text("40000\t40009\n")
+    assert read_port_range(str(path)) == (40000, 40009)
+    path.write_text("garbage")
+    assert read_port_range(str(path)) == (32768, 60999)
+    assert read_port_range(str(tmp_path / "missing")) == (32768, 60999)
+
+
+# connections that outlive their listener (mirrored mode)
+
+TCP_SYN_SENT, TCP_TIME_WAIT, TCP_NEW_SYN_RECV = 2, 6, 12
+
+
+def tcp_sock(port: int, state: int, dport: int = 0, address: str = "0.0.0.0") -> DiagSocket:
+    return DiagSocket("tcp", socket.AF_INET, address, port, state, dport)
+
+
+def test_connected_states_are_live_connections_only() -> None:
+    assert TCP_ESTABLISHED in CONNECTED_STATES
+    for state in (TCP_LISTEN, TCP_CLOSE, TCP_TIME_WAIT, TCP_SYN_SENT, TCP_NEW_SYN_RECV):
+        assert state not in CONNECTED_STATES
+
+
+def test_lingering_counts_connections_by_local_port() -> None:
+    sockets = [tcp_sock(8080, TCP_ESTABLISHED, 50000), tcp_sock(8080, 8, 50001),  # CLOSE_WAIT
+               tcp_sock(50002, TCP_ESTABLISHED, 8080),   # the daemon's dial: remote 8080
+               tcp_sock(8080, TCP_TIME_WAIT, 50003), tcp_sock(9090, TCP_ESTABLISHED, 1),
+               DiagSocket("udp", socket.AF_INET, "0.0.0.0", 8080, TCP_ESTABLISHED, 53)]
+    assert lingering([8080, 7070], sockets) == {8080: 2}
+
+
+class _FakeKernel:
+    """What the dumps of a tracker answer: listeners and connections per family."""
+
+    def __init__(self) -> None:
+        self.sockets: dict[int, list[DiagSocket]] = {socket.AF_INET: [], socket.AF_INET6: []}
+        self.asked: list[tuple[int, int, int]] = []
+
+    def dump(self, sock: object, dump: Dump, states: int) -> list[DiagSocket]:
+        self.asked.append((dump.family, dump.protocol, states))
+        if dump.protocol != TCP:
+            return []
+        return [s for s in self.sockets[dump.family] if states & (1 << s.state)]
+
+
+def tracker_with(kernel: _FakeKernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                 track: bool) -> VmTracker:
+    path = tmp_path / "sockstat"
+    path.write_bytes(SOCKSTAT)
+    fd = os.open(path, os.O_RDONLY)
+    tracker = VmTracker("vm", full_interval=0.0, track_connected=track)  # every poll: full
+    tracker._h = _Handles(socket.socket(socket.AF_UNIX), fd, -1, (32768, 60999))
+    monkeypatch.setattr(tracker, "_dump", kernel.dump)
+    return tracker
+
+
+def test_a_port_is_kept_while_a_connection_lives(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = _FakeKernel()
+    tracker = tracker_with(kernel, tmp_path, monkeypatch, track=True)
+    try:
+        v4 = kernel.sockets[socket.AF_INET]
+        v4[:] = [tcp_sock(8080, TCP_LISTEN), tcp_sock(8080, TCP_ESTABLISHED, 50000)]
+        assert tracker.poll(1.0) and tracker.connected_ports == {}
+        v4[:] = [tcp_sock(8080, TCP_ESTABLISHED, 50000), tcp_sock(8080, 4, 50001)]
+        assert tracker.poll(2.0)                     # the listener went: a port lingers
+        assert tracker.sockets == frozenset() and tracker.connected_ports == {8080: 2}
+        v4.pop()
+        assert not tracker.poll(3.0)                 # fewer connections: not a change
+        assert tracker.connected_ports == {8080: 1}
+        v4[:] = [tcp_sock(8080, TCP_TIME_WAIT, 50000)]
+        assert tracker.poll(4.0) and tracker.connected_ports == {}
+        kernel.asked.clear()
+        assert not tracker.poll(5.0)
+        assert all(states == 1 << TCP_LISTEN for _f, p, states in kernel.asked if p == TCP)
+    finally:
+        tracker.close()
+
+
+def test_without_tracking_only_listeners_are_dumped(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = _FakeKernel()
+    tracker = tracker_with(kernel, tmp_path, monkeypatch, track=False)
+    try:
+        kernel.sockets[socket.AF_INET6] = [tcp_sock(8080, TCP_LISTEN, address="::")]
+        assert tracker.poll(1.0)
+        kernel.sockets[socket.AF_INET6] = [tcp_sock(8080, TCP_ESTABLISHED, 1, "::")]
+        assert tracker.poll(2.0) and tracker.connected_ports == {}
+        assert {states for _f, p, states in kernel.asked if p == TCP} == {1 << TCP_LISTEN}
+    finally:
+        tracker.close()
