@@ -19,6 +19,7 @@ from hns.errors import Conflict, HnsError, KernelError
 from hns.failpoint import failpoint
 from hns.model import HostPort, PortMapping, Protocol, parse_name
 from hns.store import MappedPort, Store
+from nat.errors import NatError
 from nat.nft import NftRunner
 from nat.ruleset import render_add_port_mappings, render_delete_port_mappings
 
@@ -144,7 +145,7 @@ class PortMappingOps:
         from nat.conntrack import flush_udp
         try:
             flushed = self.kernel.run(flush_udp, ports)
-        except (HnsError, OSError) as exc:  # the mapping works; old flows just age out
+        except (HnsError, NatError, OSError) as exc:  # the mapping works; old flows age out
             log.warning("could not flush stale UDP conntrack entries: %s", exc)
             return
         if flushed:

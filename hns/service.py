@@ -43,9 +43,10 @@ from hns.model import (
     parse_network_options,
 )
 from hns.netns import create_netns, delete_netns, list_netns, netns_exists
+from hns.nft import apply_vm_table
+from hns.nft import nft as hns_nft
 from hns.store import ANY_STATE, INCOMPLETE, LIVE, PENDING_OR_READY, Store
-from nat.mirror import apply_vm_table
-from nat.nft import Nft, NftRunner
+from nat.nft import NftRunner
 from nat.ruleset import (
     NatSpec,
     nat_table,
@@ -82,7 +83,7 @@ class Service(PortMappingOps):
                 parse_netns_name(host_netns, "host namespace")):
             raise InvalidRequest(f"host namespace {host_netns!r} does not exist")
         self.host_netns = host_netns
-        self.nft: NftRunner = nft or Nft(host_netns)
+        self.nft: NftRunner = nft or hns_nft(host_netns)
         self._kernel: HostKernel | None = None
         self.store = Store(state_dir, tag_taken=self._tag_taken)
         self.instance = self.store.instance

@@ -20,7 +20,7 @@ import socket
 from collections.abc import Iterable
 from ipaddress import IPv4Address
 
-from hns.errors import KernelError
+from nat.errors import NatError
 
 __all__ = ["flush_udp"]
 
@@ -53,9 +53,9 @@ def flush_udp(ports: Iterable[tuple[int, IPv4Address | None]]) -> int:
                         raise
     except NetlinkError as exc:
         code = int(exc.code) if exc.code else errno.EIO
-        raise KernelError(f"cannot flush conntrack entries: {os.strerror(code)}", code) from None
+        raise NatError(f"cannot flush conntrack entries: {os.strerror(code)}", code) from None
     except OSError as exc:
-        raise KernelError(f"cannot flush conntrack entries: {exc.strerror}", exc.errno) from None
+        raise NatError(f"cannot flush conntrack entries: {exc.strerror}", exc.errno) from None
     except RuntimeError as exc:  # pyroute2's event loop
-        raise KernelError(f"cannot flush conntrack entries: {exc}") from None
+        raise NatError(f"cannot flush conntrack entries: {exc}") from None
     return deleted

@@ -19,14 +19,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from hns.mirrored import MirrorSpec
-from nat.nft import Nft
-from nat.ruleset import Chain, Set, Table, _ident, _ifname, render_replace
+from nat.ruleset import Chain, Set, Table, _ident, _ifname
 
 __all__ = [
     "VM_TABLE",
     "InboundPort",
-    "apply_vm_table",
     "inbound_table",
     "render_host_ports",
     "render_inbound_elements",
@@ -79,12 +76,6 @@ def render_host_ports(verb: str, keys: Iterable[tuple[int, str, int]]) -> str:
         lines.append(f"{verb} element inet {VM_TABLE} {HOST_SETS[family]} "
                      f"{{ {protocol} . {port} }}\n")
     return "".join(lines)
-
-
-def apply_vm_table(ifname: str, spec: MirrorSpec) -> None:
-    """Replace the table ``hns-mirror`` of the VM ``spec`` describes (one transaction)."""
-    Nft(spec.netns).apply(render_replace(vm_table(
-        ifname, spec.transit4.ip, spec.transit6.ip, spec.view.primary4, spec.view.primary6)))
 
 
 @dataclass(frozen=True, order=True)

@@ -1,19 +1,26 @@
 """The one module that runs ``nft``.
 
 ``Nft.apply`` pipes a whole script to ``nft -f -`` in the target namespace: all of it
-applies or none does.  The exec seam (:class:`NftRunner`) lets unit tests check the
-scripts; :class:`FakeNft` records them and ``dump()`` returns what was applied.
+applies or none does.  Two seams: the program runner (``run=``, :class:`Runner`: argv,
+stdin and a namespace; the default enters the namespace with ``nsenter``) and the
+exception raised (``error=``, :data:`nat.errors.ErrorFactory`; default
+:class:`~nat.errors.NatError`), so that a caller keeps its own process runner and error
+hierarchy.  :class:`FakeNft` records the scripts and ``dump()`` returns what was applied.
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
+from collections.abc import Sequence
 from typing import Protocol
 
-from hns import process
-from hns.errors import KernelError
+from nat.errors import ErrorFactory, NatError
 
-__all__ = ["FakeNft", "Nft", "NftRunner"]
+__all__ = ["FakeNft", "Nft", "NftRunner", "Runner", "run"]
+
+NETNS_DIR = "/run/netns"
 
 
 class NftRunner(Protocol):
@@ -22,6 +29,25 @@ class NftRunner(Protocol):
     def list_tables(self) -> list[str]: ...
 
     def list_table(self, family: str, name: str) -> str | None: ...
+
+
+class Runner(Protocol):
+    def __call__(self, argv: Sequence[str], *, input: str | None = None,
+                 netns: str | None = None,
+                 timeout: float = 60) -> subprocess.CompletedProcess[str]: ...
+
+
+def run(argv: Sequence[str], *, input: str | None = None, netns: str | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` to completion in namespace ``netns`` (a name under /run/netns; None:
+    this process's), capturing output; never raises for a non-zero exit."""
+    full = list(argv) if not netns else [
+        "nsenter", f"--net={os.path.join(NETNS_DIR, netns)}", "--", *argv]
+    try:
+        return subprocess.run(full, input=input, capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except FileNotFoundError as exc:
+        return subprocess.CompletedProcess(list(argv), 127, "", f"{exc.filename}: not found")
 
 
 def _classify(stderr: str) -> int:
@@ -38,15 +64,25 @@ def _classify(stderr: str) -> int:
 class Nft:
     """nft in one network namespace (None: this process's)."""
 
-    def __init__(self, netns: str | None = None) -> None:
+    def __init__(self, netns: str | None = None, *, run: Runner = run,
+                 error: ErrorFactory = NatError) -> None:
         self.netns = netns
+        self._exec = run
+        self._error = error
+
+    def _result(self, args: list[str], script: str | None = None
+                ) -> subprocess.CompletedProcess[str]:
+        return self._exec(["nft", *args], input=script, netns=self.netns)
+
+    def _failure(self, args: list[str], result: subprocess.CompletedProcess[str]) -> Exception:
+        first = next((ln for ln in result.stderr.splitlines() if ln.strip()), "")
+        return self._error(f"nft {' '.join(args)} failed: {first.strip() or result.returncode}",
+                           _classify(result.stderr))
 
     def _run(self, args: list[str], script: str | None = None) -> str:
-        result = process.run(["nft", *args], input=script, netns=self.netns)
+        result = self._result(args, script)
         if result.returncode != 0:
-            first = next((ln for ln in result.stderr.splitlines() if ln.strip()), "")
-            raise KernelError(f"nft {' '.join(args)} failed: {first.strip() or result.returncode}",
-                              _classify(result.stderr))
+            raise self._failure(args, result)
         return result.stdout
 
     def apply(self, script: str) -> None:
@@ -62,12 +98,14 @@ class Nft:
                 if line.startswith("table ")]
 
     def list_table(self, family: str, name: str) -> str | None:
-        try:
-            return self._run(["list", "table", family, name])
-        except KernelError as exc:
-            if exc.errno == errno.ENOENT:
-                return None
-            raise
+        """The table's text, None if there is no such table."""
+        args = ["list", "table", family, name]
+        result = self._result(args)
+        if result.returncode == 0:
+            return result.stdout
+        if _classify(result.stderr) == errno.ENOENT:
+            return None
+        raise self._failure(args, result)
 
 
 class FakeNft:

@@ -52,15 +52,14 @@ from hns.mirrored import HostView, mirror_spec, transit_addresses
 from hns.model import Network, Vm
 from hns.naming import instance_alias_prefix, nft_table_name
 from hns.netns import run_in_netns
+from hns.nft import apply_vm_table, nft
 from hns.store import Store
 from nat.mirror import (
     InboundPort,
-    apply_vm_table,
     inbound_table,
     render_host_ports,
     render_inbound_elements,
 )
-from nat.nft import Nft
 from nat.ruleset import render_delete
 from portproxy.engine import Engine, Relay, TimerHandle
 from portproxy.forward_plan import Claims, ForwardKey
@@ -125,7 +124,7 @@ class Mirror:
         self.view_interval = view_interval
         self.retry_interval = retry_interval
         self.table = f"{nft_table_name(store.instance)}-mirror"
-        self._nft = Nft(None)             # the daemon runs inside the host namespace
+        self._nft = nft(None)             # the daemon runs inside the host namespace
         self._kernel: Any = None          # hns.kernel.HostKernel, made on first use
         self._view: HostView | None = None
         self._next_view = 0.0
@@ -399,7 +398,7 @@ class Mirror:
                 script = render_host_ports("delete", current - desired) + script
             try:
                 if script:
-                    Nft(watch.vm.netns).apply(script)
+                    nft(watch.vm.netns).apply(script)
                 self._host_ports[name] = desired
             except HnsError as exc:
                 log.warning("vm %s: cannot update its host ports: %s", name, exc)

@@ -1,6 +1,6 @@
 """nat.nft: what is run (argv, stdin, namespace) and how nft's failures are classified.
 
-hns.process.run is replaced by a recorder: nothing is executed.
+A recorder stands in for the program runner (``run=``): nothing is executed.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import pytest
 
 from hns import process
 from hns.errors import KernelError
+from hns.nft import nft
+from nat.errors import NatError
 from nat.nft import FakeNft, Nft, NftRunner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +33,7 @@ class Call:
 
 @dataclass
 class FakeRun:
-    """Stands in for hns.process.run: records calls, answers with a fixed result."""
+    """Stands in for the runner: records calls, answers with a fixed result."""
 
     returncode: int = 0
     stdout: str = ""
@@ -47,43 +49,41 @@ class FakeRun:
 
 
 @pytest.fixture
-def fake_run(monkeypatch: pytest.MonkeyPatch) -> FakeRun:
-    fake = FakeRun()
-    monkeypatch.setattr(process, "run", fake)
-    return fake
+def fake_run() -> FakeRun:
+    return FakeRun()
 
 
 # what runs
 
 
 def test_apply_pipes_the_script_to_nft_f_dash(fake_run: FakeRun) -> None:
-    Nft().apply(SCRIPT)
+    Nft(run=fake_run).apply(SCRIPT)
     assert fake_run.calls == [Call(["nft", "-f", "-"], SCRIPT, None)]
 
 
 def test_apply_in_a_named_namespace(fake_run: FakeRun) -> None:
-    Nft("hostns").apply(SCRIPT)
+    Nft("hostns", run=fake_run).apply(SCRIPT)
     assert fake_run.calls == [Call(["nft", "-f", "-"], SCRIPT, "hostns")]
 
 
 def test_check_uses_nft_check(fake_run: FakeRun) -> None:
-    Nft().check(SCRIPT)
+    Nft(run=fake_run).check(SCRIPT)
     assert fake_run.calls == [Call(["nft", "--check", "-f", "-"], SCRIPT, None)]
 
 
 def test_list_tables_parses_the_output(fake_run: FakeRun) -> None:
     fake_run.stdout = "table inet hns-ab12\ntable ip filter\n\n"
-    assert Nft().list_tables() == ["inet hns-ab12", "ip filter"]
+    assert Nft(run=fake_run).list_tables() == ["inet hns-ab12", "ip filter"]
     assert fake_run.calls == [Call(["nft", "list", "tables"], None, None)]
 
 
 def test_list_tables_empty(fake_run: FakeRun) -> None:
-    assert Nft().list_tables() == []
+    assert Nft(run=fake_run).list_tables() == []
 
 
 def test_list_table_returns_the_text(fake_run: FakeRun) -> None:
     fake_run.stdout = "table inet hns-ab12 {\n}\n"
-    assert Nft("h").list_table("inet", "hns-ab12") == "table inet hns-ab12 {\n}\n"
+    assert Nft("h", run=fake_run).list_table("inet", "hns-ab12") == "table inet hns-ab12 {\n}\n"
     assert fake_run.calls == [Call(["nft", "list", "table", "inet", "hns-ab12"], None, "h")]
 
 
@@ -93,8 +93,8 @@ def test_list_table_returns_the_text(fake_run: FakeRun) -> None:
 def test_no_such_file_is_enoent(fake_run: FakeRun) -> None:
     fake_run.returncode = 1
     fake_run.stderr = "Error: No such file or directory"
-    with pytest.raises(KernelError) as excinfo:
-        Nft().apply(SCRIPT)
+    with pytest.raises(NatError) as excinfo:
+        Nft(run=fake_run).apply(SCRIPT)
     assert excinfo.value.errno == errno.ENOENT
     assert excinfo.value.is_not_found
     assert not excinfo.value.is_exists
@@ -112,38 +112,47 @@ def test_no_such_file_is_enoent(fake_run: FakeRun) -> None:
 def test_errors_are_classified(fake_run: FakeRun, stderr: str, code: int) -> None:
     fake_run.returncode = 1
     fake_run.stderr = stderr
-    with pytest.raises(KernelError) as excinfo:
-        Nft().apply(SCRIPT)
+    with pytest.raises(NatError) as excinfo:
+        Nft(run=fake_run).apply(SCRIPT)
     assert excinfo.value.errno == code
 
 
 def test_error_message_is_the_first_non_blank_stderr_line(fake_run: FakeRun) -> None:
     fake_run.returncode = 1
     fake_run.stderr = "\n  Error: File exists  \n/dev/stdin:1:1-2: more detail\n"
-    with pytest.raises(KernelError) as excinfo:
-        Nft().apply(SCRIPT)
+    with pytest.raises(NatError) as excinfo:
+        Nft(run=fake_run).apply(SCRIPT)
     assert str(excinfo.value) == "nft -f - failed: Error: File exists"
     assert excinfo.value.is_exists
 
 
 def test_error_message_without_stderr_gives_the_exit_code(fake_run: FakeRun) -> None:
     fake_run.returncode = 127
-    with pytest.raises(KernelError, match="failed: 127"):
-        Nft().list_tables()
+    with pytest.raises(NatError, match="failed: 127"):
+        Nft(run=fake_run).list_tables()
 
 
 def test_list_table_missing_is_none(fake_run: FakeRun) -> None:
     fake_run.returncode = 1
     fake_run.stderr = "Error: No such file or directory\nlist table inet nope\n"
-    assert Nft().list_table("inet", "nope") is None
+    assert Nft(run=fake_run).list_table("inet", "nope") is None
 
 
 def test_list_table_other_errors_raise(fake_run: FakeRun) -> None:
     fake_run.returncode = 1
     fake_run.stderr = "Error: Operation not permitted"
-    with pytest.raises(KernelError) as excinfo:
-        Nft().list_table("inet", "x")
+    with pytest.raises(NatError) as excinfo:
+        Nft(run=fake_run).list_table("inet", "x")
     assert excinfo.value.errno == errno.EPERM
+
+
+def test_hns_gets_its_own_runner_and_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeRun(returncode=1, stderr="Error: File exists")
+    monkeypatch.setattr(process, "run", fake)
+    with pytest.raises(KernelError) as excinfo:
+        nft("hostns").apply(SCRIPT)
+    assert excinfo.value.is_exists
+    assert fake.calls == [Call(["nft", "-f", "-"], SCRIPT, "hostns")]
 
 
 # the fake
