@@ -46,9 +46,9 @@ from typing import Any
 
 from harness import Daemon, positive_int, progress, run_hermetic, start_daemon, wait_until
 
-from hns.netns import NetnsExecutor
+from hns.daemon.control import request
+from hns.netns import NAMESPACES, NetnsExecutor
 from hns.testing.sandbox import Peer, Sandbox, SandboxVm
-from portproxy.control import request
 from portproxy.vmdial import VmDialer
 
 NETWORK = "bench"
@@ -312,7 +312,7 @@ def dial_cost(vm: SandboxVm, count: int = 400) -> tuple[float, float]:
     costs: list[float] = []
     for pool_size in (8, 0):
         queued: deque[Callable[[], object]] = deque()
-        dialer = VmDialer(vm.netns, queued.append, pool_size)
+        dialer = VmDialer(vm.netns, queued.append, NAMESPACES, pool_size)
         spent = 0.0
         try:
             for _ in range(count):

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import IO, TypeVar
 
+from hns.daemon.control import request
 from hns.testing.sandbox import Peer, Sandbox, leftovers, missing_requirements
-from portproxy.control import request
 
 __all__ = ["Daemon", "iperf_gbps", "positive_int", "progress", "run_hermetic",
            "start_daemon", "wait_until"]

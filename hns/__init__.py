@@ -7,8 +7,6 @@
         vm = svc.create_vm("wsl", "WSL")
 """
 
-from typing import TYPE_CHECKING
-
 from hns.errors import (
     AlreadyExists,
     Conflict,
@@ -19,20 +17,7 @@ from hns.errors import (
     StateError,
 )
 from hns.model import Network, NetworkType, Vm
-
-if TYPE_CHECKING:
-    from hns.service import DEFAULT_STATE_DIR, Service, UpResult, open_service
-
-_SERVICE_NAMES = ("DEFAULT_STATE_DIR", "Service", "UpResult", "open_service")
-
-
-def __getattr__(name: str) -> object:
-    # hns.service (and through it nat) loads on first use, so that ``nat`` can use
-    # ``hns.errors`` and ``hns.process`` without an import cycle.
-    if name in _SERVICE_NAMES:
-        from hns import service
-        return getattr(service, name)
-    raise AttributeError(f"module 'hns' has no attribute {name!r}")
+from hns.service import DEFAULT_STATE_DIR, Service, UpResult, open_service
 
 __version__ = "0.1.0"
 

@@ -119,7 +119,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub.add_parser("restore", parents=[leaf], help="recreate kernel objects from the state")
     sub.add_parser("gc", parents=[leaf], help="remove leftover kernel objects").add_argument(
         "--dry-run", action="store_true", help="only list them")
-    from portproxy.cli import register
+    from hns.daemon.cli import register
     register(sub, leaf)
     return p
 
@@ -360,7 +360,7 @@ def _run(args: argparse.Namespace) -> int:
                     (args.command, getattr(args, "action", None)) in MAKES_STATE)
     check_host_netns(args.host_netns)
     with Service(args.state_dir, args.host_netns) as svc:
-        from portproxy.cli import HANDLERS
+        from hns.daemon.cli import HANDLERS
         return {**COMMANDS, **HANDLERS}[args.command](svc, args)
 
 

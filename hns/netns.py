@@ -26,6 +26,7 @@ from typing import TypeVar
 from hns.errors import KernelError
 
 __all__ = [
+    "NAMESPACES",
     "NETNS_DIR",
     "NetnsExecutor",
     "create_netns",
@@ -220,3 +221,16 @@ def run_in_netns(name: str | None, fn: Callable[..., T], *args: object) -> T:
     """Run ``fn(*args)`` on a short-lived thread inside namespace ``name``."""
     with NetnsExecutor(name) as ex:
         return ex.call(fn, *args)
+
+
+class _Namespaces:
+    """:class:`portproxy.namespaces.Namespaces` by this module's primitives."""
+
+    def executor(self, netns: str | None) -> NetnsExecutor:
+        return NetnsExecutor(netns)
+
+    def inode(self, netns: str | None) -> tuple[int, int]:
+        return netns_inode(netns)
+
+
+NAMESPACES = _Namespaces()

@@ -15,13 +15,12 @@ import logging
 import os
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Interface
 from typing import TYPE_CHECKING
 
 from hns import ipam, leftovers, naming, portmap, resolv
-from hns._portmap_ops import PortMappingOps
 from hns.errors import AlreadyExists, Conflict, HnsError, InvalidRequest, KernelError
 from hns.failpoint import failpoint
 from hns.mirrored import (
@@ -29,12 +28,12 @@ from hns.mirrored import (
     choose_network_subnet,
     mirror_spec,
     transit6_gateway,
-    transit6_subnet,
 )
 from hns.model import (
-    HostPort,
     Network,
     NetworkType,
+    PortMapping,
+    Protocol,
     Vm,
     parse_ipv4,
     parse_mac,
@@ -42,16 +41,15 @@ from hns.model import (
     parse_netns_name,
     parse_network_options,
 )
+from hns.nat_table import NatTable
 from hns.netns import create_netns, delete_netns, list_netns, netns_exists
 from hns.nft import apply_vm_table
 from hns.nft import nft as hns_nft
-from hns.store import ANY_STATE, INCOMPLETE, LIVE, PENDING_OR_READY, Store
+from hns.port_mappings import PortMappings
+from hns.store import ANY_STATE, INCOMPLETE, Store
 from nat.nft import NftRunner
 from nat.ruleset import (
-    NatSpec,
-    nat_table,
     render_delete,
-    render_replace,
 )
 
 if TYPE_CHECKING:  # the kernel driver (and pyroute2) loads on first use: reads stay fast
@@ -74,7 +72,7 @@ class UpResult:
     created: bool
 
 
-class Service(PortMappingOps):
+class Service:
     """hns bound to one state directory and one host namespace."""
 
     def __init__(self, state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR,
@@ -88,6 +86,8 @@ class Service(PortMappingOps):
         self.store = Store(state_dir, tag_taken=self._tag_taken)
         self.instance = self.store.instance
         self.instance_id = self.store.instance_id
+        self.nat = NatTable(self.store, self.nft, self.instance, self._owner)
+        self.port_maps = PortMappings(self.store, self.nat, self._flush_udp)
 
     def _tag_taken(self, tag: str) -> bool:
         """Whether kernel objects of instance tag ``tag`` exist (see hns.leftovers)."""
@@ -106,6 +106,11 @@ class Service(PortMappingOps):
     @property
     def _owner_comment(self) -> str:
         return f'comment "{self._owner}"'
+
+    def _flush_udp(self, ports: list[tuple[int, IPv4Address | None]]) -> int:
+        """Stale UDP conntrack entries of the host namespace (netlink, on its thread)."""
+        from nat.conntrack import flush_udp
+        return self.kernel.run(flush_udp, ports)
 
     @property
     def kernel(self) -> HostKernel:
@@ -141,6 +146,27 @@ class Service(PortMappingOps):
     def get_vm(self, name: str) -> Vm:
         vm = self.store.vm(name)
         return portmap.with_policies([vm], self.store.port_mappings(vm.id))[0]
+
+    # port mappings (hns.port_mappings)
+
+    def list_port_mappings(self, vm: str | None = None) -> list[PortMapping]:
+        return self.port_maps.listed(vm)
+
+    def add_port_mapping(self, vm: str, protocol: Protocol | str, external_port: int | str,
+                         internal_port: int | str,
+                         host_address: IPv4Address | str | None = None) -> PortMapping:
+        """Forward host ``protocol``/``external_port`` (on ``host_address``, or every host
+        address) to ``internal_port`` of the VM."""
+        return self.port_maps.add(vm, protocol, external_port, internal_port, host_address)
+
+    def add_port_mappings(self, mappings: Iterable[PortMapping]) -> list[PortMapping]:
+        """Add mappings, all or none: one store and one nft transaction."""
+        return self.port_maps.add_many(mappings)
+
+    def delete_port_mapping(self, vm: str, protocol: Protocol | str, external_port: int | str,
+                            host_address: IPv4Address | str | None = None) -> bool:
+        """Delete the VM's mapping of that host port; False if there is none."""
+        return self.port_maps.delete(vm, protocol, external_port, host_address)
 
     # networks
 
@@ -222,7 +248,7 @@ class Service(PortMappingOps):
         self.kernel.enable_forwarding()
         if net.mirrored:
             self.kernel.enable_forwarding6()
-        self._sync_nat()
+        self.nat.sync()
         failpoint("network-create:after-nft")
 
     def _ensure_bridge(self, net: Network) -> bool:
@@ -238,11 +264,11 @@ class Service(PortMappingOps):
         """Remove a network whatever state it is in (its VMs' rows go with it)."""
         with contextlib.suppress(HnsError):
             self.kernel.delete_link(net.bridge)
-        with self.store.lock("nft"):
+        with self.nat.lock():
             with self.store.transaction() as db:
                 self.store.delete_network(db, net.id)
             with contextlib.suppress(HnsError):
-                self._sync_nat_locked()
+                self.nat.sync_locked()
 
     def _finish_network(self, name: str) -> None:
         """Roll back what a killed create or delete of network ``name`` left (the caller
@@ -254,30 +280,6 @@ class Service(PortMappingOps):
         for vm in self.store.vms(net.id, states=ANY_STATE):
             self._delete_vm(vm.name, remember=False)
         self._undo_network(net)
-
-    def _sync_nat(self) -> None:
-        with self.store.lock("nft"):
-            self._sync_nat_locked()
-
-    def _sync_nat_locked(self, exclude: frozenset[str] = frozenset(),
-                         drop: frozenset[HostPort] = frozenset()) -> None:
-        """Render the whole NAT table from the state and apply it atomically; leave out
-        the networks in ``exclude`` and the port mappings of the host ports in ``drop``.
-        Networks being created are in (their commands hold no nft lock throughout),
-        networks being deleted are not."""
-        table_name = naming.nft_table_name(self.instance)
-        specs = [NatSpec(n.id, n.subnet, n.bridge,
-                         transit6_subnet(self.instance, n.subnet) if n.mirrored else None,
-                         isolated=n.firewall or n.mirrored)
-                 for n in self.store.networks(states=LIVE) if n.id not in exclude]
-        if specs:
-            ids = {s.id for s in specs}
-            mapped = portmap.specs(m for m in self.store.port_mappings(states=PENDING_OR_READY)
-                                   if m.network_id in ids and m.mapping.host_port not in drop)
-            self.nft.apply(render_replace(nat_table(table_name, specs, mapped,
-                                                    owner=self._owner)))
-        else:
-            self.nft.apply(render_delete("inet", table_name))
 
     def delete_network(self, name: str, force: bool = False) -> bool:
         """Delete a network; False if it did not exist.  Refuses while VMs are attached."""
@@ -299,8 +301,8 @@ class Service(PortMappingOps):
             with self.store.transaction() as db:
                 self.store.set_state(db, "network", net.id, "deleting")
             failpoint("network-delete:after-mark")
-            with self.store.lock("nft"):
-                self._sync_nat_locked()        # a network being deleted is left out
+            with self.nat.lock():
+                self.nat.sync_locked()        # a network being deleted is left out
                 failpoint("network-delete:after-nft")
                 self.kernel.delete_link(net.bridge)
                 failpoint("network-delete:after-bridge")
@@ -387,7 +389,7 @@ class Service(PortMappingOps):
     def _poke_daemon(self) -> None:
         """Tell a running daemon to reload now (it watches the VMs for localhost
         forwarding).  Best effort: a daemon also notices within a second on its own."""
-        from portproxy.control import request
+        from hns.daemon.control import request
         with contextlib.suppress(OSError, ValueError):
             request(self.store.state_dir, "reload", timeout=1.0)
 
@@ -416,7 +418,7 @@ class Service(PortMappingOps):
         if vm is None:
             return False
         complete = self.store.find_vm(name) is not None
-        with self.store.lock("nft"):
+        with self.nat.lock():
             mapped = self.store.vm_port_mappings(vm.id)
             with self.store.transaction() as db:
                 if not remember:      # a deleted VM's mappings are gone, remembered ones too
@@ -427,7 +429,7 @@ class Service(PortMappingOps):
                 self.store.set_state(db, "vm", vm.id, "deleting")
             failpoint("vm-delete:after-mark")
             if mapped:
-                self._remove_port_mappings(mapped)
+                self.port_maps.remove(mapped)
             failpoint("vm-delete:after-nft")
         self._teardown_vm(vm)
         failpoint("vm-delete:after-kernel")
@@ -455,7 +457,7 @@ class Service(PortMappingOps):
         if self.store.find_vm(DEFAULT_VM) is None:
             self.create_vm(DEFAULT_VM, DEFAULT_NETWORK)
             created = True
-        self._readd_remembered_port_mappings(DEFAULT_VM)
+        self.port_maps.readd_remembered(DEFAULT_VM)
         return UpResult(net, self.get_vm(DEFAULT_VM), created)
 
     def down(self) -> bool:
@@ -481,7 +483,7 @@ class Service(PortMappingOps):
             self.kernel.enable_forwarding()
             if any(n.mirrored for n in networks):
                 self.kernel.enable_forwarding6()
-            self._sync_nat()
+            self.nat.sync()
         by_id = {n.id: n for n in networks}
         for listed in self.store.vms():
             with self.store.lock(f"vm-{listed.name}"):
@@ -536,12 +538,12 @@ class Service(PortMappingOps):
         """Objects whose create or delete was killed: rolled back, unless a command is
         working on them right now (it holds their lock)."""
         found: list[str] = []
-        with self.store.lock("nft"):
+        with self.nat.lock():
             pending = self.store.incomplete_port_mappings()
             for m in pending:
                 found.append(f"incomplete port mapping {m.mapping.describe()}")
             if pending and not dry_run:
-                self._finish_port_mappings()
+                self.port_maps.finish_incomplete()
         for vm in self.store.incomplete_vms():
             with self.store.try_lock(f"vm-{vm.name}") as free:
                 if free and self.store.find_vm(vm.name, states=INCOMPLETE) is not None:
@@ -565,7 +567,7 @@ class Service(PortMappingOps):
                 self._owner_comment in (self.nft.list_table("inet", name) or ""):
             found.append(f"nft table inet {name}")
             if not dry_run:
-                self._sync_nat()
+                self.nat.sync()
         # the daemon's inbound table of mirrored networks, left by a daemon that was killed
         mirror = f"{name}-mirror"
         if f"inet {mirror}" in tables and not any(n.mirrored for n in self.store.networks()) \

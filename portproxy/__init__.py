@@ -1,6 +1,7 @@
-"""The userspace data plane of hns: the relay engine (:mod:`portproxy.engine`), static
-port proxies in netsh's words (:mod:`portproxy.netsh`, :mod:`portproxy.config`), the DNS
-proxy on the NAT gateways (:mod:`portproxy.dns`) and the daemon that serves them
-(:mod:`portproxy.daemon`).  The port tracker and the localhost
-forwarder are not built yet.
+"""The userspace data plane of hns, a library: the event loop and relay engine
+(:mod:`portproxy.engine`; TCP with splice, UDP flows, their sans-IO state in
+:mod:`portproxy.tcp` and :mod:`portproxy.udp`), the port tracker (:mod:`portproxy.tracker`,
+sock_diag), dialing into a namespace (:mod:`portproxy.vmdial`) and the DNS proxy server
+(:mod:`portproxy._dnsio`, :mod:`portproxy.dnsstate`, :mod:`portproxy.dnsmsg`).  It takes
+plain values and callbacks; the daemon that wires it to the state is :mod:`hns.daemon`.
 """

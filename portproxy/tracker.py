@@ -28,12 +28,13 @@ per VM (40 ms for 20 VMs, about 1.4 % of a core) and makes the full dumps every 
 poll interval, a replaced one within 2 s.
 
 Namespaces: the netlink socket and the sockstat files are opened by a short-lived thread
-inside the VM namespace (:func:`hns.netns.run_in_netns`) and then used from the engine
-thread: a socket stays in the namespace it was created in, and a ``/proc`` file shows
-the namespace of its opener.  The files are opened as ``/proc/thread-self/net/...``:
+inside the VM namespace (an executor of the caller's
+:class:`~portproxy.namespaces.Namespaces`) and then used from the engine thread: a
+socket stays in the namespace it was created in, and a ``/proc`` file shows the
+namespace of its opener. The files are opened as ``/proc/thread-self/net/...``:
 ``/proc/net`` is ``/proc/self/net``, the namespace of the process's *main* thread, not
-of the opening thread.  ``ip_local_port_range`` (a per-namespace sysctl) is read once,
-by the same thread.
+of the opening thread. ``ip_local_port_range`` (a per-namespace sysctl) is read once, by
+the same thread.
 
 Ephemeral ports (decision): a TCP socket in LISTEN is always a server, whatever its port
 (a ``listen()`` without ``bind()`` gets an ephemeral one and is still tracked, as WSL
@@ -69,7 +70,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from hns.netns import netns_inode, run_in_netns
+from portproxy.namespaces import Namespaces
 
 __all__ = [
     "CONNECTED_STATES",
@@ -343,9 +344,10 @@ class VmTracker:
     ``track_connected`` (settable at any time): also keep ``connected_ports``.
     """
 
-    def __init__(self, netns: str | None, *, full_interval: float = 2.0,
-                 track_connected: bool = False) -> None:
+    def __init__(self, netns: str | None, namespaces: Namespaces, *,
+                 full_interval: float = 2.0, track_connected: bool = False) -> None:
         self.netns = netns                  # None: this process's namespace
+        self.namespaces = namespaces
         self.full_interval = full_interval
         self.track_connected = track_connected
         self.sockets: frozenset[DiagSocket] = frozenset()
@@ -371,8 +373,12 @@ class VmTracker:
         """Open the handles inside the namespace; OSError if it does not exist."""
         if self._h is not None:
             return
-        self._inode = netns_inode(self.netns)
-        self._h = run_in_netns(self.netns, _open_handles)
+        self._inode = self.namespaces.inode(self.netns)
+        executor = self.namespaces.executor(self.netns)
+        try:
+            self._h = executor.call(_open_handles)
+        finally:
+            executor.close()
         if self._h.sockstat6 < 0:
             self._unsupported.update(d for d in DUMPS if d.family == socket.AF_INET6)
 
@@ -387,7 +393,7 @@ class VmTracker:
     def replaced(self) -> bool:
         """True when the namespace's name is gone or names another namespace now."""
         try:
-            return netns_inode(self.netns) != self._inode
+            return self.namespaces.inode(self.netns) != self._inode
         except OSError:
             return True
 

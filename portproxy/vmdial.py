@@ -1,15 +1,15 @@
 """Dialing into a VM from the engine thread: sockets made inside the VM's namespace.
 
 Theory of operation: the engine calls ``dial`` on its own thread for every relayed TCP
-connection and UDP flow, and that thread never leaves the host namespace.  A socket
-stays in the namespace it was created in, and only creating it needs a thread inside the
-VM's namespace; connecting, reading and writing work from any thread.  So
-:class:`VmDialer` keeps a small pool of fresh, unconnected sockets per (family, type),
-made by a :class:`hns.netns.NetnsExecutor` thread of the VM and handed over to the
-engine thread with ``call_soon_threadsafe``.  A dial takes a socket from the pool (about
+connection and UDP flow, and that thread never leaves the host namespace. A socket stays
+in the namespace it was created in, and only creating it needs a thread inside the VM's
+namespace; connecting, reading and writing work from any thread. So :class:`VmDialer`
+keeps a small pool of fresh, unconnected sockets per (family, type), made by an executor
+thread of the VM (:class:`~portproxy.namespaces.Namespaces`) and handed over to the
+engine thread with ``call_soon_threadsafe``. A dial takes a socket from the pool (about
 a microsecond) and starts its non-blocking connect; when the pool runs low a refill is
 queued; when it is empty (the first dial, a burst) the dial makes the socket with a
-synchronous call into the executor (about 40 us).  The executor thread and the pools
+synchronous call into the executor (about 40 us). The executor thread and the pools
 exist only once a VM is dialed into; an idle VM costs nothing.
 """
 
@@ -22,9 +22,9 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from hns.netns import NetnsExecutor
 from portproxy._relay import Address
 from portproxy.engine import dial_tcp, dial_udp
+from portproxy.namespaces import Executor, Namespaces
 
 __all__ = ["DEFAULT_POOL_SIZE", "VmDialer"]
 
@@ -52,11 +52,12 @@ class VmDialer:
     for :meth:`Engine.add_tcp` and :meth:`Engine.add_udp` (engine thread only)."""
 
     def __init__(self, netns: str, call_soon_threadsafe: Callable[[Callable[[], object]], None],
-                 pool_size: int = DEFAULT_POOL_SIZE) -> None:
+                 namespaces: Namespaces, pool_size: int = DEFAULT_POOL_SIZE) -> None:
         self.netns = netns
+        self.namespaces = namespaces
         self.pool_size = pool_size
         self._soon = call_soon_threadsafe
-        self._executor: NetnsExecutor | None = None
+        self._executor: Executor | None = None
         self._pools: dict[_Kind, deque[socket.socket]] = {}
         self._pending: set[_Kind] = set()
         self._lock = threading.Lock()       # _closed, read by the executor's callbacks
@@ -78,11 +79,11 @@ class VmDialer:
             self._executor.close()
             self._executor = None
 
-    def _ex(self) -> NetnsExecutor:
+    def _ex(self) -> Executor:
         if self._closed:
             raise OSError("the dialer is closed")
         if self._executor is None:
-            self._executor = NetnsExecutor(self.netns)
+            self._executor = self.namespaces.executor(self.netns)
         return self._executor
 
     def _socket(self, family: int, kind: int) -> socket.socket:

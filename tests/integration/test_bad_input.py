@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from nsutil import bad_input_failures, snapshot
 
+from hns.daemon.config import ProxyConfig
 from hns.testing import Sandbox
-from portproxy.config import ProxyConfig
 
 BAD = [
     ("network", "create", "bad name!", "--type", "nat"),

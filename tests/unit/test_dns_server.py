@@ -55,6 +55,19 @@ def good(q: bytes, tcp: bool) -> bytes:
     return answer(q)
 
 
+def udp_and_tcp_on_one_port() -> tuple[socket.socket, socket.socket]:
+    """A UDP socket and a TCP listener on one loopback port (a port free for UDP may be
+    taken for TCP: another port then)."""
+    for _ in range(50):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind((LO, 0))
+        try:
+            return udp, socket.create_server((LO, udp.getsockname()[1]))
+        except OSError:
+            udp.close()
+    raise AssertionError("no loopback port free for both UDP and TCP")
+
+
 class FakeUpstream:
     """UDP and TCP on one loopback port, answering as ``behaviour(query, tcp)`` says."""
 
@@ -63,10 +76,8 @@ class FakeUpstream:
         self.udp_queries: list[bytes] = []
         self.udp_peers: list[tuple[str, int]] = []
         self.tcp_queries: list[bytes] = []
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind((LO, 0))
+        self.udp, self.tcp = udp_and_tcp_on_one_port()
         self.port = self.udp.getsockname()[1]
-        self.tcp = socket.create_server((LO, self.port))
         self.upstream = Upstream(LO, self.port)
         self._threads = [threading.Thread(target=self._serve_udp, daemon=True),
                          threading.Thread(target=self._serve_tcp, daemon=True)]

@@ -1,4 +1,4 @@
-"""portproxy.forward_plan: which host loopback ports serve which VM.  Pure, no root."""
+"""hns.daemon.forward_plan: which host loopback ports serve which VM.  Pure, no root."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from portproxy.forward_plan import (
+from hns.daemon.forward_plan import (
     Claims,
     ForwardKey,
     Plan,
@@ -20,7 +20,7 @@ from portproxy.forward_plan import (
     reserved_by,
     wanted_keys,
 )
-from portproxy.netsh import PortProxy, parse_add
+from hns.daemon.netsh import PortProxy, parse_add
 from portproxy.tracker import TCP_CLOSE, TCP_LISTEN, DiagSocket
 
 

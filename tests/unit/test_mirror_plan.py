@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from portproxy.forward_plan import ForwardKey, cap_reason, ephemeral_cap
-from portproxy.mirror_plan import Claim, MirrorPlan, draining, host_keys, plan, vm_claims
+from hns.daemon.forward_plan import ForwardKey, cap_reason, ephemeral_cap
+from hns.daemon.mirror_plan import Claim, MirrorPlan, draining, host_keys, plan, vm_claims
 from portproxy.tracker import TCP_LISTEN, DiagSocket
 
 PRIMARY = (IPv4Address("198.51.100.2"), IPv6Address("2001:db8:100::2"))

@@ -58,7 +58,7 @@ def svc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
     seed(tmp_path / "state")
     with Service(tmp_path / "state", nft=FakeNft()) as service:
         # the conntrack flush is netlink in the host namespace: not for unit tests
-        monkeypatch.setattr(service, "_flush_udp_conntrack", lambda batch: None)
+        service.port_maps.flush_udp = lambda ports: 0
         yield service
 
 
@@ -218,8 +218,8 @@ def test_remembered_mappings_come_back_except_taken_ports(
     assert len(svc.store.remembered_port_mappings("a")) == 3
     svc.add_port_mapping("b", "tcp", 7070, 71)  # taken meanwhile
     seed_vm_a_again(svc)
-    monkeypatch.setattr(svc, "_flush_udp_conntrack", lambda batch: None)
-    svc._readd_remembered_port_mappings("a")
+    svc.port_maps.flush_udp = lambda ports: 0
+    svc.port_maps.readd_remembered("a")
     assert sorted(svc.list_port_mappings("a"), key=str) == sorted(kept, key=str)
     assert "tcp *:7070 -> vm a port 70 not restored" in caplog.text
     assert svc.store.remembered_port_mappings("a") == []
@@ -248,7 +248,7 @@ def test_the_store_itself_refuses_a_taken_host_port(svc: Service) -> None:
 def test_full_render_includes_every_mapping(svc: Service) -> None:
     svc.add_port_mapping("a", "tcp", 8080, 80)
     svc.add_port_mapping("b", "tcp", 443, 8443, "198.51.100.2")
-    svc._sync_nat()
+    svc.nat.sync()
     full = fake(svc).scripts[-1]
     assert "tcp . 8080 : 10.50.0.2 . 80" in full
     assert "198.51.100.2 . tcp . 443 : 10.50.0.3 . 8443" in full

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from hns.daemon.config import ProxyConfig
+from hns.daemon.netsh import PortProxy, ProxyKey, conflicts, loop_of, parse_add, parse_delete
 from hns.errors import AlreadyExists, Conflict, InvalidRequest
 from hns.store import Store
-from portproxy.config import ProxyConfig
-from portproxy.netsh import PortProxy, ProxyKey, conflicts, loop_of, parse_add, parse_delete
 
 
 def test_defaults_are_netsh_s() -> None:
@@ -229,7 +229,7 @@ def test_one_daemon_lock_per_state_directory(tmp_path: Path) -> None:
     import fcntl
     import os
 
-    from portproxy.daemon import AlreadyRunning, DaemonLock
+    from hns.daemon.daemon import AlreadyRunning, DaemonLock
 
     first, second = DaemonLock(tmp_path), DaemonLock(tmp_path)
     first.acquire()

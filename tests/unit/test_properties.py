@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from hns.daemon.netsh import KINDS, PortProxy, parse_add, parse_delete
 from hns.errors import InvalidRequest
 from hns.model import (
     NAME_RE,
@@ -38,7 +39,6 @@ from hns.model import (
     parse_port_list,
     parse_subnet,
 )
-from portproxy.netsh import KINDS, PortProxy, parse_add, parse_delete
 
 T = TypeVar("T")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from portproxy.namespaces import Executor
 from portproxy.tracker import (
     CONNECTED_STATES,
     DUMPS,
@@ -287,12 +288,23 @@ class _FakeKernel:
         return [s for s in self.sockets[dump.family] if states & (1 << s.state)]
 
 
+class _NotOpened:
+    """The trackers here get their handles made by hand: no namespace is entered."""
+
+    def executor(self, netns: str | None) -> Executor:
+        raise AssertionError("the tracker must not open a namespace here")
+
+    def inode(self, netns: str | None) -> tuple[int, int]:
+        raise AssertionError("the tracker must not look at a namespace here")
+
+
 def tracker_with(kernel: _FakeKernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                  track: bool) -> VmTracker:
     path = tmp_path / "sockstat"
     path.write_bytes(SOCKSTAT)
     fd = os.open(path, os.O_RDONLY)
-    tracker = VmTracker("vm", full_interval=0.0, track_connected=track)  # every poll: full
+    tracker = VmTracker("vm", _NotOpened(), full_interval=0.0,  # every poll: full
+                        track_connected=track)
     tracker._h = _Handles(socket.socket(socket.AF_UNIX), fd, -1, (32768, 60999))
     monkeypatch.setattr(tracker, "_dump", kernel.dump)
     return tracker

@@ -31,7 +31,7 @@ inside the host's ``ip_local_port_range`` at most half are held, per protocol (T
 UDP have separate port spaces; the IPv4 and IPv6 keys of one port count once).  The
 ports of the oldest claims are held; every claim on the others is a conflict ("over the
 ephemeral cap").  Ports outside the range are not counted.  :func:`over_cap` is shared
-with mirrored networks (:mod:`portproxy.mirror_plan`).
+with mirrored networks (:mod:`hns.daemon.mirror_plan`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from portproxy.netsh import PortProxy
+from hns.daemon.netsh import PortProxy
 from portproxy.tracker import DiagSocket
 
 __all__ = ["Claims", "ForwardKey", "Plan", "cap_reason", "changes", "ephemeral_cap", "keys_of",

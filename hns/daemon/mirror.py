@@ -11,7 +11,7 @@ forwarding: 20 ms + 1 ms per VM) and, every ``view_interval``, reads the host's
 addresses and routes.
 
 When the sockets change, the VMs' claims and the host's keys are planned again
-(:func:`portproxy.mirror_plan.plan`, pure) and the differences applied:
+(:func:`hns.daemon.mirror_plan.plan`, pure) and the differences applied:
 
 - *inbound*: elements of the maps of the host table ``inet hns-<inst>-mirror``
   (``nat.mirror``), one nft transaction per change;
@@ -21,9 +21,9 @@ When the sockets change, the VMs' claims and the host's keys are planned again
 
 A key a VM owned stays its own while the VM has a connection it accepted on the port
 (``MirrorPlan.draining``): the VM trackers keep ``connected_ports`` (``track_connected``,
-set before every poll since :class:`~portproxy.vmwatch.VmWatch` makes a new tracker on
+set before every poll since :class:`~hns.daemon.vmwatch.VmWatch` makes a new tracker on
 a reset), and each update of a VM's claims keeps its owned keys on those ports
-(:func:`portproxy.mirror_plan.draining`), their sequence numbers too.  Its listener,
+(:func:`hns.daemon.mirror_plan.draining`), their sequence numbers too.  Its listener,
 inbound element and relayed connections stay; the status shows "forwarding (draining: N
 connections)" for it.  The ephemeral cap: the host's ``ip_local_port_range`` (read by the
 engine thread: the daemon runs inside the host namespace) is read with the host's view.
@@ -47,11 +47,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from hns.daemon.forward_plan import Claims, ForwardKey
+from hns.daemon.forwarder import FULL_INTERVAL, POLL_INTERVAL, POLL_PER_VM, open_loopback
+from hns.daemon.mirror_plan import Claim, MirrorPlan, draining, host_keys, plan, vm_claims
+from hns.daemon.vmwatch import VmWatch
 from hns.errors import HnsError
 from hns.mirrored import HostView, mirror_spec, transit_addresses
 from hns.model import Network, Vm
 from hns.naming import instance_alias_prefix, nft_table_name
-from hns.netns import run_in_netns
+from hns.netns import NAMESPACES, run_in_netns
 from hns.nft import apply_vm_table, nft
 from hns.store import Store
 from nat.mirror import (
@@ -62,11 +66,7 @@ from nat.mirror import (
 )
 from nat.ruleset import render_delete
 from portproxy.engine import Engine, Relay, TimerHandle
-from portproxy.forward_plan import Claims, ForwardKey
-from portproxy.forwarder import FULL_INTERVAL, POLL_INTERVAL, POLL_PER_VM, open_loopback
-from portproxy.mirror_plan import Claim, MirrorPlan, draining, host_keys, plan, vm_claims
 from portproxy.tracker import DiagSocket, VmTracker, read_port_range
-from portproxy.vmwatch import VmWatch
 
 __all__ = ["VIEW_INTERVAL", "Mirror"]
 
@@ -210,7 +210,7 @@ class Mirror:
 
     def _open_host(self) -> None:
         if self._host is None:
-            host = VmTracker(self.host_netns, full_interval=self.full_interval)
+            host = VmTracker(self.host_netns, NAMESPACES, full_interval=self.full_interval)
             host.open()
             host.poll(self.engine.now())
             self._host = host

@@ -15,11 +15,11 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from hns.daemon.config import ProxyConfig
+from hns.daemon.control import relay_status
+from hns.daemon.netsh import PortProxy, ProxyKey
 from hns.store import Store
-from portproxy.config import ProxyConfig
-from portproxy.control import relay_status
 from portproxy.engine import Engine
-from portproxy.netsh import PortProxy, ProxyKey
 
 __all__ = ["StaticProxies", "open_listener"]
 

@@ -1,5 +1,5 @@
-"""Port mappings of the service (HNS's PortMapping policy; the pure half is
-:mod:`hns.portmap`): a part of :class:`hns.service.Service`, kept in a module of its own.
+"""Port mappings (HNS's PortMapping policy; the pure half is :mod:`hns.portmap`): a part
+of :class:`hns.service.Service`, which delegates its port-mapping methods here.
 
 Adds go store first, then one nft transaction of map elements, undone together on
 failure; deletes go nft first.  Where nft refuses an incremental change, the whole table
@@ -10,54 +10,52 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address
 from typing import TYPE_CHECKING
 
-from hns import naming, portmap
-from hns.errors import Conflict, HnsError, KernelError
+from hns import portmap
+from hns.errors import Conflict, HnsError
 from hns.failpoint import failpoint
 from hns.model import HostPort, PortMapping, Protocol, parse_name
 from hns.store import MappedPort, Store
 from nat.errors import NatError
-from nat.nft import NftRunner
 from nat.ruleset import render_add_port_mappings, render_delete_port_mappings
 
 if TYPE_CHECKING:
-    from hns.kernel import HostKernel
+    from hns.nat_table import NatTable
 
-__all__ = ["PortMappingOps"]
+__all__ = ["PortMappings", "UdpFlush"]
 
 log = logging.getLogger("hns")
 
 
-class PortMappingOps:
-    """The port-mapping operations of the service (a mixin of :class:`Service`)."""
+# deletes the host's UDP conntrack entries to (port, address or None: any) pairs; how many
+UdpFlush = Callable[[list[tuple[int, IPv4Address | None]]], int]
 
-    store: Store
-    nft: NftRunner
-    instance: str
 
-    if TYPE_CHECKING:
-        @property
-        def kernel(self) -> HostKernel: ...
+class PortMappings:
+    """The port mappings of one instance: ``store`` holds them, ``nat`` renders them,
+    ``flush_udp`` removes the stale UDP flows to a newly mapped port."""
 
-        def _sync_nat_locked(self, exclude: frozenset[str] = frozenset(),
-                             drop: frozenset[HostPort] = frozenset()) -> None: ...
+    def __init__(self, store: Store, nat: NatTable, flush_udp: UdpFlush) -> None:
+        self.store = store
+        self.nat = nat
+        self.flush_udp = flush_udp
 
-    def list_port_mappings(self, vm: str | None = None) -> list[PortMapping]:
+    def listed(self, vm: str | None = None) -> list[PortMapping]:
         vm_id = self.store.vm(vm).id if vm is not None else None
         return [m.mapping for m in self.store.port_mappings(vm_id)]
 
-    def add_port_mapping(self, vm: str, protocol: Protocol | str, external_port: int | str,
+    def add(self, vm: str, protocol: Protocol | str, external_port: int | str,
                          internal_port: int | str,
                          host_address: IPv4Address | str | None = None) -> PortMapping:
         """Forward host ``protocol``/``external_port`` (on ``host_address``, or every host
         address) to ``internal_port`` of the VM."""
         mapping = PortMapping.parse(vm, protocol, external_port, internal_port, host_address)
-        return self.add_port_mappings([mapping])[0]
+        return self.add_many([mapping])[0]
 
-    def add_port_mappings(self, mappings: Iterable[PortMapping]) -> list[PortMapping]:
+    def add_many(self, mappings: Iterable[PortMapping]) -> list[PortMapping]:
         """Add mappings, all or none: one store and one nft transaction."""
         batch = [PortMapping.parse(m.vm, m.protocol, m.external_port, m.internal_port,
                                    m.host_address) for m in mappings]  # built by hand?
@@ -65,8 +63,8 @@ class PortMappingOps:
         if not batch:
             return []
         ports = [m.host_port for m in batch]
-        with self.store.lock("nft"):
-            self._finish_port_mappings()
+        with self.nat.lock():
+            self.finish_incomplete()
             with self.store.transaction() as db:
                 vms = portmap.check_free(self.store, db, batch)
                 self.store.insert_port_mappings(db, {n: v.id for n, v in vms.items()}, batch,
@@ -74,8 +72,7 @@ class PortMappingOps:
             failpoint("portmap-add:after-store")
             try:
                 specs = [portmap.spec(m, vms[m.vm].ip) for m in batch]
-                self._apply_nft_or_render(
-                    render_add_port_mappings(naming.nft_table_name(self.instance), specs))
+                self.nat.apply_or_render(render_add_port_mappings(self.nat.name, specs))
                 failpoint("portmap-add:after-nft")
                 with self.store.transaction() as db:
                     self.store.set_port_mappings_state(db, ports, "ready")
@@ -83,18 +80,18 @@ class PortMappingOps:
                 with self.store.transaction() as db:
                     self.store.delete_port_mappings(db, ports)
                 with contextlib.suppress(HnsError):
-                    self._sync_nat_locked()  # in case nft was interrupted half way
+                    self.nat.sync_locked()  # in case nft was interrupted half way
                 raise
         self._flush_udp_conntrack(batch)
         return batch
 
-    def delete_port_mapping(self, vm: str, protocol: Protocol | str, external_port: int | str,
+    def delete(self, vm: str, protocol: Protocol | str, external_port: int | str,
                             host_address: IPv4Address | str | None = None) -> bool:
         """Delete the VM's mapping of that host port; False if there is none."""
         name = parse_name(vm, "vm name")
         port = HostPort.parse(protocol, external_port, host_address)
-        with self.store.lock("nft"):
-            self._finish_port_mappings()
+        with self.nat.lock():
+            self.finish_incomplete()
             found = self.store.find_port_mapping(port)
             if found is None:
                 return False
@@ -104,13 +101,13 @@ class PortMappingOps:
             with self.store.transaction() as db:
                 self.store.set_port_mappings_state(db, [port], "deleting")
             failpoint("portmap-delete:after-mark")
-            self._remove_port_mappings([found])
+            self.remove([found])
             failpoint("portmap-delete:after-nft")
             with self.store.transaction() as db:
                 self.store.delete_port_mappings(db, [port])
         return True
 
-    def _finish_port_mappings(self) -> None:
+    def finish_incomplete(self) -> None:
         """Roll back mappings whose add or delete was killed (the caller holds the nft
         lock, which every mapping command holds throughout: nobody works on them)."""
         leftovers = self.store.incomplete_port_mappings()
@@ -118,40 +115,29 @@ class PortMappingOps:
             return
         log.info("removing %d port mapping(s) an interrupted command left: %s",
                  len(leftovers), ", ".join(m.mapping.describe() for m in leftovers))
-        self._remove_port_mappings(leftovers)
+        self.remove(leftovers)
         with self.store.transaction() as db:
             self.store.delete_port_mappings(db, [m.mapping.host_port for m in leftovers])
 
-    def _apply_nft_or_render(self, script: str, drop: frozenset[HostPort] = frozenset()) -> None:
-        """Apply an incremental script; where nft refuses it (a table made by an older
-        version, an element that drifted), render the whole table from the state."""
-        try:
-            self.nft.apply(script)
-        except KernelError as exc:
-            log.debug("incremental nft change refused (%s); rendering the whole table", exc)
-            self._sync_nat_locked(drop=drop)
-
-    def _remove_port_mappings(self, mapped: list[MappedPort]) -> None:
+    def remove(self, mapped: list[MappedPort]) -> None:
         """The nft side of deleting mappings (the caller holds the nft lock)."""
-        script = render_delete_port_mappings(naming.nft_table_name(self.instance),
-                                             portmap.specs(mapped))
-        self._apply_nft_or_render(script, drop=frozenset(m.mapping.host_port for m in mapped))
+        script = render_delete_port_mappings(self.nat.name, portmap.specs(mapped))
+        self.nat.apply_or_render(script, drop=frozenset(m.mapping.host_port for m in mapped))
 
     def _flush_udp_conntrack(self, batch: list[PortMapping]) -> None:
         ports = [(m.external_port, m.host_address) for m in batch
                  if m.protocol is Protocol.UDP]
         if not ports:
             return
-        from nat.conntrack import flush_udp
         try:
-            flushed = self.kernel.run(flush_udp, ports)
+            flushed = self.flush_udp(ports)
         except (HnsError, NatError, OSError) as exc:  # the mapping works; old flows age out
             log.warning("could not flush stale UDP conntrack entries: %s", exc)
             return
         if flushed:
             log.debug("flushed %d stale UDP conntrack entries", flushed)
 
-    def _readd_remembered_port_mappings(self, vm: str) -> None:
+    def readd_remembered(self, vm: str) -> None:
         """Re-add what ``down`` remembered of the VM, except host ports taken since."""
         remembered = self.store.remembered_port_mappings(vm)
         if not remembered:
@@ -164,6 +150,6 @@ class PortMappingOps:
             elif taken.mapping != m:
                 log.warning("port mapping %s not restored: %s", m.describe(),
                             portmap.conflict_message(m.host_port, taken))
-        self.add_port_mappings(todo)
+        self.add_many(todo)
         with self.store.transaction() as db:
             self.store.forget_port_mappings(db, vm)

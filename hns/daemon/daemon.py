@@ -1,5 +1,5 @@
 """The hns daemon: one process, one event loop, serving its components (the static port
-proxies today: :mod:`portproxy.proxies`).
+proxies today: :mod:`hns.daemon.proxies`).
 
 Theory of operation: at start the daemon takes the state directory's daemon lock (an
 exclusive ``flock`` on ``daemon.lock``, held for its life and released by the kernel
@@ -28,16 +28,16 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from hns.daemon.control import control_path
+from hns.daemon.dns import DnsProxy
+from hns.daemon.forwarder import Forwarder
+from hns.daemon.mirror import Mirror
+from hns.daemon.netsh import DEFAULT_MAX_CONNECTIONS
+from hns.daemon.proxies import StaticProxies
 from hns.errors import HnsError
 from hns.netns import enter_netns
 from hns.store import Store
-from portproxy.control import control_path
-from portproxy.dns import DnsProxy
 from portproxy.engine import Engine
-from portproxy.forwarder import Forwarder
-from portproxy.mirror import Mirror
-from portproxy.netsh import DEFAULT_MAX_CONNECTIONS
-from portproxy.proxies import StaticProxies
 
 __all__ = ["LOCK_FILE", "AlreadyRunning", "Component", "Daemon", "DaemonLock", "sd_notify"]
 

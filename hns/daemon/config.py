@@ -12,9 +12,7 @@ import ipaddress
 import sqlite3
 from collections.abc import Set
 
-from hns.errors import AlreadyExists, Conflict, InvalidRequest
-from hns.store import Store
-from portproxy.netsh import (
+from hns.daemon.netsh import (
     DEFAULT_MAX_CONNECTIONS,
     IPAddress,
     PortProxy,
@@ -22,6 +20,8 @@ from portproxy.netsh import (
     conflicts,
     loop_of,
 )
+from hns.errors import AlreadyExists, Conflict, InvalidRequest
+from hns.store import Store
 
 __all__ = ["ProxyConfig"]
 

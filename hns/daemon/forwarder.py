@@ -13,8 +13,8 @@ the number of VMs (20 ms + 1 ms per VM: a wake-up costs more than a VM's poll, s
 polls are batched; the interval grows with the VMs so that the cost stays below 2 % of
 a core -- see :mod:`portproxy.tracker` for the figures).  When a VM's listening
 sockets change,
-its claims (:class:`~portproxy.forward_plan.Claims`) follow and the plan is made again
-(:func:`~portproxy.forward_plan.plan`, pure): forwards whose VM changed or went are
+its claims (:class:`~hns.daemon.forward_plan.Claims`) follow and the plan is made again
+(:func:`~hns.daemon.forward_plan.plan`, pure): forwards whose VM changed or went are
 stopped, new ones started.
 
 A forward is a listening (TCP) or bound (UDP) socket on host ``127.0.0.1:P`` or
@@ -30,7 +30,7 @@ resets its connections.
 The ephemeral cap: the host's ``ip_local_port_range`` (of the daemon's namespace, the
 host) is read at each ``reconcile`` and every ``full_interval``; a change plans again.
 The plan holds at most half of that range per protocol (see
-:mod:`portproxy.forward_plan`); the other claims are conflicts in the status.
+:mod:`hns.daemon.forward_plan`); the other claims are conflicts in the status.
 
 A VM whose namespace cannot be opened (not made yet, gone) is retried every
 ``full_interval`` (2 s), when its namespace is also checked for having been replaced
@@ -46,11 +46,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from hns.model import NetworkType, Vm
-from hns.store import Store
-from portproxy.config import ProxyConfig
-from portproxy.engine import Engine, Relay, RelayInfo, TimerHandle
-from portproxy.forward_plan import (
+from hns.daemon.config import ProxyConfig
+from hns.daemon.forward_plan import (
     Claims,
     ForwardKey,
     Plan,
@@ -59,9 +56,12 @@ from portproxy.forward_plan import (
     reserved_by,
     wanted_keys,
 )
+from hns.daemon.vmwatch import VmWatch
+from hns.model import NetworkType, Vm
+from hns.store import Store
+from portproxy.engine import Engine, Relay, RelayInfo, TimerHandle
 from portproxy.tracker import read_port_range
 from portproxy.vmdial import DEFAULT_POOL_SIZE
-from portproxy.vmwatch import VmWatch
 
 __all__ = ["FULL_INTERVAL", "POLL_INTERVAL", "POLL_PER_VM", "Forwarder", "open_loopback"]
 
@@ -134,7 +134,7 @@ class Forwarder:
 
     def reconcile(self) -> None:
         """Watch exactly the VMs on networks with localhost forwarding on."""
-        on = {n.id for n in self.store.networks()   # mirrored: see portproxy/mirror.py
+        on = {n.id for n in self.store.networks()   # mirrored: see hns/daemon/mirror.py
               if n.localhost_forwarding and n.type is NetworkType.NAT}
         desired = {vm.name: vm for vm in self.store.vms() if vm.network_id in on}
         if self._proxies is None:

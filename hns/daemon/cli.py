@@ -39,13 +39,13 @@ def register(sub: Any, leaf: argparse.ArgumentParser) -> None:
 
 
 def _config(svc: Any) -> Any:
-    from portproxy.config import ProxyConfig
+    from hns.daemon.config import ProxyConfig
     return ProxyConfig(svc.store)
 
 
 def _poke(svc: Any) -> None:
     """Tell a running daemon to reload at once (it would notice within a second)."""
-    from portproxy.control import request
+    from hns.daemon.control import request
     with contextlib.suppress(OSError, ValueError):
         request(svc.store.state_dir, "reload", timeout=2.0)
 
@@ -80,7 +80,7 @@ def _show(proxies: Sequence[Any], as_json: bool) -> None:
 
 
 def _portproxy(svc: Any, args: argparse.Namespace) -> int:
-    from portproxy.netsh import KINDS, parse_add, parse_delete
+    from hns.daemon.netsh import KINDS, parse_add, parse_delete
     config = _config(svc)
     if args.action in ("add", "set"):
         proxy = parse_add(args.kind, args.words)
@@ -103,13 +103,13 @@ def _portproxy(svc: Any, args: argparse.Namespace) -> int:
 
 
 def _daemon(svc: Any, args: argparse.Namespace) -> int:
-    from portproxy.daemon import Daemon
+    from hns.daemon.daemon import Daemon
     logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
     return Daemon(svc.store, svc.host_netns).run()
 
 
 def _status(svc: Any, args: argparse.Namespace) -> int:
-    from portproxy.control import relay_status, request
+    from hns.daemon.control import relay_status, request
     answer = request(svc.store.state_dir, "status")
     if answer is None:
         answer = {"Running": False, "Relays": [relay_status(p, None, None)

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from portproxy.netsh import PortProxy
+from hns.daemon.netsh import PortProxy
 
 __all__ = ["CONTROL_SOCKET", "control_path", "relay_status", "request"]
 

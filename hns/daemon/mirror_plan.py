@@ -24,7 +24,7 @@ VM socket is never exposed on a host address.
 A key is not taken from the host: when the host itself listens on the port (on a
 wildcard, loopback or one of its addresses) or a kernel port mapping holds it, every
 claim on it is a conflict.  Between VMs, the first claim seen holds the key (the
-sequence numbers of :class:`~portproxy.forward_plan.Claims`).  Ignored ports are never
+sequence numbers of :class:`~hns.daemon.forward_plan.Claims`).  Ignored ports are never
 claimed, nor are the DHCP client ports (``NEVER_FORWARDED``).
 
 A key a VM owns stays its own while the VM still has a TCP connection it accepted on
@@ -33,7 +33,7 @@ the port (a socket in a connected state whose local port it is), as WSL keeps it
 owners), which compete as claims of their old sequence numbers and are owned again
 (``MirrorPlan.draining``), or dropped without a conflict when the host or a port mapping
 holds the port.  The ephemeral cap of localhost forwarding
-(:func:`~portproxy.forward_plan.over_cap`) applies to the owned keys: each of them is a
+(:func:`~hns.daemon.forward_plan.over_cap`) applies to the owned keys: each of them is a
 host loopback listener.
 
 The other direction: each host socket listening on loopback or a wildcard is served
@@ -47,7 +47,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from portproxy.forward_plan import ForwardKey, PortRange, cap_reason, over_cap
+from hns.daemon.forward_plan import ForwardKey, PortRange, cap_reason, over_cap
 from portproxy.tracker import DiagSocket
 
 __all__ = ["NEVER_FORWARDED", "Claim", "MirrorPlan", "draining", "host_keys", "plan",

@@ -1,7 +1,7 @@
 """One watched VM namespace: its socket tracker and its dialer, opened and reopened.
 
-Shared by localhost forwarding (:mod:`portproxy.forwarder`) and mirrored networks
-(:mod:`portproxy.mirror`), both on the engine thread.  A namespace that cannot be opened
+Shared by localhost forwarding (:mod:`hns.daemon.forwarder`) and mirrored networks
+(:mod:`hns.daemon.mirror`), both on the engine thread.  A namespace that cannot be opened
 (not made yet, gone) is tried again every ``full_interval``, when an open one is also
 checked for having been replaced under the same name (``restore`` after a reboot), by
 inode.  The first failure of each kind is logged.
@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from hns.errors import HnsError
 from hns.model import Vm
+from hns.netns import NAMESPACES
 from portproxy.tracker import VmTracker
 from portproxy.vmdial import DEFAULT_POOL_SIZE, VmDialer
 
@@ -32,8 +33,8 @@ class VmWatch:
         self.full_interval = full_interval
         self.pool_size = pool_size
         self._soon = call_soon_threadsafe
-        self.tracker = VmTracker(vm.netns, full_interval=full_interval)
-        self.dialer = VmDialer(vm.netns, call_soon_threadsafe, pool_size)
+        self.tracker = VmTracker(vm.netns, NAMESPACES, full_interval=full_interval)
+        self.dialer = VmDialer(vm.netns, call_soon_threadsafe, NAMESPACES, pool_size)
         self.ready = False
         self.error: str | None = None
         self.next_check = 0.0
@@ -55,8 +56,8 @@ class VmWatch:
     def reset(self, reason: str) -> None:
         """Forget what the VM had; it is opened again at its next check."""
         self.close()
-        self.tracker = VmTracker(self.vm.netns, full_interval=self.full_interval)
-        self.dialer = VmDialer(self.vm.netns, self._soon, self.pool_size)
+        self.tracker = VmTracker(self.vm.netns, NAMESPACES, full_interval=self.full_interval)
+        self.dialer = VmDialer(self.vm.netns, self._soon, NAMESPACES, self.pool_size)
         self.ready = False
         self._failed(reason)
 
