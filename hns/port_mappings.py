@@ -65,20 +65,19 @@ class PortMappings:
         ports = [m.host_port for m in batch]
         with self.nat.lock():
             self.finish_incomplete()
-            with self.store.transaction() as db:
-                vms = portmap.check_free(self.store, db, batch)
-                self.store.insert_port_mappings(db, {n: v.id for n, v in vms.items()}, batch,
-                                                "adding")
+            with self.store.write() as tx:
+                vms = portmap.check_free(self.store, batch)
+                tx.insert_port_mappings({n: v.id for n, v in vms.items()}, batch, "adding")
             failpoint("portmap-add:after-store")
             try:
                 specs = [portmap.spec(m, vms[m.vm].ip) for m in batch]
                 self.nat.apply_or_render(render_add_port_mappings(self.nat.name, specs))
                 failpoint("portmap-add:after-nft")
-                with self.store.transaction() as db:
-                    self.store.set_port_mappings_state(db, ports, "ready")
+                with self.store.write() as tx:
+                    tx.set_port_mappings_state(ports, "ready")
             except BaseException:
-                with self.store.transaction() as db:
-                    self.store.delete_port_mappings(db, ports)
+                with self.store.write() as tx:
+                    tx.delete_port_mappings(ports)
                 with contextlib.suppress(HnsError):
                     self.nat.sync_locked()  # in case nft was interrupted half way
                 raise
@@ -98,13 +97,13 @@ class PortMappings:
             if found.mapping.vm != name:
                 raise Conflict(f"host port {port.describe()} is mapped to vm "
                                f"{found.mapping.vm!r}, not {name!r}")
-            with self.store.transaction() as db:
-                self.store.set_port_mappings_state(db, [port], "deleting")
+            with self.store.write() as tx:
+                tx.set_port_mappings_state([port], "deleting")
             failpoint("portmap-delete:after-mark")
             self.remove([found])
             failpoint("portmap-delete:after-nft")
-            with self.store.transaction() as db:
-                self.store.delete_port_mappings(db, [port])
+            with self.store.write() as tx:
+                tx.delete_port_mappings([port])
         return True
 
     def finish_incomplete(self) -> None:
@@ -116,8 +115,8 @@ class PortMappings:
         log.info("removing %d port mapping(s) an interrupted command left: %s",
                  len(leftovers), ", ".join(m.mapping.describe() for m in leftovers))
         self.remove(leftovers)
-        with self.store.transaction() as db:
-            self.store.delete_port_mappings(db, [m.mapping.host_port for m in leftovers])
+        with self.store.write() as tx:
+            tx.delete_port_mappings([m.mapping.host_port for m in leftovers])
 
     def remove(self, mapped: list[MappedPort]) -> None:
         """The nft side of deleting mappings (the caller holds the nft lock)."""
@@ -151,5 +150,5 @@ class PortMappings:
                 log.warning("port mapping %s not restored: %s", m.describe(),
                             portmap.conflict_message(m.host_port, taken))
         self.add_many(todo)
-        with self.store.transaction() as db:
-            self.store.forget_port_mappings(db, vm)
+        with self.store.write() as tx:
+            tx.forget_port_mappings(vm)

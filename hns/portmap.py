@@ -17,7 +17,6 @@ transaction):
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Address
@@ -47,13 +46,12 @@ def check_batch(batch: Sequence[PortMapping]) -> None:
         seen.setdefault((m.protocol, m.external_port), []).append(m)
 
 
-def check_free(store: Store, db: sqlite3.Connection,
-               batch: Sequence[PortMapping]) -> dict[str, Vm]:
-    """Inside the store transaction ``db``: every VM exists and every host port is free.
-    Returns the VMs by name."""
-    vms = {name: store.vm(name, db) for name in dict.fromkeys(m.vm for m in batch)}
+def check_free(store: Store, batch: Sequence[PortMapping]) -> dict[str, Vm]:
+    """Inside a write transaction of ``store``: every VM exists and every host port is
+    free.  Returns the VMs by name."""
+    vms = {name: store.vm(name) for name in dict.fromkeys(m.vm for m in batch)}
     for m in batch:
-        taken = store.port_mapping_conflict(m.host_port, db)
+        taken = store.port_mapping_conflict(m.host_port)
         if taken is not None:
             raise Conflict(conflict_message(m.host_port, taken))
     return vms

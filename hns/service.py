@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sqlite3
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -200,12 +199,12 @@ class Service:
             if self.store.find_network(name) is not None:
                 raise AlreadyExists(f"network {name!r} already exists")
             host_taken = self._host_prefixes()
-            with self.store.transaction() as db:
-                if self.store.find_network(name, db, ANY_STATE) is not None:
+            with self.store.write() as tx:
+                if self.store.find_network(name, ANY_STATE) is not None:
                     raise AlreadyExists(f"network {name!r} already exists")
                 others = [(f"network {n.name}", n.subnet)
-                          for n in self.store.networks(db, ANY_STATE)]
-                chosen = self._pick_subnet(db, name, mirrored, pinned, others, host_taken)
+                          for n in self.store.networks(ANY_STATE)]
+                chosen = self._pick_subnet(name, mirrored, pinned, others, host_taken)
                 net_id = str(uuid.uuid4())
                 net = Network(id=net_id, name=name, type=opts.type, subnet=chosen,
                               gateway=gw or ipam.default_gateway(chosen), mtu=opts.mtu,
@@ -214,25 +213,25 @@ class Service:
                               ignored_ports=opts.ignored_ports,
                               host_address_loopback=bool(host_address_loopback),
                               firewall=bool(firewall) or mirrored)
-                self.store.insert_network(db, net, "creating")
+                tx.insert_network(net, "creating")
             failpoint("network-create:after-store")
             try:
                 self._apply_network(net)
-                with self.store.transaction() as db:
-                    self.store.set_state(db, "network", net.id, "ready")
+                with self.store.write() as tx:
+                    tx.set_state("network", net.id, "ready")
             except BaseException:
                 self._undo_network(net)
                 raise
         self._poke_daemon()
         return net
 
-    def _pick_subnet(self, db: sqlite3.Connection, name: str, mirrored: bool,
+    def _pick_subnet(self, name: str, mirrored: bool,
                      pinned: IPv4Network | None, others: list[tuple[str, IPv4Network]],
                      host_taken: list[tuple[str, IPv4Network]]) -> IPv4Network:
         if pinned is not None:
             ipam.check_subnet_free(pinned, others + host_taken)
             return pinned
-        remembered = self.store.remembered_subnet(name, db)
+        remembered = self.store.remembered_subnet(name)
         if remembered is not None and mirrored != remembered.subnet_of(TRANSIT_POOL):
             remembered = None   # the name was used for a network of the other type
         choice = choose_network_subnet(mirrored, others, host_taken, remembered)
@@ -265,8 +264,8 @@ class Service:
         with contextlib.suppress(HnsError):
             self.kernel.delete_link(net.bridge)
         with self.nat.lock():
-            with self.store.transaction() as db:
-                self.store.delete_network(db, net.id)
+            with self.store.write() as tx:
+                tx.delete_network(net.id)
             with contextlib.suppress(HnsError):
                 self.nat.sync_locked()
 
@@ -298,16 +297,16 @@ class Service:
                                "first or use --force")
             for vm in self.store.vms(net.id, states=ANY_STATE):
                 self._delete_vm(vm.name, remember=False)
-            with self.store.transaction() as db:
-                self.store.set_state(db, "network", net.id, "deleting")
+            with self.store.write() as tx:
+                tx.set_state("network", net.id, "deleting")
             failpoint("network-delete:after-mark")
             with self.nat.lock():
                 self.nat.sync_locked()        # a network being deleted is left out
                 failpoint("network-delete:after-nft")
                 self.kernel.delete_link(net.bridge)
                 failpoint("network-delete:after-bridge")
-                with self.store.transaction() as db:
-                    self.store.delete_network(db, net.id)
+                with self.store.write() as tx:
+                    tx.delete_network(net.id)
         self._poke_daemon()
         return True
 
@@ -323,29 +322,29 @@ class Service:
         with self.store.lock(f"network-{network}", shared=True), \
                 self.store.lock(f"vm-{name}"):
             self._finish_vm(name)
-            with self.store.transaction() as db:
-                net = self.store.network(network, db)
-                if self.store.find_vm(name, db, ANY_STATE) is not None:
+            with self.store.write() as tx:
+                net = self.store.network(network)
+                if self.store.find_vm(name, ANY_STATE) is not None:
                     raise AlreadyExists(f"vm {name!r} already exists")
                 addr = ipam.allocate_ip(net.subnet, net.gateway,
-                                        self.store.taken_ips(db, net.id), want_ip)
-                hw = ipam.allocate_mac(self.store.taken_macs(db), want_mac)
+                                        self.store.taken_ips(net.id), want_ip)
+                hw = ipam.allocate_mac(self.store.taken_macs(), want_mac)
                 vm_id = str(uuid.uuid4())
                 vm = Vm(id=vm_id, name=name, network=net.name, network_id=net.id,
                         netns=naming.vm_netns_name(self.instance, name), ip=addr,
                         prefixlen=net.subnet.prefixlen, gateway=net.gateway, mac=hw,
                         host_ifname=naming.host_veth_name(self.instance, vm_id), mtu=net.mtu)
-                self.store.insert_vm(db, vm, "creating")
+                tx.insert_vm(vm, "creating")
             failpoint("vm-create:after-store")
             try:
                 self._apply_vm(vm, net, "vm-create")
-                with self.store.transaction() as db:
-                    self.store.set_state(db, "vm", vm.id, "ready")
+                with self.store.write() as tx:
+                    tx.set_state("vm", vm.id, "ready")
             except BaseException:
                 with contextlib.suppress(HnsError, OSError):
                     self._teardown_vm(vm)
-                with self.store.transaction() as db:
-                    self.store.delete_vm(db, vm.id)
+                with self.store.write() as tx:
+                    tx.delete_vm(vm.id)
                 raise
         self._poke_daemon()
         return vm
@@ -420,21 +419,21 @@ class Service:
         complete = self.store.find_vm(name) is not None
         with self.nat.lock():
             mapped = self.store.vm_port_mappings(vm.id)
-            with self.store.transaction() as db:
+            with self.store.write() as tx:
                 if not remember:      # a deleted VM's mappings are gone, remembered ones too
-                    self.store.forget_port_mappings(db, vm.name)
+                    tx.forget_port_mappings(vm.name)
                 elif complete:
-                    self.store.remember_port_mappings(db, vm.name, [
-                        m.mapping for m in self.store.port_mappings(vm.id, db)])
-                self.store.set_state(db, "vm", vm.id, "deleting")
+                    tx.remember_port_mappings(vm.name, [
+                        m.mapping for m in self.store.port_mappings(vm.id)])
+                tx.set_state("vm", vm.id, "deleting")
             failpoint("vm-delete:after-mark")
             if mapped:
                 self.port_maps.remove(mapped)
             failpoint("vm-delete:after-nft")
         self._teardown_vm(vm)
         failpoint("vm-delete:after-kernel")
-        with self.store.transaction() as db:
-            self.store.delete_vm(db, vm.id)  # its mappings go with it (cascade)
+        with self.store.write() as tx:
+            tx.delete_vm(vm.id)  # its mappings go with it (cascade)
         self._poke_daemon()
         return True
 

@@ -19,6 +19,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import NamedTuple
 
+from hns import migrations
 from hns.errors import AlreadyExists, Conflict, NotFound, StateError
 from hns.model import (
     HostPort,
@@ -32,69 +33,8 @@ from hns.model import (
 )
 
 __all__ = ["ANY_STATE", "INCOMPLETE", "LIVE", "PENDING_OR_READY", "READY", "MappedPort",
-           "Store"]
+           "Store", "Writer"]
 
-SCHEMA_VERSION = 1
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS networks (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    type TEXT NOT NULL,
-    subnet TEXT NOT NULL UNIQUE,
-    gateway TEXT NOT NULL,
-    mtu INTEGER NOT NULL,
-    bridge TEXT NOT NULL UNIQUE,
-    localhost_forwarding INTEGER NOT NULL DEFAULT 1,
-    ignored_ports TEXT NOT NULL DEFAULT '',
-    host_address_loopback INTEGER NOT NULL DEFAULT 0,
-    firewall INTEGER NOT NULL DEFAULT 1,
-    state TEXT NOT NULL DEFAULT 'ready'
-);
-CREATE TABLE IF NOT EXISTS vms (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    network_id TEXT NOT NULL REFERENCES networks(id),
-    ip TEXT NOT NULL,
-    mac TEXT NOT NULL UNIQUE,
-    netns TEXT NOT NULL UNIQUE,
-    host_ifname TEXT NOT NULL UNIQUE,
-    state TEXT NOT NULL DEFAULT 'ready',
-    UNIQUE (network_id, ip)
-);
-CREATE TABLE IF NOT EXISTS remembered_subnets (
-    name TEXT PRIMARY KEY,
-    subnet TEXT NOT NULL
-);
-"""
-
-# Port mappings: a host (protocol, port) is taken once, where every host address ('')
-# overlaps each single one; the trigger makes that a constraint of the database itself.
-# Mappings go with their VM (ON DELETE CASCADE); ``down`` keeps copies by VM name.
-PORT_MAPPING_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS port_mappings (
-        vm_id TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
-        protocol INTEGER NOT NULL CHECK (protocol IN (6, 17)),
-        external_port INTEGER NOT NULL CHECK (external_port BETWEEN 1 AND 65535),
-        internal_port INTEGER NOT NULL CHECK (internal_port BETWEEN 1 AND 65535),
-        host_address TEXT NOT NULL DEFAULT '',
-        state TEXT NOT NULL DEFAULT 'ready',
-        PRIMARY KEY (protocol, external_port, host_address))""",
-    "CREATE INDEX IF NOT EXISTS port_mappings_vm ON port_mappings (vm_id)",
-    """CREATE TRIGGER IF NOT EXISTS port_mappings_host_port BEFORE INSERT ON port_mappings
-    WHEN EXISTS (SELECT 1 FROM port_mappings WHERE protocol = NEW.protocol
-                 AND external_port = NEW.external_port
-                 AND (host_address = '' OR NEW.host_address = ''
-                      OR host_address = NEW.host_address))
-    BEGIN SELECT RAISE(ABORT, 'host port already mapped'); END""",
-    """CREATE TABLE IF NOT EXISTS remembered_port_mappings (
-        vm_name TEXT NOT NULL,
-        protocol INTEGER NOT NULL,
-        external_port INTEGER NOT NULL,
-        internal_port INTEGER NOT NULL,
-        host_address TEXT NOT NULL DEFAULT '',
-        PRIMARY KEY (vm_name, protocol, external_port, host_address))""",
-)
 PORT_MAPPING_SELECT = """
 SELECT v.name, p.protocol, p.external_port, p.internal_port, p.host_address, v.ip,
        v.network_id
@@ -150,24 +90,6 @@ def _port_mapping(row: tuple[object, ...]) -> PortMapping:
 
 def _mapped_port(row: tuple[object, ...]) -> MappedPort:
     return MappedPort(_port_mapping(row[:5]), IPv4Address(str(row[5])), str(row[6]))
-
-
-def _add_missing_columns(db: sqlite3.Connection) -> None:
-    """Columns added after a database was made (CREATE TABLE IF NOT EXISTS keeps it)."""
-    columns = {row[1] for row in db.execute("PRAGMA table_info(networks)")}
-    if "localhost_forwarding" not in columns:
-        db.execute("ALTER TABLE networks ADD COLUMN localhost_forwarding INTEGER NOT NULL "
-                   "DEFAULT 1")
-    if "ignored_ports" not in columns:
-        db.execute("ALTER TABLE networks ADD COLUMN ignored_ports TEXT NOT NULL DEFAULT ''")
-    if "host_address_loopback" not in columns:
-        db.execute("ALTER TABLE networks ADD COLUMN host_address_loopback INTEGER NOT NULL "
-                   "DEFAULT 0")
-    if "firewall" not in columns:
-        db.execute("ALTER TABLE networks ADD COLUMN firewall INTEGER NOT NULL DEFAULT 1")
-    for table in ("networks", "vms", "port_mappings"):
-        if "state" not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
-            db.execute(f"ALTER TABLE {table} ADD COLUMN state TEXT NOT NULL DEFAULT 'ready'")
 
 
 READY = ("ready",)
@@ -231,7 +153,7 @@ class Store:
             _retry_busy(self._setup_schema)
             self.instance = self._meta("instance")
             self.instance_id = self._meta("instance_id")
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, sqlite3.Error, ValueError) as exc:
             raise StateError(f"cannot open the state store in {self.state_dir}: {exc}") from None
 
     def _setup_schema(self) -> None:
@@ -241,15 +163,9 @@ class Store:
         mode = self._db.execute("PRAGMA journal_mode").fetchone()
         if mode is None or str(mode[0]).lower() != "wal":
             self._db.execute("PRAGMA journal_mode = WAL")
-        with self.transaction() as db:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            for statement in PORT_MAPPING_SCHEMA:
-                db.execute(statement)
-            _add_missing_columns(db)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)",
-                       (str(SCHEMA_VERSION),))
+        with self.write() as tx:
+            db = tx.db
+            migrations.migrate(db)
             if db.execute("SELECT 1 FROM meta WHERE key = 'instance'").fetchone() is None:
                 db.execute("INSERT INTO meta VALUES ('instance', ?)", (self._new_tag(),))
             db.execute("INSERT OR IGNORE INTO meta VALUES ('instance_id', ?)",
@@ -269,7 +185,7 @@ class Store:
 
     @property
     def connection(self) -> sqlite3.Connection:
-        """The connection, for modules keeping tables of their own (reads, transactions)."""
+        """The connection, for reads of modules keeping tables of their own."""
         return self._db
 
     def _meta(self, key: str) -> str:
@@ -279,11 +195,12 @@ class Store:
         return str(row[0])
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; the database lock is held from the start."""
+    def write(self) -> Iterator[Writer]:
+        """One write transaction, the database lock held from the start (``BEGIN
+        IMMEDIATE``): its :class:`Writer`.  Reads of the store inside it see its writes."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
+            yield Writer(self._db)
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
@@ -319,11 +236,6 @@ class Store:
         return os.open(self.state_dir / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
                        0o600)
 
-    def set_state(self, db: sqlite3.Connection, kind: str, object_id: str, state: str) -> None:
-        """Mark a network or VM (``kind``) ``creating``, ``ready`` or ``deleting``."""
-        table = {"network": "networks", "vm": "vms"}[kind]
-        db.execute(f"UPDATE {table} SET state = ? WHERE id = ?", (_state(state), object_id))
-
     def incomplete_networks(self) -> list[Network]:
         """Networks whose create or delete did not finish (killed, or in progress)."""
         rows = self._db.execute(f"SELECT {NETWORK_COLUMNS} FROM networks "
@@ -340,105 +252,73 @@ class Store:
 
     # networks
 
-    def networks(self, db: sqlite3.Connection | None = None,
-                 states: tuple[str, ...] = READY) -> list[Network]:
+    def networks(self, states: tuple[str, ...] = READY) -> list[Network]:
         """The networks in ``states`` (default: complete ones only)."""
-        rows = (db or self._db).execute(
+        rows = self._db.execute(
             f"SELECT {NETWORK_COLUMNS} FROM networks WHERE state IN {_in(states)} "
             "ORDER BY name")
         return [_network(r) for r in rows]
 
-    def find_network(self, name: str, db: sqlite3.Connection | None = None,
-                     states: tuple[str, ...] = READY) -> Network | None:
-        row = (db or self._db).execute(
+    def find_network(self, name: str, states: tuple[str, ...] = READY) -> Network | None:
+        row = self._db.execute(
             f"SELECT {NETWORK_COLUMNS} FROM networks WHERE name = ? AND state IN "
             f"{_in(states)}", (name,)).fetchone()
         return _network(row) if row else None
 
-    def network(self, name: str, db: sqlite3.Connection | None = None) -> Network:
-        net = self.find_network(name, db)
+    def network(self, name: str) -> Network:
+        net = self.find_network(name)
         if net is None:
             raise NotFound(f"network {name!r} does not exist")
         return net
 
-    def insert_network(self, db: sqlite3.Connection, net: Network,
-                       state: str = "ready") -> None:
-        try:
-            db.execute(f"INSERT INTO networks ({NETWORK_COLUMNS}, state) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (net.id, net.name, net.type.value, str(net.subnet), str(net.gateway),
-                        net.mtu, net.bridge, int(net.localhost_forwarding),
-                        format_port_list(net.ignored_ports), int(net.host_address_loopback),
-                        int(net.firewall), _state(state)))
-            db.execute("INSERT OR REPLACE INTO remembered_subnets VALUES (?, ?)",
-                       (net.name, str(net.subnet)))
-        except sqlite3.IntegrityError as exc:
-            raise _integrity(exc, f"network {net.name}") from None
-
-    def delete_network(self, db: sqlite3.Connection, network_id: str) -> None:
-        db.execute("DELETE FROM vms WHERE network_id = ?", (network_id,))
-        db.execute("DELETE FROM networks WHERE id = ?", (network_id,))
-
-    def remembered_subnet(self, name: str, db: sqlite3.Connection) -> IPv4Network | None:
-        row = db.execute("SELECT subnet FROM remembered_subnets WHERE name = ?",
-                         (name,)).fetchone()
+    def remembered_subnet(self, name: str) -> IPv4Network | None:
+        row = self._db.execute("SELECT subnet FROM remembered_subnets WHERE name = ?",
+                               (name,)).fetchone()
         return IPv4Network(row[0]) if row else None
 
     # VMs
 
-    def vms(self, network_id: str | None = None, db: sqlite3.Connection | None = None,
+    def vms(self, network_id: str | None = None,
             states: tuple[str, ...] = READY) -> list[Vm]:
         """The VMs in ``states`` (default: complete ones only)."""
         where = f" WHERE v.state IN {_in(states)}"
         if network_id is None:
-            rows = (db or self._db).execute(VM_SELECT + where + " ORDER BY v.name")
+            rows = self._db.execute(VM_SELECT + where + " ORDER BY v.name")
         else:
-            rows = (db or self._db).execute(VM_SELECT + where + " AND n.id = ? ORDER BY v.name",
-                                            (network_id,))
+            rows = self._db.execute(VM_SELECT + where + " AND n.id = ? ORDER BY v.name",
+                                    (network_id,))
         return [_vm(r) for r in rows]
 
-    def find_vm(self, name: str, db: sqlite3.Connection | None = None,
-                states: tuple[str, ...] = READY) -> Vm | None:
-        row = (db or self._db).execute(
+    def find_vm(self, name: str, states: tuple[str, ...] = READY) -> Vm | None:
+        row = self._db.execute(
             VM_SELECT + f" WHERE v.name = ? AND v.state IN {_in(states)}", (name,)).fetchone()
         return _vm(row) if row else None
 
-    def vm(self, name: str, db: sqlite3.Connection | None = None) -> Vm:
-        vm = self.find_vm(name, db)
+    def vm(self, name: str) -> Vm:
+        vm = self.find_vm(name)
         if vm is None:
             raise NotFound(f"vm {name!r} does not exist")
         return vm
 
-    def taken_ips(self, db: sqlite3.Connection, network_id: str) -> set[IPv4Address]:
-        rows = db.execute("SELECT ip FROM vms WHERE network_id = ?", (network_id,))
+    def taken_ips(self, network_id: str) -> set[IPv4Address]:
+        rows = self._db.execute("SELECT ip FROM vms WHERE network_id = ?", (network_id,))
         return {IPv4Address(r[0]) for r in rows}
 
-    def taken_macs(self, db: sqlite3.Connection) -> set[str]:
-        return {r[0] for r in db.execute("SELECT mac FROM vms")}
-
-    def insert_vm(self, db: sqlite3.Connection, vm: Vm, state: str = "ready") -> None:
-        try:
-            db.execute("INSERT INTO vms VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (vm.id, vm.name, vm.network_id, str(vm.ip), vm.mac, vm.netns,
-                        vm.host_ifname, _state(state)))
-        except sqlite3.IntegrityError as exc:
-            raise _integrity(exc, f"vm {vm.name}") from None
-
-    def delete_vm(self, db: sqlite3.Connection, vm_id: str) -> None:
-        db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
+    def taken_macs(self) -> set[str]:
+        return {r[0] for r in self._db.execute("SELECT mac FROM vms")}
 
     # port mappings
 
-    def port_mappings(self, vm_id: str | None = None, db: sqlite3.Connection | None = None,
+    def port_mappings(self, vm_id: str | None = None,
                       states: tuple[str, ...] = READY) -> list[MappedPort]:
         """Mappings in ``states`` (default: complete ones) of complete VMs."""
         order = " ORDER BY v.name, p.protocol, p.external_port, p.host_address"
         where = PORT_MAPPING_OF_READY_VMS + _in(states)
         if vm_id is None:
-            rows = (db or self._db).execute(PORT_MAPPING_SELECT + " WHERE" + where + order)
+            rows = self._db.execute(PORT_MAPPING_SELECT + " WHERE" + where + order)
         else:
-            rows = (db or self._db).execute(PORT_MAPPING_SELECT + " WHERE p.vm_id = ? AND"
-                                            + where + order, (vm_id,))
+            rows = self._db.execute(PORT_MAPPING_SELECT + " WHERE p.vm_id = ? AND"
+                                    + where + order, (vm_id,))
         return [_mapped_port(r) for r in rows]
 
     def vm_port_mappings(self, vm_id: str) -> list[MappedPort]:
@@ -446,61 +326,99 @@ class Store:
         rows = self._db.execute(PORT_MAPPING_SELECT + " WHERE p.vm_id = ?", (vm_id,))
         return [_mapped_port(r) for r in rows]
 
-    def port_mapping_conflict(self, port: HostPort,
-                              db: sqlite3.Connection | None = None) -> MappedPort | None:
+    def port_mapping_conflict(self, port: HostPort) -> MappedPort | None:
         """A mapping that overlaps this host port (an index lookup, whatever the count)."""
         address = _address(port)
-        row = (db or self._db).execute(
+        row = self._db.execute(
             PORT_MAPPING_SELECT + " WHERE p.protocol = ? AND p.external_port = ? "
             "AND (p.host_address = '' OR ? = '' OR p.host_address = ?) LIMIT 1",
             (port.protocol.value, port.port, address, address)).fetchone()
         return _mapped_port(row) if row else None
 
-    def find_port_mapping(self, port: HostPort,
-                          db: sqlite3.Connection | None = None) -> MappedPort | None:
+    def find_port_mapping(self, port: HostPort) -> MappedPort | None:
         """The mapping of exactly this host port (protocol, port and address)."""
-        row = (db or self._db).execute(
+        row = self._db.execute(
             PORT_MAPPING_SELECT + " WHERE p.protocol = ? AND p.external_port = ? "
             "AND p.host_address = ?", (port.protocol.value, port.port, _address(port))).fetchone()
         return _mapped_port(row) if row else None
 
-    def insert_port_mappings(self, db: sqlite3.Connection, vm_ids: Mapping[str, str],
-                             mappings: Iterable[PortMapping], state: str = "ready") -> None:
-        """Insert mappings; ``vm_ids`` maps each VM name to its id."""
-        try:
-            db.executemany("INSERT INTO port_mappings VALUES (?, ?, ?, ?, ?, ?)",
-                           ((vm_ids[m.vm], m.protocol.value, m.external_port, m.internal_port,
-                             _address(m.host_port), _state(state)) for m in mappings))
-        except sqlite3.IntegrityError as exc:
-            raise Conflict(f"a host port is already mapped ({exc})") from None
-
-    def set_port_mappings_state(self, db: sqlite3.Connection, ports: Iterable[HostPort],
-                                state: str) -> None:
-        """Mark mappings ``adding``, ``ready`` or ``deleting``."""
-        db.executemany("UPDATE port_mappings SET state = ? WHERE protocol = ? AND "
-                       "external_port = ? AND host_address = ?",
-                       ((_state(state), p.protocol.value, p.port, _address(p)) for p in ports))
-
-    def delete_port_mappings(self, db: sqlite3.Connection, ports: Iterable[HostPort]) -> None:
-        db.executemany("DELETE FROM port_mappings WHERE protocol = ? AND external_port = ? "
-                       "AND host_address = ?",
-                       ((p.protocol.value, p.port, _address(p)) for p in ports))
-
-    def remember_port_mappings(self, db: sqlite3.Connection, vm_name: str,
-                               mappings: Iterable[PortMapping]) -> None:
-        """Keep copies under the VM's name (replacing older ones), for ``up``."""
-        self.forget_port_mappings(db, vm_name)
-        db.executemany("INSERT INTO remembered_port_mappings VALUES (?, ?, ?, ?, ?)",
-                       ((vm_name, m.protocol.value, m.external_port, m.internal_port,
-                         _address(m.host_port)) for m in mappings))
-
-    def remembered_port_mappings(self, vm_name: str,
-                                 db: sqlite3.Connection | None = None) -> list[PortMapping]:
-        rows = (db or self._db).execute(
+    def remembered_port_mappings(self, vm_name: str) -> list[PortMapping]:
+        rows = self._db.execute(
             "SELECT vm_name, protocol, external_port, internal_port, host_address "
             "FROM remembered_port_mappings WHERE vm_name = ? "
             "ORDER BY protocol, external_port, host_address", (vm_name,))
         return [_port_mapping(r) for r in rows]
 
-    def forget_port_mappings(self, db: sqlite3.Connection, vm_name: str) -> None:
-        db.execute("DELETE FROM remembered_port_mappings WHERE vm_name = ?", (vm_name,))
+
+class Writer:
+    """The write methods of one transaction (:meth:`Store.write`); ``db``: its
+    connection, for modules keeping tables of their own."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def set_state(self, kind: str, object_id: str, state: str) -> None:
+        """Mark a network or VM (``kind``) ``creating``, ``ready`` or ``deleting``."""
+        table = {"network": "networks", "vm": "vms"}[kind]
+        self.db.execute(f"UPDATE {table} SET state = ? WHERE id = ?", (_state(state), object_id))
+
+    def insert_network(self, net: Network, state: str = "ready") -> None:
+        try:
+            self.db.execute(f"INSERT INTO networks ({NETWORK_COLUMNS}, state) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (net.id, net.name, net.type.value, str(net.subnet), str(net.gateway),
+                             net.mtu, net.bridge, int(net.localhost_forwarding),
+                             format_port_list(net.ignored_ports), int(net.host_address_loopback),
+                             int(net.firewall), _state(state)))
+            self.db.execute("INSERT OR REPLACE INTO remembered_subnets VALUES (?, ?)",
+                            (net.name, str(net.subnet)))
+        except sqlite3.IntegrityError as exc:
+            raise _integrity(exc, f"network {net.name}") from None
+
+    def delete_network(self, network_id: str) -> None:
+        self.db.execute("DELETE FROM vms WHERE network_id = ?", (network_id,))
+        self.db.execute("DELETE FROM networks WHERE id = ?", (network_id,))
+
+    def insert_vm(self, vm: Vm, state: str = "ready") -> None:
+        try:
+            self.db.execute("INSERT INTO vms VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (vm.id, vm.name, vm.network_id, str(vm.ip), vm.mac, vm.netns,
+                             vm.host_ifname, _state(state)))
+        except sqlite3.IntegrityError as exc:
+            raise _integrity(exc, f"vm {vm.name}") from None
+
+    def delete_vm(self, vm_id: str) -> None:
+        self.db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
+
+    # port mappings
+
+    def insert_port_mappings(self, vm_ids: Mapping[str, str],
+                             mappings: Iterable[PortMapping], state: str = "ready") -> None:
+        """Insert mappings; ``vm_ids`` maps each VM name to its id."""
+        try:
+            self.db.executemany("INSERT INTO port_mappings VALUES (?, ?, ?, ?, ?, ?)",
+                                ((vm_ids[m.vm], m.protocol.value, m.external_port, m.internal_port,
+                                  _address(m.host_port), _state(state)) for m in mappings))
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"a host port is already mapped ({exc})") from None
+
+    def set_port_mappings_state(self, ports: Iterable[HostPort], state: str) -> None:
+        """Mark mappings ``adding``, ``ready`` or ``deleting``."""
+        self.db.executemany("UPDATE port_mappings SET state = ? WHERE protocol = ? AND "
+                            "external_port = ? AND host_address = ?",
+                            ((_state(state), p.protocol.value, p.port, _address(p)) for p in ports))
+
+    def delete_port_mappings(self, ports: Iterable[HostPort]) -> None:
+        self.db.executemany("DELETE FROM port_mappings WHERE protocol = ? AND external_port = ? "
+                            "AND host_address = ?",
+                            ((p.protocol.value, p.port, _address(p)) for p in ports))
+
+    def remember_port_mappings(self, vm_name: str, mappings: Iterable[PortMapping]) -> None:
+        """Keep copies under the VM's name (replacing older ones), for ``up``."""
+        self.forget_port_mappings(vm_name)
+        self.db.executemany("INSERT INTO remembered_port_mappings VALUES (?, ?, ?, ?, ?)",
+                            ((vm_name, m.protocol.value, m.external_port, m.internal_port,
+                              _address(m.host_port)) for m in mappings))
+
+    def forget_port_mappings(self, vm_name: str) -> None:
+        self.db.execute("DELETE FROM remembered_port_mappings WHERE vm_name = ?", (vm_name,))

@@ -1,9 +1,9 @@
 """Static port proxies in the state store (table ``port_proxies``).
 
 The CLI writes here; the daemon reads and serves.  ``data_version`` lets the daemon see
-that another process committed a change without reading the table every time.  Columns
-added after the table was first made (``idle_timeout``, ``max_connections``) are added
-to older databases when the table is opened, with the values proxies had before.
+that another process committed a change without reading the table every time.  The
+table is made and migrated with the rest of the store (:mod:`hns.migrations`), so
+opening it writes nothing (``hnsctl status`` takes no write lock).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import sqlite3
 from collections.abc import Set
 
 from hns.daemon.netsh import (
-    DEFAULT_MAX_CONNECTIONS,
     IPAddress,
     PortProxy,
     ProxyKey,
@@ -25,25 +24,9 @@ from hns.store import Store
 
 __all__ = ["ProxyConfig"]
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS port_proxies (
-    protocol TEXT NOT NULL,
-    listen_address TEXT NOT NULL,
-    listen_port INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    connect_address TEXT NOT NULL,
-    connect_port INTEGER NOT NULL,
-    idle_timeout INTEGER NOT NULL DEFAULT 0,
-    max_connections INTEGER NOT NULL DEFAULT 4096,
-    PRIMARY KEY (protocol, listen_address, listen_port)
-)
-"""
 COLUMNS = ("kind, protocol, listen_address, listen_port, connect_address, connect_port, "
            "idle_timeout, max_connections")
-ADDED_COLUMNS = {   # column -> its definition, for databases made before it existed
-    "idle_timeout": "INTEGER NOT NULL DEFAULT 0",
-    "max_connections": f"INTEGER NOT NULL DEFAULT {DEFAULT_MAX_CONNECTIONS}",
-}
+
 
 
 def _proxy(row: tuple[object, ...]) -> PortProxy:
@@ -51,13 +34,6 @@ def _proxy(row: tuple[object, ...]) -> PortProxy:
     return PortProxy(str(kind), str(protocol), ipaddress.ip_address(str(listen)),
                      int(str(lport)), ipaddress.ip_address(str(connect)), int(str(cport)),
                      int(str(idle)), int(str(cap)))
-
-
-def _add_missing_columns(db: sqlite3.Connection) -> None:
-    have = {row[1] for row in db.execute("PRAGMA table_info(port_proxies)")}
-    for column, definition in ADDED_COLUMNS.items():
-        if column not in have:
-            db.execute(f"ALTER TABLE port_proxies ADD COLUMN {column} {definition}")
 
 
 def _describe_loop(path: list[PortProxy]) -> str:
@@ -74,10 +50,7 @@ class ProxyConfig:
     """The configured port proxies of one hns instance."""
 
     def __init__(self, store: Store) -> None:
-        self.store = store
-        with store.transaction() as db:
-            db.execute(SCHEMA)
-            _add_missing_columns(db)
+        self.store = store      # the table is the store's (hns.migrations): nothing to make
 
     def _db(self) -> sqlite3.Connection:
         return self.store.connection
@@ -98,8 +71,9 @@ class ProxyConfig:
         A proxy that would connect to its own listening socket, directly or through other
         proxies, is refused; ``local`` are the host namespace's addresses (a wildcard
         listener is reached at each of them)."""
-        with self.store.transaction() as db:
-            existing = [_proxy(r) for r in db.execute(f"SELECT {COLUMNS} FROM port_proxies")]
+        with self.store.write() as tx:
+            rows = tx.db.execute(f"SELECT {COLUMNS} FROM port_proxies")
+            existing = [_proxy(r) for r in rows]
             if replace:
                 existing = [p for p in existing if p.key != proxy.key]
             clash = conflicts(proxy, existing)
@@ -110,21 +84,22 @@ class ProxyConfig:
             loop = loop_of(proxy, existing, local)
             if loop is not None:
                 raise InvalidRequest(_describe_loop(loop))
-            db.execute("DELETE FROM port_proxies WHERE protocol = ? AND listen_address = ? "
-                       "AND listen_port = ?", (proxy.protocol, str(proxy.listen_address),
-                                               proxy.listen_port))
-            db.execute(f"INSERT INTO port_proxies ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                       (proxy.kind, proxy.protocol, str(proxy.listen_address),
-                        proxy.listen_port, str(proxy.connect_address), proxy.connect_port,
-                        proxy.idle_timeout, proxy.max_connections))
+            tx.db.execute("DELETE FROM port_proxies WHERE protocol = ? AND listen_address = ? "
+                          "AND listen_port = ?", (proxy.protocol, str(proxy.listen_address),
+                                                  proxy.listen_port))
+            tx.db.execute(f"INSERT INTO port_proxies ({COLUMNS}) "
+                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                          (proxy.kind, proxy.protocol, str(proxy.listen_address),
+                           proxy.listen_port, str(proxy.connect_address), proxy.connect_port,
+                           proxy.idle_timeout, proxy.max_connections))
 
     def delete(self, kind: str, key: ProxyKey) -> bool:
-        with self.store.transaction() as db:
-            cur = db.execute("DELETE FROM port_proxies WHERE kind = ? AND protocol = ? AND "
-                             "listen_address = ? AND listen_port = ?",
-                             (kind, key.protocol, key.listen_address, key.listen_port))
-            return cur.rowcount > 0
+        with self.store.write() as tx:
+            cur = tx.db.execute("DELETE FROM port_proxies WHERE kind = ? AND protocol = ? AND "
+                                "listen_address = ? AND listen_port = ?",
+                                (kind, key.protocol, key.listen_address, key.listen_port))
+            return bool(cur.rowcount > 0)
 
     def reset(self) -> int:
-        with self.store.transaction() as db:
-            return db.execute("DELETE FROM port_proxies").rowcount
+        with self.store.write() as tx:
+            return int(tx.db.execute("DELETE FROM port_proxies").rowcount)

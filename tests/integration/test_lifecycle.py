@@ -128,8 +128,8 @@ def test_gc_removes_tagged_objects_the_state_does_not_know(hns_sandbox: Sandbox)
     svc.create_network("n", "nat")
     vm = svc.create_vm("orphan", "n")
     keep = svc.create_vm("keep", "n")
-    with svc.store.transaction() as db:  # the state forgets the VM, the kernel does not
-        svc.store.delete_vm(db, vm.id)
+    with svc.store.write() as tx:  # the state forgets the VM, the kernel does not
+        tx.delete_vm(vm.id)
     listed = ok(hns_sandbox.hnsctl("gc", "--dry-run"))
     assert f"link {vm.host_ifname}" in listed and f"netns {vm.netns}" in listed
     assert keep.netns not in listed

@@ -70,9 +70,9 @@ def seeded(state: Path) -> Iterator[tuple[Network, Vm]]:
             netns=naming.vm_netns_name(store.instance, "v"), ip=IPv4Address("10.50.0.2"),
             prefixlen=24, gateway=net.gateway, mac="00:15:5d:00:00:01",
             host_ifname=naming.host_veth_name(store.instance, vm_id), mtu=1500)
-    with store.transaction() as db:
-        store.insert_network(db, net)
-        store.insert_vm(db, vm)
+    with store.write() as tx:
+        tx.insert_network(net)
+        tx.insert_vm(vm)
     store.close()
     yield net, vm
 
@@ -397,10 +397,10 @@ def test_an_unexpected_exception_is_one_line_and_exit_1(
 def test_a_closed_stdout_ends_quietly(state: Path) -> None:
     """``hnsctl ... | head -1``: more output than a pipe holds, the reader gone."""
     store = Store(state)
-    with store.transaction() as db:
+    with store.write() as tx:
         for i in range(300):
             net_id = str(uuid.uuid4())
-            store.insert_network(db, Network(
+            tx.insert_network(Network(
                 id=net_id, name=f"n{i}", type=NetworkType.NAT,
                 subnet=IPv4Network(f"10.{i // 256}.{i % 256}.0/24"),
                 gateway=IPv4Address(f"10.{i // 256}.{i % 256}.1"), mtu=1500,

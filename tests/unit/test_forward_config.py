@@ -52,9 +52,9 @@ def test_forwarding_is_on_by_default_and_in_the_json() -> None:
 def test_the_store_keeps_the_switch(tmp_path: Path) -> None:
     store = Store(tmp_path / "state")
     on, off = network(store, "on", True), network(store, "off", False)
-    with store.transaction() as db:
-        store.insert_network(db, on)
-        store.insert_network(db, off)
+    with store.write() as tx:
+        tx.insert_network(on)
+        tx.insert_network(off)
     assert store.networks() == [off, on]
     assert store.network("off").localhost_forwarding is False
     store.close()

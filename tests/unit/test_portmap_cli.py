@@ -30,8 +30,8 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "state"
     seed(path)
     store = Store(path)
-    with store.transaction() as db:
-        store.insert_port_mappings(db, {"a": store.vm("a").id}, [
+    with store.write() as tx:
+        tx.insert_port_mappings({"a": store.vm("a").id}, [
             PortMapping("a", Protocol.TCP, 8080, 80),
             PortMapping("a", Protocol.UDP, 53, 5353, IPv4Address("198.51.100.2"))])
     store.close()

@@ -40,11 +40,11 @@ def seed(state: Path) -> None:
     net = Network(id=net_id, name="n", type=NetworkType.NAT,
                   subnet=IPv4Network("10.50.0.0/24"), gateway=IPv4Address("10.50.0.1"),
                   mtu=1500, bridge=naming.bridge_name(store.instance, net_id))
-    with store.transaction() as db:
-        store.insert_network(db, net)
+    with store.write() as tx:
+        tx.insert_network(net)
         for i, name in enumerate(("a", "b"), start=2):
             vm_id = str(uuid.uuid4())
-            store.insert_vm(db, Vm(
+            tx.insert_vm(Vm(
                 id=vm_id, name=name, network="n", network_id=net_id,
                 netns=naming.vm_netns_name(store.instance, name),
                 ip=IPv4Address(f"10.50.0.{i}"), prefixlen=24, gateway=net.gateway,
@@ -228,8 +228,8 @@ def test_remembered_mappings_come_back_except_taken_ports(
 def seed_vm_a_again(svc: Service) -> None:
     net = svc.get_network("n")
     vm_id = str(uuid.uuid4())
-    with svc.store.transaction() as db:
-        svc.store.insert_vm(db, Vm(
+    with svc.store.write() as tx:
+        tx.insert_vm(Vm(
             id=vm_id, name="a", network="n", network_id=net.id,
             netns=naming.vm_netns_name(svc.instance, "a"), ip=IPv4Address("10.50.0.9"),
             prefixlen=24, gateway=net.gateway, mac="00:15:5d:00:00:09",
@@ -239,8 +239,8 @@ def seed_vm_a_again(svc: Service) -> None:
 def test_the_store_itself_refuses_a_taken_host_port(svc: Service) -> None:
     svc.add_port_mapping("a", "tcp", 8080, 80)
     vm_b = svc.store.vm("b")
-    with pytest.raises(Conflict), svc.store.transaction() as db:
-        svc.store.insert_port_mappings(db, {"b": vm_b.id},
+    with pytest.raises(Conflict), svc.store.write() as tx:
+        tx.insert_port_mappings({"b": vm_b.id},
                                        [PortMapping("b", Protocol.TCP, 8080, 80, HOST)])
     assert len(svc.list_port_mappings()) == 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
@@ -209,14 +210,14 @@ def test_config_refuses_a_loop_and_keeps_the_new_columns(config: ProxyConfig) ->
 
 
 def test_an_older_table_gets_the_new_columns(tmp_path: Path) -> None:
-    store = Store(tmp_path)
-    with store.transaction() as db:
+    with sqlite3.connect(tmp_path / "hns.db") as db:   # a store made before the columns
         db.execute("CREATE TABLE port_proxies (protocol TEXT NOT NULL, listen_address TEXT "
                    "NOT NULL, listen_port INTEGER NOT NULL, kind TEXT NOT NULL, "
                    "connect_address TEXT NOT NULL, connect_port INTEGER NOT NULL, "
                    "PRIMARY KEY (protocol, listen_address, listen_port))")
         db.execute("INSERT INTO port_proxies VALUES ('tcp', '0.0.0.0', 80, 'v4tov4', "
                    "'10.0.0.1', 80)")
+    store = Store(tmp_path)
     (old,) = ProxyConfig(store).list()
     assert (old.idle_timeout, old.max_connections) == (0, 4096)
     assert ProxyConfig(Store(tmp_path)).list() == [old]     # opening again changes nothing

@@ -52,15 +52,15 @@ def make_vm(store: Store, net: Network, name: str, ip: str, mac: str,
 def add_network(store: Store, name: str = "WSL", subnet: str = "172.16.0.0/20",
                 mtu: int = 1500) -> Network:
     net = make_network(store, name, subnet, mtu=mtu)
-    with store.transaction() as db:
-        store.insert_network(db, net)
+    with store.write() as tx:
+        tx.insert_network(net)
     return net
 
 
 def add_vm(store: Store, net: Network, name: str, ip: str, mac: str) -> Vm:
     vm = make_vm(store, net, name, ip, mac)
-    with store.transaction() as db:
-        store.insert_vm(db, vm)
+    with store.write() as tx:
+        tx.insert_vm(vm)
     return vm
 
 
@@ -120,9 +120,9 @@ def test_insert_find_list_networks(store: Store) -> None:
 
 def test_network_roundtrip_is_exact(store: Store) -> None:
     net = make_network(store, name="x.y-z_1", subnet="192.168.4.0/22")
-    with store.transaction() as db:
-        store.insert_network(db, net)
-        assert store.find_network("x.y-z_1", db) == net
+    with store.write() as tx:
+        tx.insert_network(net)
+        assert store.find_network("x.y-z_1") == net
     assert store.network("x.y-z_1") == net
 
 
@@ -136,30 +136,30 @@ def test_duplicate_network_raises_already_exists(store: Store, clash: str) -> No
     first = add_network(store, name="one", subnet="10.1.0.0/16")
     second = make_network(store, name="two", subnet="10.2.0.0/16")
     second = Network(**{**second.__dict__, clash: getattr(first, clash)})
-    with pytest.raises(AlreadyExists), store.transaction() as db:
-        store.insert_network(db, second)
+    with pytest.raises(AlreadyExists), store.write() as tx:
+        tx.insert_network(second)
     assert store.networks() == [first]
 
 
 def test_remembered_subnet_survives_delete_network(store: Store) -> None:
     net = add_network(store, name="WSL", subnet="172.20.0.0/20")
     vm = add_vm(store, net, "wsl", "172.20.0.2", "00:15:5d:00:00:01")
-    with store.transaction() as db:
-        store.delete_network(db, net.id)
+    with store.write() as tx:
+        tx.delete_network(net.id)
     assert store.find_network("WSL") is None
     assert store.find_vm(vm.name) is None  # VMs go with their network
-    with store.transaction() as db:
-        assert store.remembered_subnet("WSL", db) == IPv4Network("172.20.0.0/20")
-        assert store.remembered_subnet("other", db) is None
+    with store.write() as tx:
+        assert store.remembered_subnet("WSL") == IPv4Network("172.20.0.0/20")
+        assert store.remembered_subnet("other") is None
 
 
 def test_remembered_subnet_follows_the_latest_network(store: Store) -> None:
     net = add_network(store, name="WSL", subnet="172.20.0.0/20")
-    with store.transaction() as db:
-        store.delete_network(db, net.id)
+    with store.write() as tx:
+        tx.delete_network(net.id)
     add_network(store, name="WSL", subnet="172.21.0.0/20")
-    with store.transaction() as db:
-        assert store.remembered_subnet("WSL", db) == IPv4Network("172.21.0.0/20")
+    with store.write() as tx:
+        assert store.remembered_subnet("WSL") == IPv4Network("172.21.0.0/20")
 
 
 # VMs
@@ -177,10 +177,9 @@ def test_insert_find_list_vms(store: Store) -> None:
     assert store.vms(n1.id) == [a, b]
     assert store.vms(n2.id) == [c]
     assert store.find_vm("d") is None
-    with store.transaction() as db:
-        assert store.taken_ips(db, n1.id) == {IPv4Address("10.1.0.2"), IPv4Address("10.1.0.3")}
-        assert store.taken_macs(db) == {"00:15:5d:00:00:01", "00:15:5d:00:00:02",
-                                        "00:15:5d:00:00:03"}
+    assert store.taken_ips(n1.id) == {IPv4Address("10.1.0.2"), IPv4Address("10.1.0.3")}
+    assert store.taken_macs() == {"00:15:5d:00:00:01", "00:15:5d:00:00:02",
+                                  "00:15:5d:00:00:03"}
 
 
 def test_missing_vm_is_not_found(store: Store) -> None:
@@ -202,17 +201,17 @@ def test_duplicate_vm_raises_already_exists(store: Store, clash: str) -> None:
     first = add_vm(store, net, "a", "172.16.0.2", "00:15:5d:00:00:01")
     second = make_vm(store, net, "b", "172.16.0.3", "00:15:5d:00:00:02")
     second = Vm(**{**second.__dict__, clash: getattr(first, clash)})
-    with pytest.raises(AlreadyExists), store.transaction() as db:
-        store.insert_vm(db, second)
+    with pytest.raises(AlreadyExists), store.write() as tx:
+        tx.insert_vm(second)
     assert store.vms() == [first]
 
 
 def test_delete_vm(store: Store) -> None:
     net = add_network(store)
     vm = add_vm(store, net, "a", "172.16.0.2", "00:15:5d:00:00:01")
-    with store.transaction() as db:
-        store.delete_vm(db, vm.id)
-        store.delete_vm(db, vm.id)  # idempotent
+    with store.write() as tx:
+        tx.delete_vm(vm.id)
+        tx.delete_vm(vm.id)  # idempotent
     assert store.vms() == []
     assert store.network("WSL") == net
 
@@ -221,24 +220,24 @@ def test_delete_vm(store: Store) -> None:
 
 
 def test_transaction_rolls_back_on_exception(store: Store) -> None:
-    with pytest.raises(RuntimeError), store.transaction() as db:
-        store.insert_network(db, make_network(store))
+    with pytest.raises(RuntimeError), store.write() as tx:
+        tx.insert_network(make_network(store))
         raise RuntimeError("boom")
     assert store.networks() == []
-    with store.transaction() as db:
-        assert store.remembered_subnet("WSL", db) is None
+    with store.write() as tx:
+        assert store.remembered_subnet("WSL") is None
 
 
 def test_failed_insert_rolls_back_the_whole_transaction(store: Store) -> None:
     net = add_network(store, name="a", subnet="10.1.0.0/16")
-    with pytest.raises(AlreadyExists), store.transaction() as db:
-        store.insert_network(db, make_network(store, name="b", subnet="10.2.0.0/16"))
-        store.insert_network(db, make_network(store, name="a", subnet="10.3.0.0/16"))
+    with pytest.raises(AlreadyExists), store.write() as tx:
+        tx.insert_network(make_network(store, name="b", subnet="10.2.0.0/16"))
+        tx.insert_network(make_network(store, name="a", subnet="10.3.0.0/16"))
     assert store.networks() == [net]
 
 
 def test_store_usable_after_rollback(store: Store) -> None:
-    with pytest.raises(KeyboardInterrupt), store.transaction():
+    with pytest.raises(KeyboardInterrupt), store.write():
         raise KeyboardInterrupt
     net = add_network(store)
     assert store.networks() == [net]
@@ -279,8 +278,8 @@ def test_concurrent_writers_each_with_their_own_store(tmp_path: Path) -> None:
         own = Store(tmp_path)
         try:
             vm = make_vm(own, net, f"vm{i}", f"10.50.0.{i + 2}", f"00:15:5d:00:01:{i:02x}")
-            with own.transaction() as db:
-                own.insert_vm(db, vm)
+            with own.write() as tx:
+                tx.insert_vm(vm)
         finally:
             own.close()
 
@@ -301,10 +300,10 @@ def test_concurrent_allocations_never_collide(tmp_path: Path) -> None:
     def allocate(i: int) -> None:
         own = Store(tmp_path)
         try:
-            with own.transaction() as db:
-                ip = ipam.allocate_ip(net.subnet, net.gateway, own.taken_ips(db, net.id))
-                mac = ipam.allocate_mac(own.taken_macs(db), rng=random.Random(i))
-                own.insert_vm(db, make_vm(own, net, f"vm{i}", str(ip), mac))
+            with own.write() as tx:
+                ip = ipam.allocate_ip(net.subnet, net.gateway, own.taken_ips(net.id))
+                mac = ipam.allocate_mac(own.taken_macs(), rng=random.Random(i))
+                tx.insert_vm(make_vm(own, net, f"vm{i}", str(ip), mac))
         finally:
             own.close()
 
@@ -353,6 +352,6 @@ def test_lock_is_exclusive_between_open_files(store: Store) -> None:
 
 def test_vm_on_an_unknown_network_is_refused(store: Store) -> None:
     ghost = make_network(store)  # never inserted
-    with pytest.raises(InvalidRequest), store.transaction() as db:
-        store.insert_vm(db, make_vm(store, ghost, "a", "172.16.0.2", "00:15:5d:00:00:01"))
+    with pytest.raises(InvalidRequest), store.write() as tx:
+        tx.insert_vm(make_vm(store, ghost, "a", "172.16.0.2", "00:15:5d:00:00:01"))
     assert store.vms() == []
