@@ -22,8 +22,6 @@ from ipaddress import (
     IPv6Network,
 )
 
-from hns import ipam
-from hns.errors import Conflict
 from hns.model import Vm
 
 __all__ = [
@@ -32,7 +30,6 @@ __all__ = [
     "HostRoute",
     "HostView",
     "MirrorSpec",
-    "choose_network_subnet",
     "host_view",
     "mirror_spec",
     "transit6_address",
@@ -192,22 +189,3 @@ def mirror_spec(vm: Vm, instance: str, view: HostView) -> MirrorSpec:
                       view=view)
 
 
-
-def choose_network_subnet(mirrored: bool, others: list[tuple[str, IPv4Network]],
-                          host_taken: list[tuple[str, IPv4Network]],
-                          remembered: IPv4Network | None) -> ipam.SubnetChoice:
-    """A new network's subnet: for NAT a free one of the default pools; for a mirrored
-    network a transit /24.  ``others``: the other networks' subnets, ``host_taken``: the
-    host's prefixes, each with what holds it."""
-    if not mirrored:
-        return ipam.choose_subnet([n for _, n in others + host_taken], remembered)
-    # A transit /24's own route is more specific than a wider host route (the
-    # link-local 169.254.0.0/16 that NetworkManager and avahi add): only the host's
-    # prefixes as specific as the /24, and its own addresses, take a /24.
-    taken = [n for _, n in others] + [n for _, n in host_taken
-                                      if n.prefixlen >= TRANSIT_PREFIXLEN]
-    try:
-        return ipam.choose_subnet(taken, remembered, (TRANSIT_POOL,), TRANSIT_PREFIXLEN)
-    except Conflict:
-        raise Conflict(f"no free /{TRANSIT_PREFIXLEN} left in {TRANSIT_POOL} for the "
-                       "transit network of a mirrored network") from None

@@ -1,11 +1,13 @@
 """The service: what ``hnsctl`` and the Python API call.
 
-Every operation follows one pattern: validate (pure) -> write the desired state in one
-store transaction -> apply it to the kernel idempotently -> on failure undo the kernel
-work made so far (an ExitStack of undo callbacks) and the state row.  Deletes run the
-other way round: kernel first (idempotent), then the state, so a failed delete can simply
-be run again.  ``restore`` rebuilds every kernel object from the state; ``gc`` removes
-kernel objects tagged with this instance that the state does not know.
+Every create: validate (pure) -> one store transaction inserts the row marked
+``creating`` -> the kernel work, idempotent -> the row marked ``ready``; on a failure the
+kernel work is undone and the row deleted.  Every delete: the row marked ``deleting`` ->
+the kernel, idempotent -> the row deleted.  Each object's create and delete hold its
+lock (network -> VM -> nft), and a command that finds an object's row incomplete rolls
+it back first (docs/design.md, "Crash safety").  Parts: :class:`~hns.nat_table.NatTable`,
+:class:`~hns.port_mappings.PortMappings`; ``restore`` makes every kernel object of the
+state again, ``gc`` (:mod:`hns.gc`) removes what the state does not know.
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Interface
 from typing import TYPE_CHECKING
 
-from hns import ipam, leftovers, naming, portmap, resolv
+from hns import ipam, naming, portmap, resolv
 from hns.errors import AlreadyExists, Conflict, HnsError, InvalidRequest, KernelError
 from hns.failpoint import failpoint
+from hns.gc import Collector, tag_in_use
 from hns.mirrored import (
-    TRANSIT_POOL,
-    choose_network_subnet,
     mirror_spec,
     transit6_gateway,
 )
@@ -41,15 +42,13 @@ from hns.model import (
     parse_network_options,
 )
 from hns.nat_table import NatTable
-from hns.netns import create_netns, delete_netns, list_netns, netns_exists
+from hns.netns import create_netns, delete_netns, netns_exists
 from hns.nft import apply_vm_table
 from hns.nft import nft as hns_nft
 from hns.port_mappings import PortMappings
 from hns.store import ANY_STATE, INCOMPLETE, Store
+from hns.subnets import pick_subnet
 from nat.nft import NftRunner
-from nat.ruleset import (
-    render_delete,
-)
 
 if TYPE_CHECKING:  # the kernel driver (and pyroute2) loads on first use: reads stay fast
     from hns.kernel import HostKernel
@@ -89,10 +88,7 @@ class Service:
         self.port_maps = PortMappings(self.store, self.nat, self._flush_udp)
 
     def _tag_taken(self, tag: str) -> bool:
-        """Whether kernel objects of instance tag ``tag`` exist (see hns.leftovers)."""
-        return leftovers.tag_in_use(naming.netns_prefix(tag),
-                                    f"inet {naming.nft_table_name(tag)}", list_netns(),
-                                    _etc_netns_entries(), self.nft.list_tables())
+        return tag_in_use(tag, self.nft)
 
     def _alias(self, object_id: str) -> str:
         """The tag of a kernel object: this instance's full ID and the object's."""
@@ -101,10 +97,6 @@ class Service:
     @property
     def _owner(self) -> str:
         return naming.instance_alias_prefix(self.instance_id).rstrip(":")
-
-    @property
-    def _owner_comment(self) -> str:
-        return f'comment "{self._owner}"'
 
     def _flush_udp(self, ports: list[tuple[int, IPv4Address | None]]) -> int:
         """Stale UDP conntrack entries of the host namespace (netlink, on its thread)."""
@@ -204,7 +196,8 @@ class Service:
                     raise AlreadyExists(f"network {name!r} already exists")
                 others = [(f"network {n.name}", n.subnet)
                           for n in self.store.networks(ANY_STATE)]
-                chosen = self._pick_subnet(name, mirrored, pinned, others, host_taken)
+                chosen = pick_subnet(name, mirrored, pinned, others, host_taken,
+                                     self.store.remembered_subnet(name))
                 net_id = str(uuid.uuid4())
                 net = Network(id=net_id, name=name, type=opts.type, subnet=chosen,
                               gateway=gw or ipam.default_gateway(chosen), mtu=opts.mtu,
@@ -224,22 +217,6 @@ class Service:
                 raise
         self._poke_daemon()
         return net
-
-    def _pick_subnet(self, name: str, mirrored: bool,
-                     pinned: IPv4Network | None, others: list[tuple[str, IPv4Network]],
-                     host_taken: list[tuple[str, IPv4Network]]) -> IPv4Network:
-        if pinned is not None:
-            ipam.check_subnet_free(pinned, others + host_taken)
-            return pinned
-        remembered = self.store.remembered_subnet(name)
-        if remembered is not None and mirrored != remembered.subnet_of(TRANSIT_POOL):
-            remembered = None   # the name was used for a network of the other type
-        choice = choose_network_subnet(mirrored, others, host_taken, remembered)
-        if choice.replaced is not None:
-            log.warning("the address range %s remembered for network %s collides with "
-                        "the host; created the network with range %s instead",
-                        choice.replaced, name, choice.subnet)
-        return choice.subnet
 
     def _apply_network(self, net: Network) -> None:
         self._ensure_bridge(net)
@@ -503,85 +480,10 @@ class Service:
     def gc(self, dry_run: bool = False) -> list[str]:
         """Remove what interrupted commands left (incomplete objects no command is
         working on), and kernel objects carrying this instance's ID that the state does
-        not know."""
-        found = self._gc_incomplete(dry_run)
-        rows_vms = self.store.vms(states=ANY_STATE)
-        known_links = ({n.bridge for n in self.store.networks(states=ANY_STATE)}
-                       | {v.host_ifname for v in rows_vms})
-        known_netns = {v.netns for v in rows_vms}
-        from hns.kernel import kill_netns_processes, netns_tag
-        prefix = naming.netns_prefix(self.instance)
-        ours = naming.instance_alias_prefix(self.instance_id)
-        for link in leftovers.leftover_links(self.kernel.tagged_links(ours), known_links):
-            found.append(f"link {link}")
-            if not dry_run:
-                self.kernel.delete_link(link)
-        namespaces = [ns for ns in list_netns() if ns.startswith(prefix)]
-        for ns in leftovers.leftover_netns({ns: netns_tag(ns) for ns in namespaces},
-                                           known_netns, prefix, ours):
-            found.append(f"netns {ns}")
-            if not dry_run:
-                kill_netns_processes(ns)
-                delete_netns(ns)
-        owners = {e: resolv.vm_resolv_owner(e) for e in _etc_netns_entries()
-                  if e.startswith(prefix)}
-        for entry in leftovers.leftover_resolv(owners, known_netns, list_netns(), prefix,
-                                               self.instance_id):
-            found.append(f"resolv.conf {resolv.ETC_NETNS}/{entry}")
-            if not dry_run:
-                resolv.remove_vm_resolv(entry)
-        found.extend(self._gc_tables(dry_run))
-        return found
-
-    def _gc_incomplete(self, dry_run: bool) -> list[str]:
-        """Objects whose create or delete was killed: rolled back, unless a command is
-        working on them right now (it holds their lock)."""
-        found: list[str] = []
-        with self.nat.lock():
-            pending = self.store.incomplete_port_mappings()
-            for m in pending:
-                found.append(f"incomplete port mapping {m.mapping.describe()}")
-            if pending and not dry_run:
-                self.port_maps.finish_incomplete()
-        for vm in self.store.incomplete_vms():
-            with self.store.try_lock(f"vm-{vm.name}") as free:
-                if free and self.store.find_vm(vm.name, states=INCOMPLETE) is not None:
-                    found.append(f"incomplete vm {vm.name}")
-                    if not dry_run:
-                        self._remove_vm(vm.name, remember=False)
-        for net in self.store.incomplete_networks():
-            with self.store.try_lock(f"network-{net.name}") as free:
-                if free and self.store.find_network(net.name, states=INCOMPLETE) is not None:
-                    found.append(f"incomplete network {net.name}")
-                    if not dry_run:
-                        self._finish_network(net.name)
-        return found
-
-    def _gc_tables(self, dry_run: bool) -> list[str]:
-        """Our nft tables when no network needs them (only tables that carry our ID)."""
-        found: list[str] = []
-        name = naming.nft_table_name(self.instance)
-        tables = self.nft.list_tables()
-        if f"inet {name}" in tables and not self.store.networks(states=ANY_STATE) and \
-                self._owner_comment in (self.nft.list_table("inet", name) or ""):
-            found.append(f"nft table inet {name}")
-            if not dry_run:
-                self.nat.sync()
-        # the daemon's inbound table of mirrored networks, left by a daemon that was killed
-        mirror = f"{name}-mirror"
-        if f"inet {mirror}" in tables and not any(n.mirrored for n in self.store.networks()) \
-                and self._owner_comment in (self.nft.list_table("inet", mirror) or ""):
-            found.append(f"nft table inet {mirror}")
-            if not dry_run:
-                self.nft.apply(render_delete("inet", mirror))
-        return found
-
-
-def _etc_netns_entries() -> list[str]:
-    try:
-        return sorted(os.listdir(resolv.ETC_NETNS))
-    except FileNotFoundError:
-        return []
+        not know (:mod:`hns.gc`)."""
+        return Collector(self.store, self.nft, self.nat, self.port_maps, self.kernel,
+                         self.instance_id, lambda name: self._remove_vm(name, remember=False),
+                         self._finish_network).run(dry_run)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from nsutil import DaemonProc
+from helpers.nsutil import DaemonProc
 
 from hns.testing import Sandbox
 

@@ -17,9 +17,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from nsutil import bad_input_failures, snapshot
+from helpers.nsutil import bad_input_failures, full_snapshot, snapshot
 
-from hns.daemon.config import ProxyConfig
 from hns.testing import Sandbox
 
 BAD = [
@@ -172,19 +171,6 @@ def populated(hns_sandbox: Sandbox) -> Sandbox:
     hns_sandbox.hnsctl("portproxy", "add", "v4tov4", "listenport=9000",
                        "connectaddress=10.42.0.10", check=True)
     return hns_sandbox
-
-
-def full_snapshot(sandbox: Sandbox) -> dict[str, Any]:
-    """:func:`nsutil.snapshot` and the rest of the state: port mappings, port proxies, the
-    VMs' /etc/netns entries."""
-    svc = sandbox.service
-    prefix = f"hns-{svc.instance}-"
-    etc = sorted(e for e in os.listdir("/etc/netns") if e.startswith(prefix)) if \
-        os.path.isdir("/etc/netns") else []
-    return {**snapshot(sandbox),
-            "portmaps": [m.to_json() for m in svc.list_port_mappings()],
-            "proxies": [p.to_json() for p in ProxyConfig(svc.store).list()],
-            "etc_netns": etc}
 
 
 def corpus_size() -> int:

@@ -10,7 +10,7 @@ import stat
 import subprocess
 from typing import Any
 
-from nsutil import (
+from helpers.nsutil import (
     DaemonProc,
     serve_http_peer_echo,
     serve_udp_peer_echo,

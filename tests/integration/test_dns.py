@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from nsutil import DaemonProc, wait_for, wait_listening
+from helpers.nsutil import DaemonProc, wait_for, wait_listening
 
 from hns.testing import Sandbox, SandboxVm
 from portproxy import dnsmsg

@@ -5,19 +5,28 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import subprocess
 import sys
 from typing import Any
 
 import pytest
-from nsutil import DaemonProc, serve_http_peer_echo, udp_ask, wait_for, wait_listening
+from helpers.nsutil import (
+    DaemonProc,
+    curl,
+    reaches,
+    refused,
+    serve,
+    serve_http_peer_echo,
+    stop,
+    udp_ask,
+    wait_for,
+    wait_listening,
+)
 
-from hns.testing import Peer, Sandbox, SandboxVm
+from hns.testing import Sandbox, SandboxVm
 
 # Answers every request with a fixed word: tells which VM a connection reached.
 HTTP_WORD = "sed -n /^.$/q; echo HTTP/1.0 200 OK; echo; echo {word}"
 # ... or with the client's address as the server sees it.
-HTTP_PEER = "sed -n /^.$/q; echo HTTP/1.0 200 OK; echo; echo $SOCAT_PEERADDR"
 
 
 def forwards(daemon: DaemonProc, vm: str | None = None) -> list[dict[str, Any]]:
@@ -31,37 +40,11 @@ def state_of(daemon: DaemonProc, vm: str, protocol: str, family: str, port: int)
     return None
 
 
-def curl(peer: Peer, url: str) -> subprocess.CompletedProcess[str]:
-    return peer.run(["curl", "-sS", "-g", "--max-time", "10", url])  # type: ignore[no-any-return]
-
-
-def reaches(peer: Peer, url: str, expect: str | None = None) -> bool:
-    result = curl(peer, url)
-    return result.returncode == 0 and (expect is None or result.stdout.strip() == expect)
-
-
-def refused(peer: Peer, url: str) -> bool:
-    return curl(peer, url).returncode == 7            # curl: could not connect
-
-
 def is_loopback(text: str) -> bool:
     address = ipaddress.ip_address(text.strip().strip("[]"))
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped.is_loopback
     return address.is_loopback
-
-
-def serve(vm: SandboxVm, port: int, listen: str = "TCP-LISTEN", bind: str | None = None,
-          answer: str = HTTP_PEER, extra: str = "") -> subprocess.Popen[Any]:
-    address = f"{listen}:{port},reuseaddr,fork" + (f",bind={bind}" if bind else "") + extra
-    proc = vm.popen(["socat", address, f"SYSTEM:{answer}"])
-    wait_listening(vm, port)
-    return proc
-
-
-def stop(proc: subprocess.Popen[Any]) -> None:
-    proc.kill()
-    proc.communicate(timeout=10)
 
 
 @pytest.mark.parametrize(("listen", "bind", "urls"), [

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from test_bad_input import full_snapshot
+from helpers.nsutil import full_snapshot
 
 from hns.testing import Sandbox
 

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from nsutil import serve_http_peer_echo, wait_listening
+from helpers.nsutil import serve_http_peer_echo, wait_listening
 
 from hns.testing import Sandbox, SandboxVm
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from nsutil import serve_http_peer_echo
+from helpers.nsutil import serve_http_peer_echo
 
 from hns import naming
 from hns.testing import Sandbox

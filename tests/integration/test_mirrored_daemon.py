@@ -10,8 +10,17 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from nsutil import DaemonProc, udp_ask, wait_for, wait_listening
-from test_forward import curl, reaches, refused, serve, stop
+from helpers.nsutil import (
+    DaemonProc,
+    curl,
+    reaches,
+    refused,
+    serve,
+    stop,
+    udp_ask,
+    wait_for,
+    wait_listening,
+)
 
 from hns.testing import Peer, Sandbox, SandboxVm
 

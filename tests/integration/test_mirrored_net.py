@@ -17,7 +17,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 from typing import Any
 
 import pytest
-from nsutil import (
+from helpers.nsutil import (
     HTTP_PEER_ECHO,
     bad_input_failures,
     serve_http_peer_echo,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from nsutil import serve_http_peer_echo, serve_udp_peer_echo, udp_ask, wait_listening
+from helpers.nsutil import serve_http_peer_echo, serve_udp_peer_echo, udp_ask, wait_listening
 
 from hns.testing import Sandbox, SandboxVm
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from nsutil import bad_input_failures, serve_http_peer_echo, snapshot
+from helpers.nsutil import bad_input_failures, serve_http_peer_echo, snapshot
 
 from hns import naming
 from hns.testing import Peer, Sandbox, SandboxVm

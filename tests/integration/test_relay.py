@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
-from nsutil import serve_http_peer_echo, wait_for, wait_listening
+from helpers.nsutil import serve_http_peer_echo, wait_for, wait_listening
 
 from hns.netns import NetnsExecutor
 from hns.testing import Peer, Sandbox, SandboxVm

@@ -1,8 +1,10 @@
-"""Small helpers for the integration tests: readiness polling and snapshots."""
+"""Small helpers for the integration tests: readiness polling, clients and servers,
+snapshots."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -10,7 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from hns.testing import Peer, Sandbox
+from hns.daemon.config import ProxyConfig
+from hns.testing import Peer, Sandbox, SandboxVm
 
 # The server reads the request up to its blank line before answering (closing with unread
 # data would reset the connection), and avoids backslashes: socat unescapes them.
@@ -140,3 +143,45 @@ class DaemonProc:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.communicate()
+
+
+# HTTP through curl, servers through socat
+
+
+def curl(peer: Peer, url: str) -> subprocess.CompletedProcess[str]:
+    return peer.run(["curl", "-sS", "-g", "--max-time", "10", url])  # type: ignore[no-any-return]
+
+
+def reaches(peer: Peer, url: str, expect: str | None = None) -> bool:
+    result = curl(peer, url)
+    return result.returncode == 0 and (expect is None or result.stdout.strip() == expect)
+
+
+def refused(peer: Peer, url: str) -> bool:
+    return curl(peer, url).returncode == 7            # curl: could not connect
+
+
+def serve(vm: SandboxVm, port: int, listen: str = "TCP-LISTEN", bind: str | None = None,
+          answer: str = HTTP_PEER_ECHO, extra: str = "") -> subprocess.Popen[Any]:
+    address = f"{listen}:{port},reuseaddr,fork" + (f",bind={bind}" if bind else "") + extra
+    proc = vm.popen(["socat", address, f"SYSTEM:{answer}"])
+    wait_listening(vm, port)
+    return proc
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    proc.kill()
+    proc.communicate(timeout=10)
+
+
+def full_snapshot(sandbox: Sandbox) -> dict[str, Any]:
+    """:func:`snapshot` and the rest of the state: port mappings, port proxies, the
+    VMs' /etc/netns entries."""
+    svc = sandbox.service
+    prefix = f"hns-{svc.instance}-"
+    etc = sorted(e for e in os.listdir("/etc/netns") if e.startswith(prefix)) if \
+        os.path.isdir("/etc/netns") else []
+    return {**snapshot(sandbox),
+            "portmaps": [m.to_json() for m in svc.list_port_mappings()],
+            "proxies": [p.to_json() for p in ProxyConfig(svc.store).list()],
+            "etc_netns": etc}
