@@ -16,6 +16,7 @@ from helpers.nsutil import (
     refused,
     serve,
     serve_http_peer_echo,
+    serve_udp_peer_echo,
     stop,
     udp_ask,
     wait_for,
@@ -101,9 +102,7 @@ def test_udp_dns_through_the_forward(hns_sandbox: Sandbox, nat_vm: SandboxVm,
 
 def test_udp_echo_dual_stack(hns_sandbox: Sandbox, nat_vm: SandboxVm,
                              daemon: DaemonProc) -> None:
-    nat_vm.popen(["socat", "UDP6-RECVFROM:5301,reuseaddr,fork,ipv6only=0",
-                  "SYSTEM:echo $SOCAT_PEERADDR"])
-    wait_listening(nat_vm, 5301, udp=True)
+    serve_udp_peer_echo(nat_vm, 5301, "dual")
     for host in ("127.0.0.1", "::1"):
         wait_for(lambda host=host: udp_ask(hns_sandbox.host, host, 5301, tries=1) != "",
                  f"the UDP forward on {host}")

@@ -16,6 +16,7 @@ from helpers.nsutil import (
     reaches,
     refused,
     serve,
+    serve_udp_peer_echo,
     stop,
     udp_ask,
     wait_for,
@@ -95,8 +96,7 @@ def test_outside_reaches_a_vm_server_over_ipv6(hns_sandbox: Sandbox, mvm: Sandbo
 
 def test_outside_reaches_a_vm_udp_server(hns_sandbox: Sandbox, mvm: SandboxVm,
                                          daemon: DaemonProc) -> None:
-    mvm.popen(["socat", "UDP4-RECVFROM:5353,reuseaddr,fork", "SYSTEM:echo $SOCAT_PEERADDR"])
-    wait_listening(mvm, 5353, udp=True)
+    serve_udp_peer_echo(mvm, 5353)
     until(lambda: udp_ask(hns_sandbox.outside, HOST, 5353, tries=1) == OUTSIDE,
           "a UDP answer from the VM at the host's address")
 
@@ -272,8 +272,7 @@ def test_names_resolve_through_the_gateway(hns_sandbox: Sandbox, daemon: DaemonP
 
 def test_host_loopback_reaches_a_vm_udp_server_on_both_families(
         hns_sandbox: Sandbox, mvm: SandboxVm, daemon: DaemonProc) -> None:
-    mvm.popen(["socat", "UDP6-RECVFROM:5454,reuseaddr,fork", "SYSTEM:echo $SOCAT_PEERADDR"])
-    wait_listening(mvm, 5454, udp=True)
+    serve_udp_peer_echo(mvm, 5454, "dual")
     until(lambda: udp_ask(hns_sandbox.host, "::1", 5454, tries=1) != "",
           "host [::1] to reach the VM's UDP server")
     until(lambda: udp_ask(hns_sandbox.host, "127.0.0.1", 5454, tries=1) != "",

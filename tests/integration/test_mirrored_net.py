@@ -231,9 +231,7 @@ def test_ipv6_tcp_to_outside_leaves_from_the_host_address(hns_sandbox: Sandbox,
 
 def test_ipv6_udp_to_outside_leaves_from_the_host_address(hns_sandbox: Sandbox,
                                                           mirrored_vm: SandboxVm) -> None:
-    hns_sandbox.outside.popen(["socat", "UDP6-RECVFROM:9054,reuseaddr,fork",
-                               "SYSTEM:echo $SOCAT_PEERADDR"])
-    wait_listening(hns_sandbox.outside, 9054, udp=True)
+    serve_udp_peer_echo(hns_sandbox.outside, 9054, "dual")
     seen = udp_ask(mirrored_vm, hns_sandbox.outside_ip6, 9054)
     assert peer_addr(seen) == hns_sandbox.uplink_ip6
 
