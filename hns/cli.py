@@ -29,6 +29,7 @@ from hns.model import (
     parse_on_off,
 )
 from hns.netns import netns_exists, netns_mounted
+from hns.output import print_table
 from hns.process import exec_in_netns
 from hns.service import DEFAULT_STATE_DIR, Service
 
@@ -144,12 +145,6 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
-def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-
-
 def _show(obj: Network | Vm, as_json: bool) -> None:
     data = obj.to_json()
     if as_json:
@@ -178,8 +173,8 @@ def _network_cmd(svc: Service, args: argparse.Namespace) -> int:
         if args.json:
             _print_json([n.to_json() for n in nets])
         else:
-            _table([(n.name, n.type.value, str(n.subnet), str(n.gateway), str(n.mtu), n.bridge)
-                    for n in nets], ("NAME", "TYPE", "SUBNET", "GATEWAY", "MTU", "BRIDGE"))
+            print_table([(n.name, n.type.value, n.subnet, n.gateway, n.mtu, n.bridge)
+                         for n in nets], ("NAME", "TYPE", "SUBNET", "GATEWAY", "MTU", "BRIDGE"))
     elif args.action == "show":
         _show(svc.get_network(args.name), args.json)
     elif args.action == "delete" and not svc.delete_network(args.name, args.force):
@@ -197,8 +192,8 @@ def _vm_cmd(svc: Service, args: argparse.Namespace) -> int:
         if args.json:
             _print_json([v.to_json() for v in vms])
         else:
-            _table([(v.name, v.network, f"{v.ip}/{v.prefixlen}", v.mac, v.netns) for v in vms],
-                   ("NAME", "NETWORK", "ADDRESS", "MAC", "NETNS"))
+            print_table([(v.name, v.network, f"{v.ip}/{v.prefixlen}", v.mac, v.netns)
+                         for v in vms], ("NAME", "NETWORK", "ADDRESS", "MAC", "NETNS"))
     elif args.action == "show":
         _show(svc.get_vm(args.name), args.json)
     elif args.action == "delete":
@@ -239,9 +234,9 @@ def _portmap_cmd(svc: Service, args: argparse.Namespace) -> int:
         if args.json:
             _print_json([m.to_json() for m in maps])
         else:
-            _table([(m.vm, m.protocol.keyword, str(m.host_address or "*"), str(m.external_port),
-                     str(m.internal_port)) for m in maps],
-                   ("VM", "PROTOCOL", "HOST ADDRESS", "EXTERNAL PORT", "INTERNAL PORT"))
+            print_table([(m.vm, m.protocol.keyword, m.host_address or "*", m.external_port,
+                          m.internal_port) for m in maps],
+                        ("VM", "PROTOCOL", "HOST ADDRESS", "EXTERNAL PORT", "INTERNAL PORT"))
     elif not svc.delete_port_mapping(args.vm, args.protocol, args.external_port,
                                      args.host_address):
         port = HostPort.parse(args.protocol, args.external_port, args.host_address)

@@ -365,9 +365,8 @@ class Service:
     def _poke_daemon(self) -> None:
         """Tell a running daemon to reload now (it watches the VMs for localhost
         forwarding).  Best effort: a daemon also notices within a second on its own."""
-        from hns.daemon.control import request
-        with contextlib.suppress(OSError, ValueError):
-            request(self.store.state_dir, "reload", timeout=1.0)
+        from hns.daemon.control import poke
+        poke(self.store.state_dir)
 
     def _teardown_vm(self, vm: Vm) -> None:
         from hns.kernel import kill_netns_processes

@@ -47,6 +47,7 @@ from ipaddress import IPv4Network, IPv6Network
 
 from portproxy import dnsmsg
 from portproxy.dnsmsg import MessageError, Query, Question, Rcode
+from portproxy.resolvconf import nameservers
 
 __all__ = [
     "DEFAULT_MAX_PENDING",
@@ -108,12 +109,9 @@ def upstreams_from_resolv(text: str, port: int = 53, exclude: Iterable[tuple[str
     proxy's own listen addresses: no loops) and unparseable entries left out."""
     skip = set(exclude)
     found: list[Upstream] = []
-    for line in text.splitlines():
-        words = line.split()
-        if len(words) < 2 or words[0] != "nameserver":
-            continue
+    for address in nameservers(text):
         try:
-            upstream = Upstream.parse(words[1], port)
+            upstream = Upstream.parse(address, port)
         except ValueError:
             continue
         if upstream.key not in skip and upstream not in found:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -11,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hns.errors import InvalidRequest
+from hns.output import print_table
 
 __all__ = ["HANDLERS", "register"]
 
@@ -45,9 +45,8 @@ def _config(svc: Any) -> Any:
 
 def _poke(svc: Any) -> None:
     """Tell a running daemon to reload at once (it would notice within a second)."""
-    from hns.daemon.control import request
-    with contextlib.suppress(OSError, ValueError):
-        request(svc.store.state_dir, "reload", timeout=2.0)
+    from hns.daemon.control import poke
+    poke(svc.store.state_dir)
 
 
 def _local_addresses(svc: Any) -> frozenset[Any]:
@@ -74,9 +73,7 @@ def _show(proxies: Sequence[Any], as_json: bool) -> None:
              str(p.connect_address), str(p.connect_port),
              f"{p.idle_timeout}s" if p.idle_timeout else "-", str(p.max_connections))
             for p in proxies]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    print_table(rows, header)
 
 
 def _portproxy(svc: Any, args: argparse.Namespace) -> int:
@@ -126,9 +123,7 @@ def _status(svc: Any, args: argparse.Namespace) -> int:
              f"{r['Connections']}/{r['MaxConnections']}" if r.get("MaxConnections")
              else str(r["Connections"])) for r in answer.get("Relays", [])]
     if rows:
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        for row in [header, *rows]:
-            print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        print_table(rows, header)
     _print_forwards(answer.get("Forwards", []))
     _print_mirrored(answer.get("Mirrored", []))
     _print_dns(answer.get("Dns", []))
@@ -142,10 +137,8 @@ def _print_forwards(forwards: Sequence[dict[str, Any]]) -> None:
     header = ("VM", "PROTOCOL", "LISTEN", "STATE", "CONNECTIONS")
     rows = [(f["Vm"], f["Protocol"], f["Listen"], f["State"], str(f.get("Connections", 0)))
             for f in forwards]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print("localhost forwarding:")
-    for row in [header, *rows]:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    print_table(rows, header)
 
 
 def _print_mirrored(entries: Sequence[dict[str, Any]]) -> None:
@@ -156,10 +149,8 @@ def _print_mirrored(entries: Sequence[dict[str, Any]]) -> None:
     rows = [(e["Vm"], f"{e['Protocol']}/{e['Family']}", str(e["Port"]),
              e["Direction"] + (" (and host address)" if e.get("Inbound") else ""), e["State"],
              str(e.get("Connections", 0))) for e in entries]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print("mirrored networks:")
-    for row in [header, *rows]:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    print_table(rows, header)
 
 
 def _print_dns(entries: Sequence[dict[str, Any]]) -> None:
@@ -169,10 +160,8 @@ def _print_dns(entries: Sequence[dict[str, Any]]) -> None:
     header = ("NETWORK", "LISTEN", "UPSTREAMS", "STATE", "QUERIES", "FAILURES")
     rows = [(e["Network"], e["Listen"], ",".join(e["Upstreams"]) or "-", e["State"],
              str(e["Queries"]), str(e["Failures"])) for e in entries]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print("dns proxy:")
-    for row in [header, *rows]:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    print_table(rows, header)
 
 
 HANDLERS: dict[str, Callable[[Any, argparse.Namespace], int]] = {

@@ -7,6 +7,7 @@ reads one JSON object per line back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -14,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from hns.daemon.netsh import PortProxy
+from portproxy.addresses import endpoint
 
-__all__ = ["CONTROL_SOCKET", "control_path", "relay_status", "request"]
+__all__ = ["CONTROL_SOCKET", "POKE_TIMEOUT", "control_path", "poke", "relay_status", "request"]
 
 CONTROL_SOCKET = "daemon.sock"
+POKE_TIMEOUT = 1.0       # s: a poke is best effort (the daemon polls the state anyway)
 
 
 def control_path(state_dir: str | os.PathLike[str]) -> Path:
@@ -44,6 +47,13 @@ def request(state_dir: str | os.PathLike[str], command: str,
     return answer
 
 
+def poke(state_dir: str | os.PathLike[str]) -> None:
+    """Tell a running daemon to read the state again now.  Best effort: a daemon also
+    notices a change within a second on its own."""
+    with contextlib.suppress(OSError, ValueError):
+        request(state_dir, "reload", timeout=POKE_TIMEOUT)
+
+
 def relay_status(proxy: PortProxy, info: Any, error: str | None) -> dict[str, Any]:
     """A static proxy in ``status``: its configuration and, while served, the relay's
     counters (``info``: a RelayInfo or None)."""
@@ -54,8 +64,8 @@ def relay_status(proxy: PortProxy, info: Any, error: str | None) -> dict[str, An
         "Name": proxy.name,
         "Kind": "portproxy",
         "Protocol": proxy.protocol,
-        "Listen": _hostport(str(proxy.listen_address), proxy.listen_port),
-        "Connect": _hostport(str(proxy.connect_address), proxy.connect_port),
+        "Listen": endpoint(str(proxy.listen_address), proxy.listen_port),
+        "Connect": endpoint(str(proxy.connect_address), proxy.connect_port),
         "State": _state(info, error),
         "Connections": count("connections"),
         "MaxConnections": info.max_connections if info is not None else proxy.max_connections,
@@ -75,6 +85,3 @@ def _state(info: Any, error: str | None) -> str:
         return "full: refusing new connections"
     return "listening"
 
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -43,6 +43,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from hns.daemon.netsh import PortProxy
+from portproxy.addresses import endpoint
 from portproxy.tracker import DiagSocket
 
 __all__ = ["Claims", "ForwardKey", "Plan", "cap_reason", "changes", "ephemeral_cap", "keys_of",
@@ -74,8 +75,7 @@ class ForwardKey:
         return socket.AF_INET if self.family == 4 else socket.AF_INET6
 
     def endpoint(self) -> str:
-        host = self.loopback
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return endpoint(self.loopback, self.port)
 
 
 def keys_of(sock: DiagSocket) -> frozenset[ForwardKey]:

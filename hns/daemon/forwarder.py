@@ -60,6 +60,7 @@ from hns.daemon.vmwatch import VmWatch
 from hns.model import NetworkType, Vm
 from hns.store import Store
 from portproxy.engine import Engine, Relay, RelayInfo, TimerHandle
+from portproxy.sockets import listen
 from portproxy.tracker import read_port_range
 from portproxy.vmdial import DEFAULT_POOL_SIZE
 
@@ -76,20 +77,7 @@ HOST_PORT_IN_USE = "conflict: host port in use"
 def open_loopback(key: ForwardKey) -> socket.socket:
     """The host end of a forward: non-blocking, listening (TCP) or bound (UDP)."""
     kind = socket.SOCK_STREAM if key.protocol == "tcp" else socket.SOCK_DGRAM
-    sock = socket.socket(key.socket_family, kind | socket.SOCK_CLOEXEC)
-    try:
-        if key.family == 6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        if kind == socket.SOCK_STREAM:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((key.loopback, key.port))
-        if kind == socket.SOCK_STREAM:
-            sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return listen(key.socket_family, kind, key.loopback, key.port)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 from hns.errors import InvalidRequest
+from portproxy.addresses import endpoint
 
 __all__ = ["DEFAULT_MAX_CONNECTIONS", "KINDS", "PortProxy", "ProxyKey", "conflicts", "loop_of",
            "parse_add", "parse_delete"]
@@ -69,7 +70,7 @@ class PortProxy:
     @property
     def name(self) -> str:
         return (f"portproxy {self.kind} {self.protocol} "
-                f"{_hostport(self.listen_address, self.listen_port)}")
+                f"{endpoint(self.listen_address, self.listen_port)}")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,10 +83,6 @@ class PortProxy:
             "IdleTimeout": self.idle_timeout,
             "MaxConnections": self.max_connections,
         }
-
-
-def _hostport(addr: IPAddress, port: int) -> str:
-    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
 
 
 def _words(args: Sequence[str], allowed: set[str]) -> dict[str, str]:

@@ -20,27 +20,11 @@ from hns.daemon.control import relay_status
 from hns.daemon.netsh import PortProxy, ProxyKey
 from hns.store import Store
 from portproxy.engine import Engine
+from portproxy.sockets import listen
 
-__all__ = ["StaticProxies", "open_listener"]
+__all__ = ["StaticProxies"]
 
 log = logging.getLogger("hns.daemon")
-
-
-def open_listener(family: int, kind: int, address: str, port: int) -> socket.socket:
-    """A listening (TCP) or bound (UDP) socket, non-blocking; v6 sockets are v6-only."""
-    sock = socket.socket(family, kind)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((address, port))
-        if kind == socket.SOCK_STREAM:
-            sock.listen(4096)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 @dataclass
@@ -90,7 +74,7 @@ class StaticProxies:
         family = socket.AF_INET if proxy.listen_family == 4 else socket.AF_INET6
         kind = socket.SOCK_STREAM if proxy.protocol == "tcp" else socket.SOCK_DGRAM
         try:
-            sock = open_listener(family, kind, str(proxy.listen_address), proxy.listen_port)
+            sock = listen(family, kind, str(proxy.listen_address), proxy.listen_port)
         except OSError as exc:
             message = os.strerror(exc.errno) if exc.errno else str(exc)
             if served.error != message:
