@@ -29,6 +29,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from hns.daemon.binding import Retrying
 from hns.model import Network
 from hns.resolv import host_resolv_path
 from hns.store import Store
@@ -85,8 +86,11 @@ def _identity(network: Network) -> tuple[object, ...]:
 class _Served:
     network: Network
     listener: Listener | None = None
-    error: str | None = None
-    retry: TimerHandle | None = field(default=None, repr=False)
+    binding: Retrying | None = field(default=None, repr=False)
+
+    @property
+    def error(self) -> str | None:
+        return self.binding.error if self.binding is not None else None
 
 
 class DnsProxy:
@@ -180,29 +184,26 @@ class DnsProxy:
         }
 
     def _start(self, key: str) -> None:
-        served = self._served.get(key)
-        if served is None or served.listener is not None:
+        served = self._served[key]
+        if served.binding is not None:
+            served.binding.cancel()
+        what = f"dns {served.network.name}: cannot listen on {served.network.gateway}:{self.port}"
+        served.binding = Retrying(self.engine, what, lambda: self._serve(served),
+                                  self.retry_interval)
+        served.binding.start()
+
+    def _serve(self, served: _Served) -> None:
+        if served.listener is not None:
             return
-        served.retry = None
         network = served.network
         name = f"dns {network.name}"
-        try:
-            served.listener = self.server.listen(name, str(network.gateway), self.port,
-                                                 device=network.bridge, subnet=network.subnet)
-        except OSError as exc:
-            message = os.strerror(exc.errno) if exc.errno else str(exc)
-            if served.error != message:
-                log.warning("%s: cannot listen on %s:%d: %s (retrying every %gs)", name,
-                            served.network.gateway, self.port, message, self.retry_interval)
-            served.error = message
-            served.retry = self.engine.call_later(self.retry_interval, lambda: self._start(key))
-            return
-        served.error = None
-        log.info("%s: listening on %s:%d", name, served.network.gateway, self.port)
+        served.listener = self.server.listen(name, str(network.gateway), self.port,
+                                             device=network.bridge, subnet=network.subnet)
+        log.info("%s: listening on %s:%d", name, network.gateway, self.port)
 
     def _stop(self, key: str) -> None:
         served = self._served.pop(key)
-        if served.retry is not None:
-            served.retry.cancel()
+        if served.binding is not None:
+            served.binding.cancel()
         if served.listener is not None:
             self.server.unlisten(served.listener)

@@ -41,11 +41,11 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from hns.daemon.binding import Retrying, strerror
 from hns.daemon.config import ProxyConfig
 from hns.daemon.forward_plan import (
     Claims,
@@ -74,6 +74,12 @@ FULL_INTERVAL = 2.0       # s between two full dumps of a VM (and namespace chec
 HOST_PORT_IN_USE = "conflict: host port in use"
 
 
+def _forward_error(exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return HOST_PORT_IN_USE
+    return f"error: {strerror(exc)}"
+
+
 def open_loopback(key: ForwardKey) -> socket.socket:
     """The host end of a forward: non-blocking, listening (TCP) or bound (UDP)."""
     kind = socket.SOCK_STREAM if key.protocol == "tcp" else socket.SOCK_DGRAM
@@ -87,8 +93,11 @@ class _Forward:
     key: ForwardKey
     vm: str
     relay: Relay | None = None
-    error: str | None = None
-    retry: TimerHandle | None = field(default=None, repr=False)
+    binding: Retrying | None = field(default=None, repr=False)
+
+    @property
+    def error(self) -> str | None:
+        return self.binding.error if self.binding is not None else None
 
     @property
     def name(self) -> str:
@@ -230,40 +239,35 @@ class Forwarder:
             self._start(forward)
 
     def _start(self, forward: _Forward) -> None:
-        forward.retry = None
+        what = f"vm {forward.vm}: cannot forward {forward.key.protocol} {forward.key.endpoint()}"
+        forward.binding = Retrying(self.engine, what, lambda: self._serve(forward),
+                                   self.retry_interval, _forward_error)
+        forward.binding.start()
+
+    def _serve(self, forward: _Forward) -> None:
         watch = self._watches.get(forward.vm)
-        if self._forwards.get(forward.key) is not forward or watch is None:
+        if self._forwards.get(forward.key) is not forward or watch is None or \
+                forward.relay is not None:
             return
         key = forward.key
+        sock = open_loopback(key)
+        target = (key.loopback, key.port)
         try:
-            sock = open_loopback(key)
-            target = (key.loopback, key.port)
             if key.protocol == "tcp":
                 forward.relay = self.engine.add_tcp(sock, target, name=forward.name,
                                                     dial=watch.dialer.tcp)
             else:
                 forward.relay = self.engine.add_udp(sock, target, name=forward.name,
                                                     dial=watch.dialer.udp)
-        except OSError as exc:
-            self._retry(forward, HOST_PORT_IN_USE if exc.errno == errno.EADDRINUSE else
-                        f"error: {os.strerror(exc.errno) if exc.errno else exc}")
-            return
-        forward.error = None
+        except BaseException:
+            sock.close()
+            raise
         log.info("vm %s: forwarding %s %s", forward.vm, key.protocol, key.endpoint())
-
-    def _retry(self, forward: _Forward, error: str) -> None:
-        if forward.error != error:
-            log.warning("vm %s: cannot forward %s %s: %s (retrying every %gs)", forward.vm,
-                        forward.key.protocol, forward.key.endpoint(), error,
-                        self.retry_interval)
-        forward.error = error
-        forward.retry = self.engine.call_later(self.retry_interval,
-                                               lambda: self._start(forward))
 
     def _stop(self, key: ForwardKey) -> None:
         forward = self._forwards.pop(key)
-        if forward.retry is not None:
-            forward.retry.cancel()
+        if forward.binding is not None:
+            forward.binding.cancel()
         if forward.relay is not None:
             self.engine.remove(forward.relay)
             log.info("vm %s: stopped forwarding %s %s", forward.vm, key.protocol,

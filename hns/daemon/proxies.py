@@ -10,11 +10,11 @@ its listener is closed and its live connections reset.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from hns.daemon.binding import Retrying
 from hns.daemon.config import ProxyConfig
 from hns.daemon.control import relay_status
 from hns.daemon.netsh import PortProxy, ProxyKey
@@ -31,8 +31,11 @@ log = logging.getLogger("hns.daemon")
 class _Served:
     proxy: PortProxy
     relay: Any = None
-    error: str | None = None
-    retry: Any = field(default=None, repr=False)
+    binding: Retrying | None = field(default=None, repr=False)
+
+    @property
+    def error(self) -> str | None:
+        return self.binding.error if self.binding is not None else None
 
 
 class StaticProxies:
@@ -66,38 +69,37 @@ class StaticProxies:
         return {"Relays": relays}
 
     def _start(self, key: ProxyKey) -> None:
-        served = self._served.get(key)
-        if served is None or served.relay is not None:
+        served = self._served[key]
+        served.binding = Retrying(self.engine, f"{served.proxy.name}: cannot listen",
+                                  lambda: self._serve(served), self.retry_interval)
+        served.binding.start()
+
+    def _serve(self, served: _Served) -> None:
+        """Bind the proxy's socket and hand it to the engine (OSError: not now)."""
+        if served.relay is not None:
             return
-        served.retry = None
         proxy = served.proxy
         family = socket.AF_INET if proxy.listen_family == 4 else socket.AF_INET6
         kind = socket.SOCK_STREAM if proxy.protocol == "tcp" else socket.SOCK_DGRAM
-        try:
-            sock = listen(family, kind, str(proxy.listen_address), proxy.listen_port)
-        except OSError as exc:
-            message = os.strerror(exc.errno) if exc.errno else str(exc)
-            if served.error != message:
-                log.warning("%s: cannot listen: %s (retrying every %gs)", proxy.name, message,
-                            self.retry_interval)
-            served.error = message
-            served.retry = self.engine.call_later(self.retry_interval, lambda: self._start(key))
-            return
+        sock = listen(family, kind, str(proxy.listen_address), proxy.listen_port)
         target = (str(proxy.connect_address), proxy.connect_port)
-        if proxy.protocol == "tcp":
-            served.relay = self.engine.add_tcp(sock, target, name=proxy.name,
-                                               idle_timeout=float(proxy.idle_timeout),
-                                               max_connections=proxy.max_connections)
-        else:   # flows always expire: 0 keeps the engine's timeout
-            served.relay = self.engine.add_udp(sock, target, name=proxy.name,
-                                               idle_timeout=proxy.idle_timeout or None,
-                                               max_flows=proxy.max_connections)
-        served.error = None
+        try:
+            if proxy.protocol == "tcp":
+                served.relay = self.engine.add_tcp(sock, target, name=proxy.name,
+                                                   idle_timeout=float(proxy.idle_timeout),
+                                                   max_connections=proxy.max_connections)
+            else:   # flows always expire: 0 keeps the engine's timeout
+                served.relay = self.engine.add_udp(sock, target, name=proxy.name,
+                                                   idle_timeout=proxy.idle_timeout or None,
+                                                   max_flows=proxy.max_connections)
+        except BaseException:
+            sock.close()
+            raise
         log.info("%s -> %s:%d", proxy.name, *target)
 
     def _stop(self, key: ProxyKey) -> None:
         served = self._served.pop(key)
-        if served.retry is not None:
-            served.retry.cancel()
+        if served.binding is not None:
+            served.binding.cancel()
         if served.relay is not None:
             self.engine.remove(served.relay)
