@@ -8,36 +8,25 @@ removed only when no network needs them and their comment carries the ID.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from hns import leftovers, naming, resolv
+from hns.kernel_api import Kernel
 from hns.nat_table import NatTable
-from hns.netns import delete_netns, list_netns
 from hns.port_mappings import PortMappings
 from hns.store import ANY_STATE, INCOMPLETE, Store
 from nat.nft import NftRunner
 from nat.ruleset import render_delete
 
-if TYPE_CHECKING:
-    from hns.kernel import HostKernel
-
-__all__ = ["Collector", "etc_netns_entries", "tag_in_use"]
+__all__ = ["Collector", "tag_in_use"]
 
 
-def etc_netns_entries() -> list[str]:
-    try:
-        return sorted(os.listdir(resolv.ETC_NETNS))
-    except FileNotFoundError:
-        return []
-
-
-def tag_in_use(tag: str, nft: NftRunner) -> bool:
+def tag_in_use(tag: str, kernel: Kernel, nft: NftRunner) -> bool:
     """Whether kernel objects of instance tag ``tag`` exist (asked by a new state
     directory choosing its tag)."""
     return leftovers.tag_in_use(naming.netns_prefix(tag), f"inet {naming.nft_table_name(tag)}",
-                                list_netns(), etc_netns_entries(), nft.list_tables())
+                                kernel.list_netns(), kernel.etc_netns_entries(),
+                                nft.list_tables())
 
 
 class Collector:
@@ -45,7 +34,7 @@ class Collector:
     service's rollbacks (the caller holds the object's lock)."""
 
     def __init__(self, store: Store, nft: NftRunner, nat: NatTable, port_maps: PortMappings,
-                 kernel: HostKernel, instance_id: str, remove_vm: Callable[[str], object],
+                 kernel: Kernel, instance_id: str, remove_vm: Callable[[str], object],
                  finish_network: Callable[[str], None]) -> None:
         self.store = store
         self.nft = nft
@@ -64,27 +53,27 @@ class Collector:
         known_links = ({n.bridge for n in self.store.networks(states=ANY_STATE)}
                        | {v.host_ifname for v in rows_vms})
         known_netns = {v.netns for v in rows_vms}
-        from hns.kernel import kill_netns_processes, netns_tag
         prefix = naming.netns_prefix(self.nat.instance)
         ours = naming.instance_alias_prefix(self.instance_id)
         for link in leftovers.leftover_links(self.kernel.tagged_links(ours), known_links):
             found.append(f"link {link}")
             if not dry_run:
                 self.kernel.delete_link(link)
-        namespaces = [ns for ns in list_netns() if ns.startswith(prefix)]
-        for ns in leftovers.leftover_netns({ns: netns_tag(ns) for ns in namespaces},
+        namespaces = [ns for ns in self.kernel.list_netns() if ns.startswith(prefix)]
+        for ns in leftovers.leftover_netns({ns: self.kernel.netns_tag(ns) for ns in namespaces},
                                            known_netns, prefix, ours):
             found.append(f"netns {ns}")
             if not dry_run:
-                kill_netns_processes(ns)
-                delete_netns(ns)
-        owners = {e: resolv.vm_resolv_owner(e) for e in etc_netns_entries()
+                self.kernel.kill_netns_processes(ns)
+                self.kernel.delete_netns(ns)
+        owners = {e: self.kernel.vm_resolv_owner(e) for e in self.kernel.etc_netns_entries()
                   if e.startswith(prefix)}
-        for entry in leftovers.leftover_resolv(owners, known_netns, list_netns(), prefix,
+        live = self.kernel.list_netns()
+        for entry in leftovers.leftover_resolv(owners, known_netns, live, prefix,
                                                self.instance_id):
             found.append(f"resolv.conf {resolv.ETC_NETNS}/{entry}")
             if not dry_run:
-                resolv.remove_vm_resolv(entry)
+                self.kernel.remove_vm_resolv(entry)
         found.extend(self._tables(dry_run))
         return found
 

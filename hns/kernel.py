@@ -16,19 +16,21 @@ import signal
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Interface, ip_interface, ip_network
 from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from hns import netns as _ns
+from hns import resolv
 from hns.errors import KernelError
+from hns.kernel_api import EndpointSpec
 from hns.mirrored import HostView, MirrorSpec, host_view
 from hns.netns import NetnsExecutor, netns_path, run_in_netns
 
-__all__ = ["EndpointSpec", "HostKernel", "configure_mirrored_vm", "configure_vm_side",
-           "kill_netns_processes", "netns_tag", "tag_netns"]
+__all__ = ["EndpointSpec", "HostKernel", "LinuxKernel", "configure_mirrored_vm",
+           "configure_vm_side", "kill_netns_processes", "netns_tag", "tag_netns"]
 
 T = TypeVar("T")
 BRIDGE_MODE_HAIRPIN = 1  # IFLA_BRPORT_MODE: see HostKernel.attach_port
@@ -45,16 +47,6 @@ def _netlink(what: str) -> Iterator[None]:
     except NetlinkError as exc:
         code = int(exc.code) if exc.code else errno.EIO
         raise KernelError(f"{what}: {os.strerror(code)}", code) from None
-
-
-@dataclass(frozen=True)
-class EndpointSpec:
-    host_ifname: str
-    netns: str
-    mac: str
-    mtu: int
-    bridge: str
-    alias: str
 
 
 def _index(ipr: Any, ifname: str) -> int | None:
@@ -432,3 +424,54 @@ def _set_routes(ipr: Any, index: int, spec: MirrorSpec) -> None:
         if source is not None:
             args["prefsrc"] = str(source)
         ipr.route("replace", **args)
+
+
+class LinuxKernel(HostKernel):
+    """The :class:`hns.kernel_api.Kernel` of a real machine: the host namespace's
+    operations of :class:`HostKernel`, the VM namespaces of :mod:`hns.netns` and this
+    module, the VMs' resolv.conf of :mod:`hns.resolv`."""
+
+    def create_netns(self, name: str) -> None:
+        _ns.create_netns(name)
+
+    def delete_netns(self, name: str) -> bool:
+        return _ns.delete_netns(name)
+
+    def netns_exists(self, name: str) -> bool:
+        return _ns.netns_exists(name)
+
+    def list_netns(self) -> list[str]:
+        return _ns.list_netns()
+
+    def tag_netns(self, netns: str, alias: str) -> None:
+        tag_netns(netns, alias)
+
+    def netns_tag(self, netns: str) -> str | None:
+        return netns_tag(netns)
+
+    def kill_netns_processes(self, netns: str) -> int:
+        return kill_netns_processes(netns)
+
+    def configure_vm_side(self, netns: str, ip: IPv4Address, prefixlen: int,
+                          gateway: IPv4Address) -> None:
+        configure_vm_side(netns, ip, prefixlen, gateway)
+
+    def configure_mirrored_vm(self, spec: MirrorSpec, ifname: str) -> None:
+        from hns.nft import apply_vm_table
+        configure_mirrored_vm(spec)
+        apply_vm_table(ifname, spec)
+
+    def write_vm_resolv(self, netns: str, gateway: IPv4Address, owner: str) -> None:
+        resolv.write_vm_resolv(netns, self.host_netns, gateway, owner)
+
+    def remove_vm_resolv(self, netns: str) -> None:
+        resolv.remove_vm_resolv(netns)
+
+    def vm_resolv_owner(self, netns: str) -> str | None:
+        return resolv.vm_resolv_owner(netns)
+
+    def etc_netns_entries(self) -> list[str]:
+        try:
+            return sorted(os.listdir(resolv.ETC_NETNS))
+        except FileNotFoundError:
+            return []

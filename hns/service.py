@@ -19,12 +19,12 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Interface
-from typing import TYPE_CHECKING
 
 from hns import ipam, naming, portmap, resolv
 from hns.errors import AlreadyExists, Conflict, HnsError, InvalidRequest, KernelError
 from hns.failpoint import failpoint
 from hns.gc import Collector, tag_in_use
+from hns.kernel_api import EndpointSpec, Kernel
 from hns.mirrored import (
     mirror_spec,
     transit6_gateway,
@@ -42,16 +42,12 @@ from hns.model import (
     parse_network_options,
 )
 from hns.nat_table import NatTable
-from hns.netns import create_netns, delete_netns, netns_exists
-from hns.nft import apply_vm_table
+from hns.netns import netns_exists
 from hns.nft import nft as hns_nft
 from hns.port_mappings import PortMappings
 from hns.store import ANY_STATE, INCOMPLETE, Store
 from hns.subnets import pick_subnet
 from nat.nft import NftRunner
-
-if TYPE_CHECKING:  # the kernel driver (and pyroute2) loads on first use: reads stay fast
-    from hns.kernel import HostKernel
 
 __all__ = ["DEFAULT_NETWORK", "DEFAULT_STATE_DIR", "DEFAULT_VM", "Service", "UpResult",
            "open_service"]
@@ -74,13 +70,17 @@ class Service:
     """hns bound to one state directory and one host namespace."""
 
     def __init__(self, state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR,
-                 host_netns: str | None = None, *, nft: NftRunner | None = None) -> None:
-        if host_netns is not None and not netns_exists(
-                parse_netns_name(host_netns, "host namespace")):
-            raise InvalidRequest(f"host namespace {host_netns!r} does not exist")
+                 host_netns: str | None = None, *, nft: NftRunner | None = None,
+                 kernel: Kernel | None = None) -> None:
+        """``nft`` and ``kernel``: the seams (default: the real ones, in ``host_netns``;
+        :class:`nat.fake.FakeNft` and :class:`hns.fake_kernel.FakeKernel` for tests)."""
+        if host_netns is not None:
+            parse_netns_name(host_netns, "host namespace")
+            if not (kernel.netns_exists(host_netns) if kernel else netns_exists(host_netns)):
+                raise InvalidRequest(f"host namespace {host_netns!r} does not exist")
         self.host_netns = host_netns
         self.nft: NftRunner = nft or hns_nft(host_netns)
-        self._kernel: HostKernel | None = None
+        self._kernel: Kernel | None = kernel
         self.store = Store(state_dir, tag_taken=self._tag_taken)
         self.instance = self.store.instance
         self.instance_id = self.store.instance_id
@@ -88,7 +88,7 @@ class Service:
         self.port_maps = PortMappings(self.store, self.nat, self._flush_udp)
 
     def _tag_taken(self, tag: str) -> bool:
-        return tag_in_use(tag, self.nft)
+        return tag_in_use(tag, self.kernel, self.nft)
 
     def _alias(self, object_id: str) -> str:
         """The tag of a kernel object: this instance's full ID and the object's."""
@@ -104,10 +104,10 @@ class Service:
         return self.kernel.run(flush_udp, ports)
 
     @property
-    def kernel(self) -> HostKernel:
+    def kernel(self) -> Kernel:
         if self._kernel is None:
-            from hns.kernel import HostKernel
-            self._kernel = HostKernel(self.host_netns)
+            from hns.kernel import LinuxKernel
+            self._kernel = LinuxKernel(self.host_netns)
         return self._kernel
 
     def close(self) -> None:
@@ -334,15 +334,14 @@ class Service:
             self._remove_vm(name, remember=False)
 
     def _apply_vm(self, vm: Vm, net: Network, op: str = "restore") -> None:
-        from hns.kernel import EndpointSpec, tag_netns
         try:
-            create_netns(vm.netns)
+            self.kernel.create_netns(vm.netns)
         except KernelError as exc:
             if exc.is_exists:
                 raise KernelError(f"network namespace {vm.netns} already exists; "
                                   "'hnsctl gc' removes leftovers", exc.errno) from None
             raise
-        tag_netns(vm.netns, self._alias(vm.id))
+        self.kernel.tag_netns(vm.netns, self._alias(vm.id))
         failpoint(f"{op}:after-netns")
         self.kernel.add_endpoint(EndpointSpec(
             host_ifname=vm.host_ifname, netns=vm.netns, mac=vm.mac, mtu=vm.mtu,
@@ -352,15 +351,13 @@ class Service:
         failpoint(f"{op}:after-config")
 
     def _configure_vm_side(self, vm: Vm, net: Network) -> None:
-        from hns.kernel import configure_mirrored_vm, configure_vm_side
         if net.mirrored:
             ours = frozenset(n.bridge for n in self.store.networks())
             spec = mirror_spec(vm, self.instance, self.kernel.host_view(skip_links=ours))
-            configure_mirrored_vm(spec)
-            apply_vm_table(vm.interface, spec)
+            self.kernel.configure_mirrored_vm(spec, vm.interface)
         else:
-            configure_vm_side(vm.netns, vm.ip, vm.prefixlen, vm.gateway)
-        resolv.write_vm_resolv(vm.netns, self.host_netns, vm.gateway, self.instance_id)
+            self.kernel.configure_vm_side(vm.netns, vm.ip, vm.prefixlen, vm.gateway)
+        self.kernel.write_vm_resolv(vm.netns, vm.gateway, self.instance_id)
 
     def _poke_daemon(self) -> None:
         """Tell a running daemon to reload now (it watches the VMs for localhost
@@ -369,11 +366,10 @@ class Service:
         poke(self.store.state_dir)
 
     def _teardown_vm(self, vm: Vm) -> None:
-        from hns.kernel import kill_netns_processes
-        kill_netns_processes(vm.netns)
+        self.kernel.kill_netns_processes(vm.netns)
         self.kernel.delete_link(vm.host_ifname)
-        delete_netns(vm.netns)
-        resolv.remove_vm_resolv(vm.netns)
+        self.kernel.delete_netns(vm.netns)
+        self.kernel.remove_vm_resolv(vm.netns)
 
     def delete_vm(self, name: str) -> bool:
         """Delete a VM and everything it had (port mappings too); False if it did not
@@ -465,7 +461,8 @@ class Service:
                 vm = self.store.find_vm(listed.name)   # deleted meanwhile: nothing to do
                 if vm is None or vm.network_id not in by_id:
                     continue
-                if netns_exists(vm.netns) and self.kernel.link_exists(vm.host_ifname):
+                if self.kernel.netns_exists(vm.netns) and \
+                        self.kernel.link_exists(vm.host_ifname):
                     self.kernel.attach_port(vm.host_ifname, by_id[vm.network_id].bridge)
                     self._configure_vm_side(vm, by_id[vm.network_id])
                     continue
