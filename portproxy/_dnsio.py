@@ -39,7 +39,7 @@ from ipaddress import IPv4Network
 from typing import TYPE_CHECKING, NamedTuple
 
 from portproxy import dnsmsg
-from portproxy._dnstcp import Poller, TcpClient, TcpUpstream
+from portproxy._dnstcp import TcpClient, TcpUpstream
 from portproxy.dnsmsg import MessageError
 from portproxy.dnsstate import (
     DEFAULT_MAX_PENDING,
@@ -57,7 +57,7 @@ from portproxy.dnsstate import (
 )
 
 if TYPE_CHECKING:
-    from portproxy.engine import Engine, TimerHandle
+    from portproxy.loop import EventLoop, TimerHandle
 
 __all__ = ["DEFAULT_IDLE_TIMEOUT", "DnsServer", "Listener"]
 
@@ -102,7 +102,7 @@ class DnsServer:
     """Answers DNS on its listeners by forwarding to ``upstreams()`` (called per query;
     it should be cheap and return the same tuple while nothing changed)."""
 
-    def __init__(self, engine: Engine, upstreams: Callable[[], tuple[Upstream, ...]], *,
+    def __init__(self, engine: EventLoop, upstreams: Callable[[], tuple[Upstream, ...]], *,
                  timeout: float = DEFAULT_TIMEOUT, max_pending: int = DEFAULT_MAX_PENDING,
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  max_tcp_clients: int = DEFAULT_MAX_TCP_CLIENTS) -> None:
@@ -110,7 +110,6 @@ class DnsServer:
         self.forwarding = Forwarding(timeout=timeout, max_pending=max_pending)
         self.idle_timeout = idle_timeout
         self.max_tcp_clients = max_tcp_clients
-        self.poller = Poller(engine)
         self.errors = 0
         self._upstreams = upstreams
         self._configured: tuple[Upstream, ...] | None = None
@@ -178,7 +177,6 @@ class DnsServer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.poller.close()
 
     def _guard(self, handler: Callable[[Listener], None], listener: Listener) -> None:
         try:
@@ -331,7 +329,7 @@ class DnsServer:
         key = action.key
         family = socket.AF_INET6 if upstream.family == 6 else socket.AF_INET
         try:
-            self._tcp[key] = TcpUpstream(self.poller, self._sockaddr(upstream), family,
+            self._tcp[key] = TcpUpstream(self.engine, self._sockaddr(upstream), family,
                                          action.data, lambda answer: self._tcp_done(key, answer))
         except OSError as exc:
             log.debug("dns: TCP to %s: %s", upstream, exc)

@@ -1,10 +1,10 @@
 """TCP for the DNS proxy: client connections and connections to an upstream, non-blocking.
 
-Theory of operation: the engine watches readers only (level-triggered EPOLLIN), but TCP
-must also wait for a socket to become writable (a connect under way, an answer that did
-not fit the socket buffer).  So these sockets live in a private epoll (:class:`Poller`),
-level-triggered, whose own fd the engine watches as a reader: an epoll fd is readable
-while one of its sockets is ready.  Everything still runs on the engine thread.
+Theory of operation: these sockets wait for reading (a query, an answer) and for writing
+(a connect under way, an answer that did not fit the socket buffer), on the engine's loop
+with ``add_reader`` and ``add_writer`` (level-triggered); everything runs on the engine
+thread.  A hang-up or an error calls the reader and the writer, whose next system call
+says what happened.
 
 A client connection (:class:`TcpClient`) carries queries and answers with a two-byte
 length prefix (RFC 1035 4.2.2, RFC 7766).  Queries may be pipelined; at most
@@ -19,85 +19,32 @@ a truncated UDP answer to a TCP client; its timeout is the pending table's.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
-import select
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from portproxy.engine import Engine, TimerHandle
+    from portproxy.loop import EventLoop, TimerHandle
 
-__all__ = ["MAX_INFLIGHT", "Poller", "TcpClient", "TcpUpstream"]
+__all__ = ["MAX_INFLIGHT", "TcpClient", "TcpUpstream"]
 
 log = logging.getLogger("hns.daemon.dns")
 
 MAX_MESSAGE = 65535
 MAX_INFLIGHT = 16
 READ_SIZE = 16384
-POLL_BATCH = 256
-_DEAD = select.EPOLLERR | select.EPOLLHUP
-
-
-class Poller:
-    """A private epoll for sockets that wait for reading or writing (see the module)."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._epoll: select.epoll | None = None
-        self._handlers: dict[int, Callable[[int], None]] = {}
-        self._fresh: set[int] = set()
-
-    def register(self, sock: socket.socket, mask: int, handler: Callable[[int], None]) -> None:
-        if self._epoll is None:
-            self._epoll = select.epoll()
-            self.engine.add_reader(self._epoll.fileno(), self._dispatch)
-        fd = sock.fileno()
-        self._epoll.register(fd, mask)
-        self._handlers[fd] = handler
-        self._fresh.add(fd)
-
-    def modify(self, sock: socket.socket, mask: int) -> None:
-        if self._epoll is not None:
-            self._epoll.modify(sock.fileno(), mask)
-
-    def unregister(self, sock: socket.socket) -> None:
-        fd = sock.fileno()
-        if self._handlers.pop(fd, None) is not None and self._epoll is not None:
-            with contextlib.suppress(OSError, ValueError):
-                self._epoll.unregister(fd)
-
-    def close(self) -> None:
-        if self._epoll is not None:
-            self.engine.remove_reader(self._epoll.fileno())
-            self._epoll.close()
-            self._epoll = None
-        self._handlers.clear()
-
-    def _dispatch(self) -> None:
-        if self._epoll is None:
-            return
-        events = self._epoll.poll(0, POLL_BATCH)
-        fresh = self._fresh
-        fresh.clear()
-        for fd, mask in events:
-            if fd in fresh:
-                continue        # the fd was closed and reused during this batch
-            handler = self._handlers.get(fd)
-            if handler is not None:
-                try:
-                    handler(mask)
-                except Exception:
-                    log.exception("dns: handler of fd %d failed", fd)
 
 
 class ClientHost(Protocol):
     """What a :class:`TcpClient` needs from the server."""
 
-    poller: Poller
-    idle_timeout: float
+    @property
+    def engine(self) -> EventLoop: ...
+
+    @property
+    def idle_timeout(self) -> float: ...
 
     def tcp_query(self, client: TcpClient, message: bytes) -> None: ...
 
@@ -111,7 +58,7 @@ class TcpClient:
         self.host = host
         self.listener = listener
         self.sock = sock
-        self.engine = host.poller.engine
+        self.engine = host.engine
         self.inbuf = bytearray()
         self.outbuf = bytearray()
         self.inflight = 0
@@ -119,8 +66,9 @@ class TcpClient:
         self.closed = False
         self._parsing = False
         self.last_active = self.engine.now()
-        self._mask = select.EPOLLIN
-        host.poller.register(sock, self._mask, self._on_event)
+        self._reading = True
+        self._writing = False
+        self.engine.add_reader(sock, self._on_readable)
         self._timer: TimerHandle | None = self.engine.call_later(host.idle_timeout,
                                                                  self._check_idle)
 
@@ -147,18 +95,16 @@ class TcpClient:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.host.poller.unregister(self.sock)
+        self._watch(reading=False, writing=False)
         self.sock.close()
         self.host.forget(self)
 
-    def _on_event(self, mask: int) -> None:
-        if mask & _DEAD:
-            self.close()
-            return
-        if mask & select.EPOLLOUT:
-            self._flush()
-        if not self.closed and mask & select.EPOLLIN:
-            self._read()
+    def _on_readable(self) -> None:
+        self._read()
+        self._update()
+
+    def _on_writable(self) -> None:
+        self._flush()
         self._update()
 
     def _read(self) -> None:
@@ -208,14 +154,22 @@ class TcpClient:
         if self.eof and not self.inflight and not self.outbuf:
             self.close()
             return
-        mask = 0
-        if not self.eof and self.inflight < MAX_INFLIGHT:
-            mask |= select.EPOLLIN
-        if self.outbuf:
-            mask |= select.EPOLLOUT
-        if mask != self._mask:
-            self._mask = mask
-            self.host.poller.modify(self.sock, mask)
+        self._watch(reading=not self.eof and self.inflight < MAX_INFLIGHT,
+                    writing=bool(self.outbuf))
+
+    def _watch(self, *, reading: bool, writing: bool) -> None:
+        if reading != self._reading:
+            self._reading = reading
+            if reading:
+                self.engine.add_reader(self.sock, self._on_readable)
+            else:
+                self.engine.remove_reader(self.sock)
+        if writing != self._writing:
+            self._writing = writing
+            if writing:
+                self.engine.add_writer(self.sock, self._on_writable)
+            else:
+                self.engine.remove_writer(self.sock)
 
     def _check_idle(self) -> None:
         self._timer = None
@@ -234,9 +188,9 @@ class TcpUpstream:
     """One query to an upstream over TCP, one answer back; ``done(data | None)`` at the
     end (None: it failed)."""
 
-    def __init__(self, poller: Poller, sockaddr: tuple[object, ...], family: int,
+    def __init__(self, engine: EventLoop, sockaddr: tuple[object, ...], family: int,
                  query: bytes, done: Callable[[bytes | None], None]) -> None:
-        self.poller = poller
+        self.engine = engine
         self.done = done
         self.closed = False
         self.out = bytearray(len(query).to_bytes(2, "big") + query)
@@ -247,7 +201,7 @@ class TcpUpstream:
             err = self.sock.connect_ex(sockaddr)
             if err not in (0, errno.EINPROGRESS):
                 raise OSError(err, f"connect: {errno.errorcode.get(err, err)}")
-            poller.register(self.sock, select.EPOLLOUT, self._on_event)
+            engine.add_writer(self.sock, self._write)
         except BaseException:
             self.sock.close()
             raise
@@ -255,18 +209,15 @@ class TcpUpstream:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.poller.unregister(self.sock)
+            if self.out:
+                self.engine.remove_writer(self.sock)
+            else:
+                self.engine.remove_reader(self.sock)
             self.sock.close()
 
     def _finish(self, answer: bytes | None) -> None:
         self.close()
         self.done(answer)
-
-    def _on_event(self, mask: int) -> None:
-        if self.out:
-            self._write()
-        elif mask & (select.EPOLLIN | _DEAD):
-            self._read()
 
     def _write(self) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -283,7 +234,8 @@ class TcpUpstream:
             return
         del self.out[:sent]
         if not self.out:
-            self.poller.modify(self.sock, select.EPOLLIN)
+            self.engine.remove_writer(self.sock)
+            self.engine.add_reader(self.sock, self._read)
 
     def _read(self) -> None:
         want = 2 if len(self.inbuf) < 2 else 2 + int.from_bytes(self.inbuf[:2], "big")

@@ -28,7 +28,7 @@ from portproxy._relay import Address, Relay, family_of
 from portproxy.udp import CloseFlow, Flow, FlowAction, FlowTable, OpenFlow
 
 if TYPE_CHECKING:
-    from portproxy.engine import Engine, TimerHandle
+    from portproxy.loop import Loop, TimerHandle
 
 __all__ = ["UdpRelay", "dial_udp"]
 
@@ -58,12 +58,12 @@ class UdpRelay(Relay):
 
     protocol = "udp"
 
-    def __init__(self, engine: Engine, sock: socket.socket, connect: Address, *, name: str,
+    def __init__(self, loop: Loop, sock: socket.socket, connect: Address, *, name: str,
                  dial: Callable[[Address], socket.socket], idle_timeout: float,
                  max_flows: int) -> None:
         listen = sock.getsockname()[:2]
         super().__init__(name, listen, connect)
-        self.engine = engine
+        self.loop = loop
         self.sock = sock
         self.dial = dial
         self.table = FlowTable(idle_timeout, max_flows)
@@ -82,7 +82,7 @@ class UdpRelay(Relay):
                 self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
             else:
                 self.sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        self.engine._register(self.sock.fileno(), select.EPOLLIN, self._on_datagram)
+        self.loop.add(self.sock.fileno(), select.EPOLLIN, self._on_datagram)
 
     def close(self) -> None:
         if self._sweep is not None:
@@ -90,7 +90,7 @@ class UdpRelay(Relay):
             self._sweep = None
         self._apply(self.table.clear())
         with contextlib.suppress(OSError):
-            self.engine._unregister(self.sock.fileno())
+            self.loop.remove(self.sock.fileno())
         self.sock.close()
 
     # -- client -> target --------------------------------------------------------------
@@ -105,7 +105,7 @@ class UdpRelay(Relay):
                 log.debug("%s: receive: %s", self.name, exc)
                 self.errors += 1
                 continue
-            flow, actions = self.table.from_client(client, self.engine.now())
+            flow, actions = self.table.from_client(client, self.loop.now())
             if actions:
                 self._apply(actions, local)
             target = flow.handle
@@ -153,14 +153,14 @@ class UdpRelay(Relay):
         flow.handle = target
         self.accepted += 1
         reply = self._reply_function(flow.client, local)
-        self.engine._register(target.fileno(), select.EPOLLIN,
+        self.loop.add(target.fileno(), select.EPOLLIN,
                               lambda _mask: self._on_reply(flow, target, reply))
 
     def _close(self, flow: Flow) -> None:
         target = flow.handle
         flow.handle = None
         if isinstance(target, socket.socket):
-            self.engine._unregister(target.fileno())
+            self.loop.remove(target.fileno())
             target.close()
 
     def _reply_function(self, client: Any, local: bytes | None) -> Callable[[memoryview], None]:
@@ -186,16 +186,16 @@ class UdpRelay(Relay):
                 log.debug("%s: flow %s: %s", self.name, flow.client, exc)
                 self.errors += 1
                 continue
-            if not self.table.from_target(flow, self.engine.now()):
+            if not self.table.from_target(flow, self.loop.now()):
                 return
             reply(self._view[:n])
 
     def _schedule_sweep(self) -> None:
         expiry = self.table.next_expiry()
         if expiry is not None:
-            self._sweep = self.engine.call_later(expiry - self.engine.now(), self._on_sweep)
+            self._sweep = self.loop.call_later(expiry - self.loop.now(), self._on_sweep)
 
     def _on_sweep(self) -> None:
         self._sweep = None
-        self._apply(self.table.expire(self.engine.now()))
+        self._apply(self.table.expire(self.loop.now()))
         self._schedule_sweep()

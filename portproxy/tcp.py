@@ -316,10 +316,9 @@ class TcpConnection:
     def received(self, direction: Direction, n: int) -> None:
         """``n`` bytes came from the source of ``direction`` into its buffer."""
         half = self.halves[direction]
-        if not half.wants_read() or self.state is not ConnState.RELAYING:
-            raise RelayStateError(f"received on {half!r} while {self.state.value}")
-        if not 0 < n <= half.capacity - half.pending:
-            raise RelayStateError(f"received {n} bytes into {half!r}")
+        if (half.state is not HalfState.OPEN or self.state is not ConnState.RELAYING
+                or not 0 < n <= half.capacity - half.pending):
+            raise RelayStateError(f"received {n} bytes into {half!r} while {self.state.value}")
         half.pending += n
 
     def sent(self, direction: Direction, n: int) -> list[Action]:
@@ -342,6 +341,14 @@ class TcpConnection:
         if half.pending == 0:
             return self._flushed(half)
         return []
+
+    def resize(self, direction: Direction, capacity: int) -> None:
+        """The buffer of ``direction`` now holds up to ``capacity`` bytes (the I/O layer
+        switched it from a pipe to a copy buffer); it must hold what is pending."""
+        half = self.halves[direction]
+        if capacity < max(half.pending, 1):
+            raise RelayStateError(f"resize {half!r} to {capacity}")
+        half.capacity = capacity
 
     def _flushed(self, half: Half) -> list[Action]:
         half._step(_HalfEvent.FLUSHED)

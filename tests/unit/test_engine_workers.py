@@ -94,9 +94,10 @@ def add_tcp(engine: Engine, target: tuple[str, int]) -> tuple[TcpRelay, int]:
 def loads(relay: TcpRelay) -> list[int]:
     """How many of the relay's connections each loop holds, main loop first."""
     engine = relay.engine
-    loops = [engine, *engine._loops]
+    assert isinstance(engine, Engine)
+    loops = [engine.loop, *engine.loops]
     with relay._lock:
-        return [sum(1 for c in relay.conns if c.engine is loop) for loop in loops]
+        return [sum(1 for c in relay.conns if c.loop is loop) for loop in loops]
 
 
 def reset_or_eof(sock: socket.socket) -> bool:
@@ -158,12 +159,11 @@ def test_bulky_connections_spread_over_the_loops_and_carry_every_byte(
     wait_for(lambda: info(running.engine).connections == 0, "the connections to end")
     assert info(running.engine) == RelayInfo("echo", "tcp", (LO, port), echo_server, 0, 6,
                                              0, 0)
-    assert [loop.load for loop in running.engine._loops] == [0, 0]
+    assert [running.engine.load(loop) for loop in running.engine.loops] == [0, 0]
 
 
-def moved(run: Running, port: int, count: int) -> tuple[TcpRelay, list[socket.socket]]:
-    """``count`` bulky connections through the relay on ``port``, one moved at least."""
-    relay = only_relay(run.engine)
+def moved(relay: TcpRelay, port: int, count: int) -> tuple[TcpRelay, list[socket.socket]]:
+    """``count`` bulky connections through ``relay`` on ``port``, one moved at least."""
     socks = connect_all(port, count)
     for sock in socks:
         exchange(sock, BULK)
@@ -171,16 +171,10 @@ def moved(run: Running, port: int, count: int) -> tuple[TcpRelay, list[socket.so
     return relay, socks
 
 
-def only_relay(engine: Engine) -> TcpRelay:
-    (relay,) = engine._relays
-    assert isinstance(relay, TcpRelay)
-    return relay
-
-
 def test_remove_resets_connections_on_every_loop(
         running: Running, echo_server: tuple[str, int]) -> None:
-    _, port = add_tcp(running.engine, echo_server)
-    relay, socks = moved(running, port, 3)
+    relay, port = add_tcp(running.engine, echo_server)
+    relay, socks = moved(relay, port, 3)
     on_engine(running.engine, lambda: running.engine.remove(relay))
     for sock in socks:
         assert reset_or_eof(sock)
@@ -193,8 +187,8 @@ def test_remove_resets_connections_on_every_loop(
 
 def test_close_after_stop_resets_what_the_workers_hold(
         running: Running, echo_server: tuple[str, int]) -> None:
-    _, port = add_tcp(running.engine, echo_server)
-    relay, socks = moved(running, port, 3)
+    relay, port = add_tcp(running.engine, echo_server)
+    relay, socks = moved(relay, port, 3)
     running.stop()
     assert all(not t.is_alive() for t in threading.enumerate()
                if t.name.startswith("engine-worker"))
@@ -208,8 +202,8 @@ def test_close_after_stop_resets_what_the_workers_hold(
 def test_the_engine_runs_again_with_its_workers(echo_server: tuple[str, int]) -> None:
     run = Running(workers=1)
     try:
-        _, port = add_tcp(run.engine, echo_server)
-        relay, socks = moved(run, port, 1)
+        relay, port = add_tcp(run.engine, echo_server)
+        relay, socks = moved(relay, port, 1)
         assert loads(relay) == [0, 1]
         run.stop()
         run.thread = threading.Thread(target=run.engine.run, daemon=True)
@@ -233,7 +227,7 @@ def test_no_workers_keeps_everything_on_one_thread(echo_server: tuple[str, int])
         for sock in socks:
             sock.close()
         wait_for(lambda: not relay.conns, "the connections to end")
-        assert run.engine._bulk == 0
+        assert run.engine.bulk == 0
         run.stop()
     finally:
         run.engine.close()
