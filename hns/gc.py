@@ -16,7 +16,7 @@ from hns.nat_table import NatTable
 from hns.port_mappings import PortMappings
 from hns.store import ANY_STATE, INCOMPLETE, Store
 from nat.nft import NftRunner
-from nat.ruleset import render_delete
+from nat.transaction import Transaction
 
 __all__ = ["Collector", "tag_in_use"]
 
@@ -117,5 +117,5 @@ class Collector:
                 and self.owner_comment in (self.nft.list_table("inet", mirror) or ""):
             found.append(f"nft table inet {mirror}")
             if not dry_run:
-                self.nft.apply(render_delete("inet", mirror))
+                self.nft.run(Transaction().destroy_table("inet", mirror))
         return found

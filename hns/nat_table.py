@@ -21,7 +21,8 @@ from hns.mirrored import transit6_subnet
 from hns.model import HostPort
 from hns.store import LIVE, PENDING_OR_READY, Store
 from nat.nft import NftRunner
-from nat.ruleset import NatSpec, nat_table, render_delete, render_replace
+from nat.ruleset import NatSpec, nat_table
+from nat.transaction import Transaction
 
 __all__ = ["NatTable"]
 
@@ -60,17 +61,17 @@ class NatTable:
             ids = {s.id for s in specs}
             mapped = portmap.specs(m for m in self.store.port_mappings(states=PENDING_OR_READY)
                                    if m.network_id in ids and m.mapping.host_port not in drop)
-            self.nft.apply(render_replace(nat_table(self.name, specs, mapped,
-                                                    owner=self.owner)))
+            self.nft.run(Transaction().replace_table(
+                nat_table(self.name, specs, mapped, owner=self.owner)))
         else:
-            self.nft.apply(render_delete("inet", self.name))
+            self.nft.run(Transaction().destroy_table("inet", self.name))
 
-    def apply_or_render(self, script: str, drop: frozenset[HostPort] = frozenset()) -> None:
-        """Apply an incremental script (the caller holds the lock); where nft refuses it
-        (a table made by an older version, an element that drifted), render the whole
+    def apply_or_render(self, tx: Transaction, drop: frozenset[HostPort] = frozenset()) -> None:
+        """Apply an incremental transaction (the caller holds the lock); where nft refuses
+        it (a table made by an older version, an element that drifted), render the whole
         table from the state instead."""
         try:
-            self.nft.apply(script)
+            self.nft.run(tx)
         except KernelError as exc:
             log.debug("incremental nft change refused (%s); rendering the whole table", exc)
             self.sync_locked(drop=drop)

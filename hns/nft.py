@@ -8,7 +8,7 @@ from hns.errors import KernelError
 from hns.mirrored import MirrorSpec
 from nat.mirror import vm_table
 from nat.nft import Nft
-from nat.ruleset import render_replace
+from nat.transaction import Transaction
 
 __all__ = ["apply_vm_table", "nft"]
 
@@ -20,5 +20,5 @@ def nft(netns: str | None = None) -> Nft:
 
 def apply_vm_table(ifname: str, spec: MirrorSpec) -> None:
     """Replace the table ``hns-mirror`` of the VM ``spec`` describes (one transaction)."""
-    nft(spec.netns).apply(render_replace(vm_table(
+    nft(spec.netns).run(Transaction().replace_table(vm_table(
         ifname, spec.transit4.ip, spec.transit6.ip, spec.view.primary4, spec.view.primary6)))

@@ -20,7 +20,8 @@ from hns.failpoint import failpoint
 from hns.model import HostPort, PortMapping, Protocol, parse_name
 from hns.store import MappedPort, Store
 from nat.errors import NatError
-from nat.ruleset import render_add_port_mappings, render_delete_port_mappings
+from nat.ruleset import port_map_elements
+from nat.transaction import Transaction
 
 if TYPE_CHECKING:
     from hns.nat_table import NatTable
@@ -71,7 +72,10 @@ class PortMappings:
             failpoint("portmap-add:after-store")
             try:
                 specs = [portmap.spec(m, vms[m.vm].ip) for m in batch]
-                self.nat.apply_or_render(render_add_port_mappings(self.nat.name, specs))
+                change = Transaction()
+                for name, elements in port_map_elements(specs).items():
+                    change.add_elements("inet", self.nat.name, name, elements)
+                self.nat.apply_or_render(change)
                 failpoint("portmap-add:after-nft")
                 with self.store.write() as tx:
                     tx.set_port_mappings_state(ports, "ready")
@@ -120,8 +124,10 @@ class PortMappings:
 
     def remove(self, mapped: list[MappedPort]) -> None:
         """The nft side of deleting mappings (the caller holds the nft lock)."""
-        script = render_delete_port_mappings(self.nat.name, portmap.specs(mapped))
-        self.nat.apply_or_render(script, drop=frozenset(m.mapping.host_port for m in mapped))
+        change = Transaction()
+        for name, elements in port_map_elements(portmap.specs(mapped)).items():
+            change.delete_elements("inet", self.nat.name, name, elements)
+        self.nat.apply_or_render(change, drop=frozenset(m.mapping.host_port for m in mapped))
 
     def _flush_udp_conntrack(self, batch: list[PortMapping]) -> None:
         ports = [(m.external_port, m.host_address) for m in batch

@@ -1,5 +1,6 @@
 """nftables of mirrored (shared-IP) mode, pure: the VM's own table and the host's inbound
-table (see docs/mirrored.md).
+table as :class:`~nat.ruleset.Table` objects, and the elements that change them (see
+docs/mirrored.md).
 
 VM side, table ``inet hns-mirror`` in the VM namespace: what leaves ``eth0`` from a
 mirrored address is SNATed to the VM's transit address; a new connection arriving for
@@ -14,19 +15,18 @@ masqueraded (to the transit gateway) so that the VM's reply comes back through t
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from nat.ruleset import Chain, Set, Table, _ident, _ifname
+from nat.ruleset import Chain, Element, Map, Set, Table, _ifname
 
 __all__ = [
     "VM_TABLE",
     "InboundPort",
+    "host_port_elements",
+    "inbound_elements",
     "inbound_table",
-    "render_host_ports",
-    "render_inbound_elements",
     "vm_table",
 ]
 
@@ -62,20 +62,18 @@ def vm_table(ifname: str, transit4: IPv4Address, transit6: IPv6Address,
     ), sets=tuple(Set(name, ("inet_proto", "inet_service")) for name in HOST_SETS.values()))
 
 
-def render_host_ports(verb: str, keys: Iterable[tuple[int, str, int]]) -> str:
-    """``add`` or ``delete`` (family, protocol, port) elements of the VM table's host-port
-    sets: the host's loopback services the VM reaches at the host's address (host-address
-    loopback: the ``output`` chain redirects them to the VM's loopback, where the daemon's
-    relay to the host's loopback listens)."""
-    if verb not in ("add", "delete"):
-        raise ValueError(f"bad verb {verb!r}")
-    lines = []
+def host_port_elements(keys: Iterable[tuple[int, str, int]]
+                       ) -> dict[str, tuple[Element, ...]]:
+    """The elements of (family, protocol, port) keys, by set of the VM table: the host's
+    loopback services the VM reaches at the host's address (host-address loopback: the
+    ``output`` chain redirects them to the VM's loopback, where the daemon's relay to the
+    host's loopback listens)."""
+    groups: dict[str, list[Element]] = {}
     for family, protocol, port in sorted(set(keys)):
         if protocol not in PROTOCOLS or type(port) is not int or not 1 <= port <= 65535:
             raise ValueError(f"bad host port {protocol!r} {port!r}")
-        lines.append(f"{verb} element inet {VM_TABLE} {HOST_SETS[family]} "
-                     f"{{ {protocol} . {port} }}\n")
-    return "".join(lines)
+        groups.setdefault(HOST_SETS[family], []).append(Element((protocol, str(port))))
+    return {name: tuple(items) for name, items in groups.items()}
 
 
 @dataclass(frozen=True, order=True)
@@ -102,68 +100,56 @@ class InboundPort:
         return self.target.version
 
     @property
-    def key(self) -> str:
-        return f"{self.protocol} . {self.port}"
-
-    @property
-    def element(self) -> str:
-        return f"{self.key} : {self.target} . {self.port}"
+    def element(self) -> Element:
+        return Element((self.protocol, str(self.port)), (str(self.target), str(self.port)))
 
 
 def _maps(version: int) -> tuple[str, str]:
     return (f"in{version}", f"lo{version}")
 
 
+def _ordered(ports: Iterable[InboundPort]) -> list[InboundPort]:
+    return sorted(set(ports), key=lambda p: (p.version, p.protocol, p.port))
+
+
 def inbound_table(name: str, addresses: Iterable[IPv4Address | IPv6Address],
-                  ports: Iterable[InboundPort] = (), owner: str | None = None) -> str:
-    """The whole host-side inbound table as ``nft -f`` text (replacing any old one);
-    ``owner``: the table's comment, the instance's tag that gc goes by."""
-    _ident(name)
-    if owner is not None and not re.fullmatch(r"[A-Za-z0-9:_.-]+", owner):
-        raise ValueError(f"not a safe comment: {owner!r}")
+                  ports: Iterable[InboundPort] = (), owner: str | None = None) -> Table:
+    """The whole host-side inbound table; ``owner``: the table's comment, the instance's
+    tag that gc goes by."""
     addrs = sorted(set(addresses), key=lambda a: (a.version, int(a)))
-    ports = sorted(set(ports), key=lambda p: (p.version, p.protocol, p.port))
-    lines = [f"table inet {name} {{}}", f"delete table inet {name}", f"table inet {name} {{"]
-    if owner is not None:
-        lines.append(f'\tcomment "{owner}"')
+    ordered = _ordered(ports)
+    sets: list[Set] = []
+    maps: list[Map] = []
     for version, kind in ((4, "ipv4_addr"), (6, "ipv6_addr")):
-        mine = [str(a) for a in addrs if a.version == version]
-        body = f" elements = {{ {', '.join(mine)} }};" if mine else ""
-        lines.append(f"\tset addrs{version} {{ type {kind};{body} }}")
+        sets.append(Set(f"addrs{version}", (kind,),
+                        tuple(Element((str(a),)) for a in addrs if a.version == version)))
         inbound, loop = _maps(version)
-        for map_name, selected in ((inbound, ports), (loop, [p for p in ports if p.loopback])):
-            els = [p.element for p in selected if p.version == version]
-            body = f" elements = {{ {', '.join(els)} }};" if els else ""
-            lines.append(f"\tmap {map_name} {{ type inet_proto . inet_service : "
-                         f"{kind} . inet_service;{body} }}")
-    rules_pre = [f"ip daddr @addrs4 dnat ip to meta l4proto . th dport map @{_maps(4)[0]}",
-                 f"ip6 daddr @addrs6 dnat ip6 to meta l4proto . th dport map @{_maps(6)[0]}"]
-    rules_out = [f"ip daddr @addrs4 meta l4proto . th dport @{_maps(4)[1]} "
-                 f"ct mark set {MARK_HOST} dnat ip to meta l4proto . th dport map @{_maps(4)[1]}",
-                 f"ip6 daddr @addrs6 meta l4proto . th dport @{_maps(6)[1]} "
-                 f"ct mark set {MARK_HOST} dnat ip6 to meta l4proto . th dport map @{_maps(6)[1]}"]
-    chains = [("prerouting", "nat", "prerouting", "-90", rules_pre),
-              ("output", "nat", "output", "-90", rules_out),
-              ("postrouting", "nat", "postrouting", "srcnat", [f"ct mark {MARK_HOST} masquerade"])]
-    for chain, type_, hook, prio, rules in chains:
-        lines.append(f"\tchain {chain} {{")
-        lines.append(f"\t\ttype {type_} hook {hook} priority {prio}; policy accept;")
-        lines.extend(f"\t\t{r}" for r in rules)
-        lines.append("\t}")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+        for map_name, selected in ((inbound, ordered),
+                                   (loop, [p for p in ordered if p.loopback])):
+            maps.append(Map(map_name, ("inet_proto", "inet_service"), (kind, "inet_service"),
+                            tuple(p.element for p in selected if p.version == version)))
+    return Table("inet", name, _inbound_chains(), tuple(maps), tuple(sets), comment=owner)
 
 
-def render_inbound_elements(verb: str, name: str, ports: Iterable[InboundPort]) -> str:
-    """``add`` or ``delete`` the ports' elements (one transaction)."""
-    if verb not in ("add", "delete"):
-        raise ValueError(f"bad verb {verb!r}")
-    _ident(name)
-    out: list[str] = []
-    for p in sorted(set(ports), key=lambda p: (p.version, p.protocol, p.port)):
-        text = p.element if verb == "add" else p.key
+def _inbound_chains() -> tuple[Chain, ...]:
+    pre = tuple(f"{ip} daddr @addrs{v} dnat {ip} to meta l4proto . th dport map @in{v}"
+                for v, ip in ((4, "ip"), (6, "ip6")))
+    out = tuple(f"{ip} daddr @addrs{v} meta l4proto . th dport @lo{v} "
+                f"ct mark set {MARK_HOST} dnat {ip} to meta l4proto . th dport map @lo{v}"
+                for v, ip in ((4, "ip"), (6, "ip6")))
+    return (Chain("prerouting", pre, type="nat", hook="prerouting", priority="-90"),
+            Chain("output", out, type="nat", hook="output", priority="-90"),
+            Chain("postrouting", (f"ct mark {MARK_HOST} masquerade",), type="nat",
+                  hook="postrouting", priority="srcnat"))
+
+
+def inbound_elements(ports: Iterable[InboundPort]) -> dict[str, tuple[Element, ...]]:
+    """The ports' elements, by map of the inbound table (``lo`` maps too for loopback
+    ports): ``Transaction.add_elements`` adds them, ``delete_elements`` deletes them."""
+    groups: dict[str, list[Element]] = {}
+    for p in _ordered(ports):
         inbound, loop = _maps(p.version)
-        out.append(f"{verb} element inet {name} {inbound} {{ {text} }}")
+        groups.setdefault(inbound, []).append(p.element)
         if p.loopback:
-            out.append(f"{verb} element inet {name} {loop} {{ {text} }}")
-    return "".join(line + "\n" for line in out)
+            groups.setdefault(loop, []).append(p.element)
+    return {name: tuple(items) for name, items in groups.items()}

@@ -1,11 +1,13 @@
 """The one module that runs ``nft``.
 
-``Nft.apply`` pipes a whole script to ``nft -f -`` in the target namespace: all of it
-applies or none does.  Two seams: the program runner (``run=``, :class:`Runner`: argv,
+``Nft.run`` renders a :class:`~nat.transaction.Transaction` once and pipes it to ``nft
+-f -`` in the target namespace: all of it applies or none does (``Nft.apply`` pipes a
+script given as text).  Two seams: the program runner (``run=``, :class:`Runner`: argv,
 stdin and a namespace; the default enters the namespace with ``nsenter``) and the
 exception raised (``error=``, :data:`nat.errors.ErrorFactory`; default
 :class:`~nat.errors.NatError`), so that a caller keeps its own process runner and error
-hierarchy.  :class:`FakeNft` records the scripts and ``dump()`` returns what was applied.
+hierarchy.  :class:`~nat.fake.FakeNft` (re-exported here) stands in for unit tests: it
+applies transactions to an in-memory ruleset.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from nat.errors import ErrorFactory, NatError
+from nat.fake import FakeNft
+from nat.transaction import Transaction
 
 __all__ = ["FakeNft", "Nft", "NftRunner", "Runner", "run"]
 
@@ -24,6 +28,12 @@ NETNS_DIR = "/run/netns"
 
 
 class NftRunner(Protocol):
+    """What hns needs of nft: apply a transaction, list tables (:class:`Nft`,
+    :class:`~nat.fake.FakeNft`).  ``apply`` takes text: kept for callers that still
+    hand it a ``render_delete`` script."""
+
+    def run(self, tx: Transaction) -> None: ...
+
     def apply(self, script: str) -> None: ...
 
     def list_tables(self) -> list[str]: ...
@@ -58,6 +68,10 @@ def _classify(stderr: str) -> int:
         return errno.EEXIST
     if "operation not permitted" in text:
         return errno.EPERM
+    if "device or resource busy" in text:
+        return errno.EBUSY
+    if "operation not supported" in text:
+        return errno.EOPNOTSUPP
     return errno.EINVAL
 
 
@@ -85,6 +99,11 @@ class Nft:
             raise self._failure(args, result)
         return result.stdout
 
+    def run(self, tx: Transaction) -> None:
+        """Apply the transaction (nothing to do: nft is not run)."""
+        if tx:
+            self.apply(tx.render())
+
     def apply(self, script: str) -> None:
         self._run(["-f", "-"], script)
 
@@ -106,22 +125,3 @@ class Nft:
         if _classify(result.stderr) == errno.ENOENT:
             return None
         raise self._failure(args, result)
-
-
-class FakeNft:
-    """Records applied scripts instead of running nft."""
-
-    def __init__(self) -> None:
-        self.scripts: list[str] = []
-
-    def apply(self, script: str) -> None:
-        self.scripts.append(script)
-
-    def list_tables(self) -> list[str]:
-        return []
-
-    def list_table(self, family: str, name: str) -> str | None:
-        return None
-
-    def dump(self) -> str:
-        return "".join(self.scripts)

@@ -1,29 +1,35 @@
-"""A small nftables ruleset model, rendered to ``nft -f`` text.  Pure: no I/O.
+r"""A small nftables ruleset model: typed objects (:class:`Table`, :class:`Chain` with its
+rules as text, :class:`Set`, :class:`Map`, :class:`Element`) rendered to ``nft -f``
+text, and the NAT table built of them.  Pure: no I/O.  Changes to a ruleset are
+:class:`nat.transaction.Transaction`\ s of these objects.
 
 Only typed, validated values reach the text: addresses and networks are ``ipaddress``
-objects, interface names and identifiers are checked against strict patterns, so user
-input can never inject nft syntax.
+objects, interface names and identifiers are checked against strict patterns, element
+atoms against a pattern without spaces, quotes or braces, so user input can never inject
+nft syntax.
 
-A table is replaced as one transaction: ``table X {}`` (creates it if missing), ``delete
-table X``, then the full definition.  ``nft -f`` applies the three atomically, so packets
-see either the old table or the new one.
+A table is replaced as one transaction (``Transaction.replace_table``): ``add table X``
+(creates it if missing), ``delete table X``, then the full definition.  ``nft -f``
+applies the three atomically, so packets see either the old table or the new one.
 
 Port mappings (HNS's ``PortMapping`` policy) are elements of two maps with concatenated
 keys, ``pm_any`` (protocol . port, every host address) and ``pm_addr`` (address .
 protocol . port), looked up by one rule each in the ``dstnat`` chains: the cost of a
 packet does not grow with the number of mappings, and adding or deleting one mapping is
-one ``add element`` / ``delete element`` transaction that leaves the rules alone.
+one ``add element`` / ``delete element`` transaction that leaves the rules alone
+(:func:`port_map_elements`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 __all__ = [
     "Chain",
+    "Element",
     "Map",
     "NatSpec",
     "PortMapSpec",
@@ -34,10 +40,9 @@ __all__ = [
     "isolation_rules",
     "masquerade_rule",
     "nat_table",
+    "port_map_elements",
     "port_maps",
-    "render_add_port_mappings",
     "render_delete",
-    "render_delete_port_mappings",
     "render_replace",
 ]
 
@@ -45,7 +50,9 @@ _IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _COMMENT = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
-DATA_TYPES = ("ipv4_addr", "inet_proto", "inet_service")
+DATA_TYPES = ("ipv4_addr", "ipv6_addr", "inet_proto", "inet_service")
+_ATOM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}")
+_BAD_IN_RULE = re.compile(r"[\n\r;#]")
 PROTOCOLS = {6: "tcp", 17: "udp"}
 
 
@@ -69,6 +76,9 @@ def _comment(text: str) -> str:
 
 @dataclass(frozen=True)
 class Chain:
+    """A chain; a base chain has ``type``, ``hook`` and ``priority``.  ``rules`` are
+    texts made by this package's builders from validated values (one line each)."""
+
     name: str
     rules: tuple[str, ...] = ()
     type: str | None = None
@@ -86,58 +96,151 @@ class Chain:
                 raise ValueError(f"bad chain attribute {word!r}")
         if self.policy not in ("accept", "drop"):
             raise ValueError(f"bad chain policy {self.policy!r}")
+        for rule in self.rules:
+            if not rule.strip() or _BAD_IN_RULE.search(rule):
+                raise ValueError(f"not one rule: {rule!r}")
+
+    @property
+    def header(self) -> str:
+        """``type … hook … priority …; policy …;`` of a base chain, else empty."""
+        if self.type is None:
+            return ""
+        return f"type {self.type} hook {self.hook} priority {self.priority}; policy {self.policy};"
+
+    def definition(self) -> Chain:
+        """The chain without its rules (what ``add chain`` declares)."""
+        return replace(self, rules=())
 
     def render(self) -> str:
         lines = [f"\tchain {self.name} {{"]
         if self.type:
-            lines.append(f"\t\ttype {self.type} hook {self.hook} priority {self.priority}; "
-                         f"policy {self.policy};")
+            lines.append(f"\t\t{self.header}")
         lines.extend(f"\t\t{rule}" for rule in self.rules)
         lines.append("\t}")
         return "\n".join(lines)
 
 
+def _atoms(words: Sequence[str], what: str) -> tuple[str, ...]:
+    if isinstance(words, str):
+        raise ValueError(f"{what} must be a sequence of atoms, not {words!r}")
+    atoms = tuple(words)
+    for atom in atoms:
+        if not isinstance(atom, str) or not _ATOM.fullmatch(atom):
+            raise ValueError(f"bad element atom {atom!r}")
+    return atoms
+
+
+@dataclass(frozen=True)
+class Element:
+    """One element of a set (``key``) or map (``key : value``); key and value are
+    concatenations of atoms (``("tcp", "8080")`` is ``tcp . 8080``)."""
+
+    key: tuple[str, ...]
+    value: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", _atoms(self.key, "a key"))
+        object.__setattr__(self, "value", _atoms(self.value, "a value"))
+        if not self.key:
+            raise ValueError("an element needs a key")
+
+    @property
+    def key_text(self) -> str:
+        return " . ".join(self.key)
+
+    @property
+    def sort_key(self) -> tuple[tuple[int, int, str], ...]:
+        """Numbers by value, other atoms by text (the canonical order of elements)."""
+        return tuple((0, int(a), "") if a.isdigit() else (1, 0, a)
+                     for a in (*self.key, *self.value))
+
+    def render(self) -> str:
+        return self.key_text + (f" : {' . '.join(self.value)}" if self.value else "")
+
+
+def _data_types(words: tuple[str, ...], what: str) -> None:
+    if not words:
+        raise ValueError(f"a {what} needs a data type")
+    for word in words:
+        if word not in DATA_TYPES:
+            raise ValueError(f"bad {what} data type {word!r}")
+
+
+def _render_elements(elements: tuple[Element, ...]) -> list[str]:
+    if not elements:
+        return []
+    return ["\t\telements = {", ",\n".join(f"\t\t\t{e.render()}" for e in elements),
+            "\t\t}"]
+
+
 @dataclass(frozen=True)
 class Map:
-    """A map; ``elements`` are ``key : value`` texts made by this module's renderers."""
+    """A named map of concatenated ``key`` types to concatenated ``value`` types."""
 
     name: str
     key: tuple[str, ...]
     value: tuple[str, ...]
-    elements: tuple[str, ...] = ()
+    elements: tuple[Element, ...] = ()
 
     def __post_init__(self) -> None:
         _ident(self.name)
-        for word in (*self.key, *self.value):
-            if word not in DATA_TYPES:
-                raise ValueError(f"bad map data type {word!r}")
+        _data_types(self.key, "map")
+        _data_types(self.value, "map")
+        for e in self.elements:
+            _check_element(self, e)
+
+    @property
+    def type_text(self) -> str:
+        return f"{' . '.join(self.key)} : {' . '.join(self.value)}"
+
+    def definition(self) -> Map:
+        return replace(self, elements=())
+
+    def canonical(self) -> Map:
+        return replace(self, elements=tuple(sorted(set(self.elements),
+                                                   key=lambda e: e.sort_key)))
 
     def render(self) -> str:
-        lines = [f"\tmap {self.name} {{",
-                 f"\t\ttype {' . '.join(self.key)} : {' . '.join(self.value)}"]
-        if self.elements:
-            lines.append("\t\telements = {")
-            lines.append(",\n".join(f"\t\t\t{e}" for e in self.elements))
-            lines.append("\t\t}")
-        lines.append("\t}")
-        return "\n".join(lines)
+        return "\n".join([f"\tmap {self.name} {{", f"\t\ttype {self.type_text}",
+                          *_render_elements(self.elements), "\t}"])
 
 
 @dataclass(frozen=True)
 class Set:
-    """A named set of concatenated ``key`` types (elements are added later)."""
+    """A named set of concatenated ``key`` types."""
 
     name: str
     key: tuple[str, ...]
+    elements: tuple[Element, ...] = ()
 
     def __post_init__(self) -> None:
         _ident(self.name)
-        for word in self.key:
-            if word not in DATA_TYPES:
-                raise ValueError(f"bad set data type {word!r}")
+        _data_types(self.key, "set")
+        for e in self.elements:
+            _check_element(self, e)
+
+    @property
+    def type_text(self) -> str:
+        return " . ".join(self.key)
+
+    def definition(self) -> Set:
+        return replace(self, elements=())
+
+    def canonical(self) -> Set:
+        return replace(self, elements=tuple(sorted(set(self.elements),
+                                                   key=lambda e: e.sort_key)))
 
     def render(self) -> str:
-        return f"\tset {self.name} {{\n\t\ttype {' . '.join(self.key)}\n\t}}"
+        return "\n".join([f"\tset {self.name} {{", f"\t\ttype {self.type_text}",
+                          *_render_elements(self.elements), "\t}"])
+
+
+def _check_element(container: Set | Map, element: Element) -> None:
+    """An element fits its set or map: as many atoms as types, a value for a map only."""
+    value = container.value if isinstance(container, Map) else ()
+    if len(element.key) != len(container.key) or len(element.value) != len(value):
+        raise ValueError(f"element {element.render()!r} does not fit "
+                         f"{container.name} ({container.type_text})")
 
 
 @dataclass(frozen=True)
@@ -155,6 +258,22 @@ class Table:
         _ident(self.name)
         if self.comment is not None:
             _comment(self.comment)
+        containers: tuple[Set | Map, ...] = (*self.sets, *self.maps)
+        names = [x.name for x in containers]
+        if len(set(names)) != len(names) or len(
+                {c.name for c in self.chains}) != len(self.chains):
+            raise ValueError(f"table {self.name}: a name is used twice")
+
+    def canonical(self) -> Table:
+        """The same table with the elements of its sets and maps in the canonical order
+        (nft keeps no order of elements; :class:`nat.fake.FakeNft` lists them so)."""
+        return replace(self, maps=tuple(m.canonical() for m in self.maps),
+                       sets=tuple(x.canonical() for x in self.sets))
+
+    @property
+    def empty(self) -> bool:
+        """No comment and nothing in it: a bare declaration."""
+        return self.comment is None and not (self.chains or self.maps or self.sets)
 
     def render(self) -> str:
         head = [f'\tcomment "{self.comment}"'] if self.comment is not None else []
@@ -165,12 +284,14 @@ class Table:
 
 
 def render_delete(family: str, name: str) -> str:
-    """Delete a table if it exists (idempotent: declaring it first never fails)."""
+    """Delete a table if it exists (idempotent: declaring it first never fails).  Text for
+    ``NftRunner.apply``; new code uses ``Transaction.destroy_table``."""
     table = Table(family, name)
     return f"table {table.family} {table.name} {{}}\ndelete table {table.family} {table.name}\n"
 
 
 def render_replace(table: Table) -> str:
+    """Text of ``Transaction.replace_table`` in the block form (the golden tests')."""
     return render_delete(table.family, table.name) + table.render()
 
 
@@ -230,13 +351,16 @@ class PortMapSpec:
         return PM_ANY if self.host_address is None else PM_ADDR
 
     @property
-    def key(self) -> str:
-        key = f"{PROTOCOLS[self.protocol]} . {self.external_port}"
-        return key if self.host_address is None else f"{self.host_address} . {key}"
+    def key(self) -> Element:
+        """The element's key alone (what ``delete element`` names)."""
+        return Element(self.element.key)
 
     @property
-    def element(self) -> str:
-        return f"{self.key} : {self.target} . {self.internal_port}"
+    def element(self) -> Element:
+        key: tuple[str, ...] = (PROTOCOLS[self.protocol], str(self.external_port))
+        if self.host_address is not None:
+            key = (str(self.host_address), *key)
+        return Element(key, (str(self.target), str(self.internal_port)))
 
 
 PM_ANY = "pm_any"
@@ -264,6 +388,16 @@ def port_maps(mappings: Iterable[PortMapSpec]) -> tuple[Map, Map]:
     service = ("ipv4_addr", "inet_service")
     return (Map(PM_ANY, ("inet_proto", "inet_service"), service, any_),
             Map(PM_ADDR, ("ipv4_addr", "inet_proto", "inet_service"), service, addr))
+
+
+def port_map_elements(mappings: Iterable[PortMapSpec]) -> dict[str, tuple[Element, ...]]:
+    """The mappings' elements by map (``pm_any``, then ``pm_addr``; maps without one left
+    out), in the given order: ``Transaction.add_elements`` adds them, and
+    ``Transaction.delete_elements`` deletes them by key."""
+    groups: dict[str, list[Element]] = {PM_ANY: [], PM_ADDR: []}
+    for m in mappings:
+        groups[m.map_name].append(m.element)
+    return {name: tuple(items) for name, items in groups.items() if items}
 
 
 def nat_table(name: str, networks: Iterable[NatSpec],
@@ -315,23 +449,3 @@ def isolation_chain(networks: Iterable[NatSpec]) -> Chain | None:
     rules = ("ct state established,related accept",
              *(rule for n in nets for rule in isolation_rules(n.bridge, n.id)))
     return Chain("forward", rules, type="filter", hook="forward", priority=FORWARD_PRIORITY)
-
-
-def _render_elements(verb: str, table: str, mappings: Iterable[PortMapSpec],
-                     text: Callable[[PortMapSpec], str]) -> str:
-    Table("inet", table)  # validates the name
-    groups: dict[str, list[str]] = {PM_ANY: [], PM_ADDR: []}
-    for m in mappings:
-        groups[m.map_name].append(text(m))
-    return "".join(f"{verb} element inet {table} {name} {{ {', '.join(items)} }}\n"
-                   for name, items in groups.items() if items)
-
-
-def render_add_port_mappings(table: str, mappings: Iterable[PortMapSpec]) -> str:
-    """Add elements to the maps of an existing table: one transaction."""
-    return _render_elements("add", table, mappings, lambda m: m.element)
-
-
-def render_delete_port_mappings(table: str, mappings: Iterable[PortMapSpec]) -> str:
-    """Delete elements (by key) from the maps: one transaction."""
-    return _render_elements("delete", table, mappings, lambda m: m.key)

@@ -59,12 +59,13 @@ from hns.netns import NAMESPACES, run_in_netns
 from hns.nft import apply_vm_table, nft
 from hns.store import Store
 from nat.mirror import (
+    VM_TABLE,
     InboundPort,
+    host_port_elements,
+    inbound_elements,
     inbound_table,
-    render_host_ports,
-    render_inbound_elements,
 )
-from nat.ruleset import render_delete
+from nat.transaction import Transaction
 from portproxy.engine import Engine, Relay, TimerHandle
 from portproxy.tracker import DiagSocket, VmTracker, read_port_range
 
@@ -202,7 +203,7 @@ class Mirror:
             self._host = None
         if self._table_made:
             try:
-                self._nft.apply(render_delete("inet", self.table))
+                self._nft.run(Transaction().destroy_table("inet", self.table))
             except HnsError as exc:
                 log.warning("cannot delete nft table %s: %s", self.table, exc)
             self._table_made = False
@@ -319,8 +320,8 @@ class Mirror:
         addresses = [a.ip for a in self._view.addresses] if self._view is not None else []
         try:
             owner = instance_alias_prefix(self.store.instance_id).rstrip(":")
-            self._nft.apply(inbound_table(self.table, addresses, self._inbound.values(),
-                                          owner=owner))
+            self._nft.run(Transaction().replace_table(inbound_table(
+                self.table, addresses, self._inbound.values(), owner=owner)))
             self._table_made = True
         except HnsError as exc:
             log.error("cannot make nft table %s: %s", self.table, exc)
@@ -360,10 +361,13 @@ class Mirror:
         if not gone and not new:
             return
         self._inbound = desired
-        script = (render_inbound_elements("delete", self.table, gone)
-                  + render_inbound_elements("add", self.table, new))
+        change = Transaction()
+        for name, elements in inbound_elements(gone).items():
+            change.delete_elements("inet", self.table, name, elements)
+        for name, elements in inbound_elements(new).items():
+            change.add_elements("inet", self.table, name, elements)
         try:
-            self._nft.apply(script)
+            self._nft.run(change)
         except HnsError as exc:
             log.debug("incremental change of %s refused (%s): rendering it whole", self.table,
                       exc)
@@ -393,12 +397,16 @@ class Mirror:
             current = self._host_ports.get(name)
             if current == desired:
                 continue
-            script = render_host_ports("add", desired - (current or frozenset()))
-            if current:
-                script = render_host_ports("delete", current - desired) + script
+            change = Transaction()
+            for set_name, elements in host_port_elements((current or frozenset())
+                                                         - desired).items():
+                change.delete_elements("inet", VM_TABLE, set_name, elements)
+            for set_name, elements in host_port_elements(
+                    desired - (current or frozenset())).items():
+                change.add_elements("inet", VM_TABLE, set_name, elements)
             try:
-                if script:
-                    nft(watch.vm.netns).apply(script)
+                if change:
+                    nft(watch.vm.netns).run(change)
                 self._host_ports[name] = desired
             except HnsError as exc:
                 log.warning("vm %s: cannot update its host ports: %s", name, exc)

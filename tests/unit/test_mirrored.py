@@ -1,4 +1,5 @@
-"""Mirrored mode, the pure parts: port lists, transit addresses, the host view, nft text."""
+"""Mirrored mode, the pure parts: port lists, transit addresses, the host view, the nft
+tables and their changes (applied to a fake ruleset)."""
 
 from __future__ import annotations
 
@@ -23,13 +24,18 @@ from hns.mirrored import (
     transit6_subnet,
 )
 from hns.model import Network, NetworkType, Vm, format_port_list, parse_port_list
+from nat.errors import NatError
+from nat.fake import FakeNft
 from nat.mirror import (
+    VM_TABLE,
     InboundPort,
+    host_port_elements,
+    inbound_elements,
     inbound_table,
-    render_host_ports,
-    render_inbound_elements,
     vm_table,
 )
+from nat.ruleset import Element, Map, Set
+from nat.transaction import Transaction
 
 # port lists (--ignored-ports)
 
@@ -155,27 +161,81 @@ def test_vm_table_refuses_a_bad_interface_name() -> None:
                  IPv6Address("fd00::2"), None, None)
 
 
+HOST_ADDRS: list[IPv4Address | IPv6Address] = [IPv4Address("198.51.100.2"),
+                                            IPv6Address("2001:db8:100::2")]
+TCP_8080 = InboundPort("tcp", 8080, IPv4Address("169.254.0.2"))
+UDP_53 = InboundPort("udp", 53, IPv6Address("fd68:6e73:1::2"), loopback=True)
+T4 = ("ipv4_addr", "inet_service")
+T6 = ("ipv6_addr", "inet_service")
+KEY = ("inet_proto", "inet_service")
+
+
 def test_inbound_table_maps_ports_per_family() -> None:
-    ports = [InboundPort("tcp", 8080, IPv4Address("169.254.0.2")),
-             InboundPort("udp", 53, IPv6Address("fd68:6e73:1::2"), loopback=True)]
-    text = inbound_table("hns-1a2b-mirror",
-                         [IPv4Address("198.51.100.2"), IPv6Address("2001:db8:100::2")], ports)
-    assert text.startswith("table inet hns-1a2b-mirror {}\ndelete table inet hns-1a2b-mirror\n")
-    assert "set addrs4 { type ipv4_addr; elements = { 198.51.100.2 }; }" in text
-    assert "map in4 { type inet_proto . inet_service : ipv4_addr . inet_service; " \
-           "elements = { tcp . 8080 : 169.254.0.2 . 8080 }; }" in text
-    assert "map lo4 { type inet_proto . inet_service : ipv4_addr . inet_service; }" in text
-    assert "elements = { udp . 53 : fd68:6e73:1::2 . 53 }" in text
-    assert text.count("udp . 53 : fd68:6e73:1::2 . 53") == 2     # in6 and lo6
+    table = inbound_table("hns-1a2b-mirror", HOST_ADDRS, [UDP_53, TCP_8080], owner="hns:ab")
+    assert (table.family, table.name, table.comment) == ("inet", "hns-1a2b-mirror", "hns:ab")
+    assert table.sets == (Set("addrs4", ("ipv4_addr",), (Element(("198.51.100.2",)),)),
+                          Set("addrs6", ("ipv6_addr",), (Element(("2001:db8:100::2",)),)))
+    udp = Element(("udp", "53"), ("fd68:6e73:1::2", "53"))
+    assert table.maps == (
+        Map("in4", KEY, T4, (Element(("tcp", "8080"), ("169.254.0.2", "8080")),)),
+        Map("lo4", KEY, T4), Map("in6", KEY, T6, (udp,)), Map("lo6", KEY, T6, (udp,)))
+    chains = {c.name: c for c in table.chains}
+    assert {n: (c.type, c.hook, c.priority) for n, c in chains.items()} == {
+        "prerouting": ("nat", "prerouting", "-90"), "output": ("nat", "output", "-90"),
+        "postrouting": ("nat", "postrouting", "srcnat")}
+    assert chains["prerouting"].rules == (
+        "ip daddr @addrs4 dnat ip to meta l4proto . th dport map @in4",
+        "ip6 daddr @addrs6 dnat ip6 to meta l4proto . th dport map @in6")
+    assert chains["output"].rules[0] == (
+        "ip daddr @addrs4 meta l4proto . th dport @lo4 ct mark set 0x686e7301 "
+        "dnat ip to meta l4proto . th dport map @lo4")
+    assert chains["postrouting"].rules == ("ct mark 0x686e7301 masquerade",)
+    assert 'comment "hns:ab"' in table.render()
+
+
+def test_inbound_table_refuses_an_unsafe_owner() -> None:
+    with pytest.raises(ValueError, match="not a safe comment"):
+        inbound_table("hns-1a2b-mirror", HOST_ADDRS, owner='x" drop')
+
+
+def _inbound_change(fake: FakeNft, gone: list[InboundPort], new: list[InboundPort]) -> None:
+    tx = Transaction()
+    for name, elements in inbound_elements(gone).items():
+        tx.delete_elements("inet", "t", name, elements)
+    for name, elements in inbound_elements(new).items():
+        tx.add_elements("inet", "t", name, elements)
+    fake.run(tx)
 
 
 def test_inbound_elements_add_and_delete() -> None:
     port = InboundPort("tcp", 80, IPv4Address("169.254.0.2"), loopback=True)
-    assert render_inbound_elements("add", "t", [port]) == (
+    element = Element(("tcp", "80"), ("169.254.0.2", "80"))
+    assert inbound_elements([port]) == {"in4": (element,), "lo4": (element,)}
+    fake = FakeNft()
+    fake.run(Transaction().replace_table(inbound_table("t", HOST_ADDRS)))
+    _inbound_change(fake, [], [port, UDP_53])
+    assert fake.transactions[-1].render() == (
         "add element inet t in4 { tcp . 80 : 169.254.0.2 . 80 }\n"
-        "add element inet t lo4 { tcp . 80 : 169.254.0.2 . 80 }\n")
-    assert render_inbound_elements("delete", "t", [port]) == (
+        "add element inet t lo4 { tcp . 80 : 169.254.0.2 . 80 }\n"
+        "add element inet t in6 { udp . 53 : fd68:6e73:1::2 . 53 }\n"
+        "add element inet t lo6 { udp . 53 : fd68:6e73:1::2 . 53 }\n")
+    moved = InboundPort("tcp", 80, IPv4Address("169.254.0.3"))
+    _inbound_change(fake, [port], [moved])      # another VM takes the port
+    assert fake.transactions[-1].render().startswith(
         "delete element inet t in4 { tcp . 80 }\ndelete element inet t lo4 { tcp . 80 }\n")
+    # the same ruleset as the whole table rendered with the ports now forwarded
+    assert fake.table("inet", "t") == inbound_table("t", HOST_ADDRS, [moved, UDP_53]).canonical()
+
+
+def test_inbound_change_of_a_drifted_element_is_refused_whole() -> None:
+    fake = FakeNft()
+    fake.run(Transaction().replace_table(inbound_table("t", HOST_ADDRS, [TCP_8080])))
+    before = fake.dump()
+    with pytest.raises(NatError, match="No such file or directory") as excinfo:
+        _inbound_change(fake, [UDP_53], [InboundPort("tcp", 22, IPv4Address("169.254.0.2"))])
+    assert excinfo.value.is_not_found
+    assert fake.dump() == before       # nothing of it applied
+    assert len(fake.transactions) == 1
 
 
 @pytest.mark.parametrize(("protocol", "port"), [("icmp", 1), ("tcp", 0), ("tcp", 70000)])
@@ -185,20 +245,39 @@ def test_inbound_port_validates(protocol: str, port: int) -> None:
 
 
 def test_vm_table_redirects_host_ports_at_the_host_address() -> None:
-    text = vm_table("eth0", IPv4Address("169.254.0.2"), IPv6Address("fd68:6e73:1:0::2"),
-                    IPv4Address("198.51.100.2"), IPv6Address("2001:db8:100::2")).render()
+    table = vm_table("eth0", IPv4Address("169.254.0.2"), IPv6Address("fd68:6e73:1:0::2"),
+                     IPv4Address("198.51.100.2"), IPv6Address("2001:db8:100::2"))
+    assert table.sets == (Set("host4", KEY), Set("host6", KEY))
+    text = table.render()
     assert "set host4 {\n\t\ttype inet_proto . inet_service\n\t}" in text
     assert "ip daddr 198.51.100.2 meta l4proto . th dport @host4 redirect" in text
     assert "ip6 daddr 2001:db8:100::2 meta l4proto . th dport @host6 redirect" in text
 
 
-def test_render_host_ports() -> None:
-    assert render_host_ports("add", [(4, "tcp", 22), (6, "udp", 53)]) == (
-        "add element inet hns-mirror host4 { tcp . 22 }\n"
-        "add element inet hns-mirror host6 { udp . 53 }\n")
-    assert render_host_ports("delete", []) == ""
+def test_host_port_elements() -> None:
+    assert host_port_elements([(6, "udp", 53), (4, "tcp", 22), (4, "tcp", 22)]) == {
+        "host4": (Element(("tcp", "22")),), "host6": (Element(("udp", "53")),)}
+    assert host_port_elements([]) == {}
     with pytest.raises(ValueError):
-        render_host_ports("add", [(4, "sctp", 22)])
+        host_port_elements([(4, "sctp", 22)])
+
+
+def test_host_ports_change_the_vm_tables_sets() -> None:
+    table = vm_table("eth0", IPv4Address("169.254.0.2"), IPv6Address("fd68:6e73:1:0::2"),
+                     IPv4Address("198.51.100.2"), None)
+    fake = FakeNft()
+    fake.run(Transaction().replace_table(table))
+    tx = Transaction()
+    for name, elements in host_port_elements([(4, "tcp", 22), (6, "udp", 53)]).items():
+        tx.add_elements("inet", VM_TABLE, name, elements)
+    fake.run(tx)
+    assert tx.render() == ("add element inet hns-mirror host4 { tcp . 22 }\n"
+                           "add element inet hns-mirror host6 { udp . 53 }\n")
+    now = fake.table("inet", VM_TABLE)
+    assert now is not None
+    assert now.sets == (Set("host4", KEY, (Element(("tcp", "22")),)),
+                        Set("host6", KEY, (Element(("udp", "53")),)))
+    assert now.chains == table.chains
 
 
 def test_nat_table_isolates_mirrored_bridges() -> None:

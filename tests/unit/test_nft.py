@@ -19,6 +19,8 @@ from hns.errors import KernelError
 from hns.nft import nft
 from nat.errors import NatError
 from nat.nft import FakeNft, Nft, NftRunner
+from nat.ruleset import Table, render_delete
+from nat.transaction import Transaction
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = "table inet hns-ab12 {}\ndelete table inet hns-ab12\n"
@@ -66,6 +68,19 @@ def test_apply_in_a_named_namespace(fake_run: FakeRun) -> None:
     assert fake_run.calls == [Call(["nft", "-f", "-"], SCRIPT, "hostns")]
 
 
+def test_run_renders_the_transaction_once(fake_run: FakeRun) -> None:
+    tx = Transaction().destroy_table("inet", "hns-ab12").add_table(Table("inet", "hns-ab12"))
+    Nft("hostns", run=fake_run).run(tx)
+    assert fake_run.calls == [Call(["nft", "-f", "-"], tx.render(), "hostns")]
+    assert tx.render() == ("add table inet hns-ab12\ndelete table inet hns-ab12\n"
+                           "add table inet hns-ab12\n")
+
+
+def test_run_of_an_empty_transaction_runs_nothing(fake_run: FakeRun) -> None:
+    Nft(run=fake_run).run(Transaction())
+    assert fake_run.calls == []
+
+
 def test_check_uses_nft_check(fake_run: FakeRun) -> None:
     Nft(run=fake_run).check(SCRIPT)
     assert fake_run.calls == [Call(["nft", "--check", "-f", "-"], SCRIPT, None)]
@@ -105,6 +120,8 @@ def test_no_such_file_is_enoent(fake_run: FakeRun) -> None:
     ("Error: No such file or directory\ndelete table inet x\n^^^^^^", errno.ENOENT),
     ("Error: Could not process rule: File exists", errno.EEXIST),
     ("Error: Could not process rule: Operation not permitted", errno.EPERM),
+    ("Error: Could not process rule: Device or resource busy", errno.EBUSY),
+    ("Error: Could not process rule: Operation not supported", errno.EOPNOTSUPP),
     ("Error: syntax error, unexpected junk", errno.EINVAL),
     ("nft: not found", errno.EINVAL),
     ("", errno.EINVAL),
@@ -158,18 +175,27 @@ def test_hns_gets_its_own_runner_and_error(monkeypatch: pytest.MonkeyPatch) -> N
 # the fake
 
 
-def test_fake_nft_records_scripts() -> None:
+def test_fake_nft_is_a_runner() -> None:
     fake = FakeNft()
     runner: NftRunner = fake
-    runner.apply("one\n")
-    runner.apply("two\n")
-    assert fake.scripts == ["one\n", "two\n"]
-    assert fake.dump() == "one\ntwo\n"
-    assert runner.list_tables() == []
+    runner.run(Transaction().add_table(Table("inet", "t", comment="hns:x")))
+    assert runner.list_tables() == ["inet t"]
+    assert 'comment "hns:x"' in (runner.list_table("inet", "t") or "")
+    assert runner.list_table("inet", "nope") is None
+
+
+def test_fake_nft_applies_the_text_render_delete_makes() -> None:
+    fake = FakeNft()
+    fake.apply(render_delete("inet", "t"))           # idempotent: nothing there
+    fake.run(Transaction().add_table(Table("inet", "t")))
+    fake.apply(render_delete("inet", "t"))
+    assert fake.list_tables() == []
+    with pytest.raises(ValueError, match="table statements only"):
+        fake.apply("add element inet t m { tcp . 80 }\n")
 
 
 def test_fake_nft_starts_empty() -> None:
-    assert FakeNft().dump() == ""
+    assert FakeNft().dump() == "" and FakeNft().list_tables() == []
 
 
 # the package

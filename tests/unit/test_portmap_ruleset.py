@@ -1,5 +1,5 @@
 """nat.ruleset, port mappings: maps with concatenated keys, the DNAT and hairpin rules,
-incremental element scripts, and that only typed values reach the text."""
+incremental element transactions, and that only typed values reach the text."""
 
 from __future__ import annotations
 
@@ -11,17 +11,18 @@ from typing import Any
 
 import pytest
 
+from nat.fake import FakeNft
 from nat.ruleset import (
+    Element,
     Map,
     NatSpec,
     PortMapSpec,
     hairpin_rule,
     nat_table,
+    port_map_elements,
     port_maps,
-    render_add_port_mappings,
-    render_delete_port_mappings,
-    render_replace,
 )
+from nat.transaction import Transaction
 
 NET_ID = "a1b2c3d4-0000-4000-8000-000000000001"
 VM_A = IPv4Address("172.16.0.2")
@@ -93,22 +94,54 @@ def test_hairpin_masquerade_per_network() -> None:
         'ct status dnat ip saddr 10.0.0.0/24 ip daddr 10.0.0.0/24 masquerade comment "x"')
 
 
-def test_render_add_is_one_command_per_map() -> None:
-    assert render_add_port_mappings("hns-ab12", three()) == (
+def add(table: str, mappings: list[PortMapSpec]) -> Transaction:
+    tx = Transaction()
+    for name, elements in port_map_elements(mappings).items():
+        tx.add_elements("inet", table, name, elements)
+    return tx
+
+
+def delete(table: str, mappings: list[PortMapSpec]) -> Transaction:
+    tx = Transaction()
+    for name, elements in port_map_elements(mappings).items():
+        tx.delete_elements("inet", table, name, elements)
+    return tx
+
+
+def test_elements_by_map_in_the_given_order() -> None:
+    assert port_map_elements(three()) == {
+        "pm_any": (Element(("udp", "53"), ("172.16.0.2", "5353")),
+                   Element(("tcp", "8080"), ("172.16.0.2", "80"))),
+        "pm_addr": (Element(("198.51.100.2", "tcp", "443"), ("172.16.0.3", "8443")),)}
+    assert port_map_elements([]) == {}
+
+
+def test_add_is_one_command_per_map() -> None:
+    assert add("hns-ab12", three()).render() == (
         "add element inet hns-ab12 pm_any { udp . 53 : 172.16.0.2 . 5353, "
         "tcp . 8080 : 172.16.0.2 . 80 }\n"
         "add element inet hns-ab12 pm_addr { 198.51.100.2 . tcp . 443 : 172.16.0.3 . 8443 }\n")
 
 
-def test_render_delete_names_keys_only() -> None:
-    assert render_delete_port_mappings("hns-ab12", three()) == (
+def test_delete_names_keys_only() -> None:
+    assert delete("hns-ab12", three()).render() == (
         "delete element inet hns-ab12 pm_any { udp . 53, tcp . 8080 }\n"
         "delete element inet hns-ab12 pm_addr { 198.51.100.2 . tcp . 443 }\n")
 
 
-def test_render_of_nothing_is_empty() -> None:
-    assert render_add_port_mappings("hns-ab12", []) == ""
-    assert render_delete_port_mappings("hns-ab12", []) == ""
+def test_nothing_to_change_is_an_empty_transaction() -> None:
+    assert not add("hns-ab12", []) and not delete("hns-ab12", [])
+    assert add("hns-ab12", []).render() == ""
+
+
+def test_elements_change_the_table_as_a_whole_render_would() -> None:
+    extra = [PortMapSpec(6, 9000, VM_B, 9000), PortMapSpec(17, 9000, VM_B, 9000, HOST)]
+    fake = FakeNft()
+    fake.run(Transaction().replace_table(nat_table("hns-ab12", [net()], three())))
+    fake.run(add("hns-ab12", extra))
+    fake.run(delete("hns-ab12", three()[:2]))
+    assert fake.table("inet", "hns-ab12") == nat_table(
+        "hns-ab12", [net()], [*extra, three()[2]]).canonical()
 
 
 def test_port_maps_without_mappings_are_empty_declarations() -> None:
@@ -137,11 +170,11 @@ def test_spec_refuses_anything_but_typed_values(kwargs: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("name", ['t"', "t; flush ruleset", "t }", ""])
-def test_element_scripts_refuse_unsafe_table_names(name: str) -> None:
+def test_element_changes_refuse_unsafe_table_names(name: str) -> None:
     with pytest.raises(ValueError):
-        render_add_port_mappings(name, three())
+        add(name, three())
     with pytest.raises(ValueError):
-        render_delete_port_mappings(name, three())
+        delete(name, three())
 
 
 @pytest.mark.parametrize("word", ["ipv4_addr;", "string", "ipv4_addr }", ""])
@@ -168,7 +201,7 @@ def _nft_check(script: str) -> subprocess.CompletedProcess[str]:
 def test_nft_accepts_the_full_table_and_element_scripts() -> None:
     table = nat_table("hns-ab12", [net()], three())
     extra = [PortMapSpec(6, 9000, VM_B, 9000), PortMapSpec(17, 9000, VM_B, 9000, HOST)]
-    script = (render_replace(table) + render_add_port_mappings("hns-ab12", extra)
-              + render_delete_port_mappings("hns-ab12", three()))
+    script = (Transaction().replace_table(table).render() + add("hns-ab12", extra).render()
+              + delete("hns-ab12", three()).render())
     result = _nft_check(script)
     assert result.returncode == 0, result.stderr

@@ -1,6 +1,7 @@
-"""hns.Service, port mappings, against the state in tmp_path and a fake nft: the store
-rows, the nft scripts (incremental, or the full table as a fallback), refusals and
-rollback.  No root, no kernel."""
+"""hns.Service, port mappings, against the state in tmp_path and a fake nft (an in-memory
+ruleset): the store rows, the nft transactions (incremental, or the full table as a
+fallback where nft refuses an element) and the resulting table, refusals and rollback.
+No root, no kernel."""
 
 from __future__ import annotations
 
@@ -16,22 +17,24 @@ from hns.errors import Conflict, InvalidRequest, KernelError, NotFound
 from hns.model import Network, NetworkType, PortMapping, Protocol, Vm
 from hns.service import Service
 from hns.store import Store
-from nat.nft import FakeNft
+from nat.fake import FakeNft
+from nat.ruleset import Element
+from nat.transaction import Kind, Transaction, Verb
 
 HOST = IPv4Address("198.51.100.2")
 
 
-class PickyNft(FakeNft):
-    """Refuses scripts containing ``refuse`` (as nft does an element that drifted)."""
+class RefusingNft(FakeNft):
+    """Refuses every transaction whose text contains ``refuse`` (nft failing for good)."""
 
-    def __init__(self, *refuse: str) -> None:
-        super().__init__()
+    def __init__(self, refuse: str) -> None:
+        super().__init__(error=KernelError)
         self.refuse = refuse
 
-    def apply(self, script: str) -> None:
-        if any(word in script for word in self.refuse):
-            raise KernelError("nft -f - failed: File exists", 17)
-        super().apply(script)
+    def run(self, tx: Transaction) -> None:
+        if self.refuse in tx.render():
+            raise KernelError("nft -f - failed: Error: Could not process rule: Invalid", 22)
+        super().run(tx)
 
 
 def seed(state: Path) -> None:
@@ -53,12 +56,22 @@ def seed(state: Path) -> None:
     store.close()
 
 
+def open_svc(state: Path, nft: FakeNft, *, table: bool = True) -> Service:
+    """The service on the seeded state; ``table``: with its NAT table made (as ``network
+    create`` made it), the fake's record of transactions starting after it."""
+    service = Service(state, nft=nft)
+    # the conntrack flush is netlink in the host namespace: not for unit tests
+    service.port_maps.flush_udp = lambda ports: 0
+    if table:
+        service.nat.sync()
+        nft.transactions.clear()
+    return service
+
+
 @pytest.fixture
-def svc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Service]:
+def svc(tmp_path: Path) -> Iterator[Service]:
     seed(tmp_path / "state")
-    with Service(tmp_path / "state", nft=FakeNft()) as service:
-        # the conntrack flush is netlink in the host namespace: not for unit tests
-        service.port_maps.flush_udp = lambda ports: 0
+    with open_svc(tmp_path / "state", FakeNft(error=KernelError)) as service:
         yield service
 
 
@@ -71,11 +84,30 @@ def table(svc: Service) -> str:
     return naming.nft_table_name(svc.instance)
 
 
+def elements(svc: Service, map_name: str) -> tuple[Element, ...]:
+    """The elements of one of the NAT table's maps, as the fake ruleset has them now."""
+    now = fake(svc).table("inet", table(svc))
+    assert now is not None
+    return next(m.elements for m in now.maps if m.name == map_name)
+
+
+def any_(external: int, target: str, internal: int) -> Element:
+    return Element(("tcp", str(external)), (target, str(internal)))
+
+
+def is_whole_render(tx: Transaction) -> bool:
+    return [(op.verb, op.kind) for op in tx.ops] == [
+        (Verb.ADD, Kind.TABLE), (Verb.DELETE, Kind.TABLE), (Verb.ADD, Kind.TABLE)]
+
+
 def test_add_is_one_incremental_transaction(svc: Service) -> None:
     m = svc.add_port_mapping("a", "tcp", "8080", "80")
     assert m == PortMapping("a", Protocol.TCP, 8080, 80)
-    assert fake(svc).scripts == [
-        f"add element inet {table(svc)} pm_any {{ tcp . 8080 : 10.50.0.2 . 80 }}\n"]
+    [tx] = fake(svc).transactions
+    assert tx.render() == (
+        f"add element inet {table(svc)} pm_any {{ tcp . 8080 : 10.50.0.2 . 80 }}\n")
+    assert elements(svc, "pm_any") == (any_(8080, "10.50.0.2", 80),)
+    assert elements(svc, "pm_addr") == ()
     assert svc.list_port_mappings() == [m]
     assert svc.list_port_mappings("a") == [m] and svc.list_port_mappings("b") == []
 
@@ -85,7 +117,7 @@ def test_bulk_validates_mappings_built_by_hand(svc: Service) -> None:
                 PortMapping("a", Protocol.TCP, 1, 70000)):
         with pytest.raises(InvalidRequest):
             svc.add_port_mappings([bad])
-    assert svc.list_port_mappings() == [] and fake(svc).scripts == []
+    assert svc.list_port_mappings() == [] and fake(svc).transactions == []
 
 
 def test_policies_show_on_the_vm(svc: Service) -> None:
@@ -106,10 +138,10 @@ def test_policies_show_on_the_vm(svc: Service) -> None:
 def test_a_host_port_is_taken_once(svc: Service, first: tuple[int, str | None],
                                    second: tuple[int, str | None]) -> None:
     svc.add_port_mapping("a", "tcp", first[0], 80, first[1])
-    scripts = list(fake(svc).scripts)
+    before = fake(svc).dump()
     with pytest.raises(Conflict, match="already mapped"):
         svc.add_port_mapping("b", "tcp", second[0], 81, second[1])
-    assert fake(svc).scripts == scripts
+    assert len(fake(svc).transactions) == 1 and fake(svc).dump() == before
     assert len(svc.list_port_mappings()) == 1
 
 
@@ -125,13 +157,13 @@ def test_unknown_vm_is_refused(svc: Service) -> None:
         svc.add_port_mapping("nope", "tcp", 80, 80)
     with pytest.raises(NotFound):
         svc.list_port_mappings("nope")
-    assert fake(svc).scripts == []
+    assert fake(svc).transactions == []
 
 
 def test_bulk_is_all_or_nothing(svc: Service) -> None:
     batch = [PortMapping("a", Protocol.TCP, p, 80) for p in range(10000, 10100)]
     assert svc.add_port_mappings(batch) == batch
-    assert len(fake(svc).scripts) == 1
+    assert len(fake(svc).transactions) == 1
     with pytest.raises(Conflict, match="mapped twice in one request"):
         svc.add_port_mappings([PortMapping("b", Protocol.UDP, 1, 1),
                                PortMapping("b", Protocol.UDP, 1, 2, HOST)])
@@ -141,26 +173,38 @@ def test_bulk_is_all_or_nothing(svc: Service) -> None:
     with pytest.raises(NotFound):
         svc.add_port_mappings([PortMapping("b", Protocol.UDP, 1, 1),
                                PortMapping("zz", Protocol.UDP, 2, 1)])
-    assert len(svc.list_port_mappings()) == 100 and len(fake(svc).scripts) == 1
+    assert len(svc.list_port_mappings()) == 100 and len(fake(svc).transactions) == 1
+    assert len(elements(svc, "pm_any")) == 100
 
 
-def test_refused_element_falls_back_to_the_full_table(tmp_path: Path) -> None:
+def test_missing_table_falls_back_to_the_full_table(tmp_path: Path) -> None:
+    """No table to add an element to (nft: ENOENT): the whole table is rendered."""
     seed(tmp_path / "s")
-    with Service(tmp_path / "s", nft=PickyNft("add element")) as svc:
+    with open_svc(tmp_path / "s", FakeNft(error=KernelError), table=False) as svc:
         svc.add_port_mapping("a", "tcp", 8080, 80)
-        [script] = fake(svc).scripts
-        assert f"delete table inet {table(svc)}" in script
-        assert "tcp . 8080 : 10.50.0.2 . 80" in script
+        [tx] = fake(svc).transactions           # the refused one applied nothing
+        assert is_whole_render(tx)
+        assert elements(svc, "pm_any") == (any_(8080, "10.50.0.2", 80),)
+        assert fake(svc).list_tables() == [f"inet {table(svc)}"]
+
+
+def test_drifted_element_falls_back_to_the_full_table(svc: Service) -> None:
+    """The key is in the map with another value (nft: EEXIST): rendered from the state."""
+    fake(svc).run(Transaction().add_elements("inet", table(svc), "pm_any",
+                                             [any_(8080, "10.50.0.9", 1)]))
+    svc.add_port_mapping("a", "tcp", 8080, 80)
+    assert is_whole_render(fake(svc).transactions[-1])
+    assert elements(svc, "pm_any") == (any_(8080, "10.50.0.2", 80),)
 
 
 def test_nft_failure_removes_the_row(tmp_path: Path) -> None:
     seed(tmp_path / "s")
-    with Service(tmp_path / "s", nft=PickyNft("tcp . 8080")) as svc:
+    with open_svc(tmp_path / "s", RefusingNft("tcp . 8080")) as svc:
         svc.add_port_mapping("a", "tcp", 9090, 90)
         with pytest.raises(KernelError):
             svc.add_port_mapping("a", "tcp", 8080, 80)
         assert [m.external_port for m in svc.list_port_mappings()] == [9090]
-        assert "8080" not in fake(svc).dump()
+        assert elements(svc, "pm_any") == (any_(9090, "10.50.0.2", 90),)
 
 
 def test_delete(svc: Service) -> None:
@@ -170,21 +214,25 @@ def test_delete(svc: Service) -> None:
     assert not svc.delete_port_mapping("nope", "udp", 1)
     with pytest.raises(Conflict, match="mapped to vm 'a', not 'b'"):
         svc.delete_port_mapping("b", "tcp", 8080, "198.51.100.2")
+    assert elements(svc, "pm_addr") == (
+        Element(("198.51.100.2", "tcp", "8080"), ("10.50.0.2", "80")),)
     assert svc.delete_port_mapping("a", "tcp", "8080", "198.51.100.2")
-    assert fake(svc).scripts[-1] == (
+    assert fake(svc).transactions[-1].render() == (
         f"delete element inet {table(svc)} pm_addr {{ 198.51.100.2 . tcp . 8080 }}\n")
+    assert elements(svc, "pm_addr") == ()
     assert svc.list_port_mappings() == []
 
 
-def test_delete_of_a_missing_element_renders_the_table_without_it(tmp_path: Path) -> None:
-    seed(tmp_path / "s")
-    with Service(tmp_path / "s", nft=PickyNft("delete element")) as svc:
-        svc.add_port_mapping("a", "tcp", 8080, 80)
-        svc.add_port_mapping("a", "tcp", 9090, 90)
-        assert svc.delete_port_mapping("a", "tcp", 8080)
-        last = fake(svc).scripts[-1]
-        assert "tcp . 9090" in last and "8080" not in last
-        assert [m.external_port for m in svc.list_port_mappings()] == [9090]
+def test_delete_of_a_missing_element_renders_the_table_without_it(svc: Service) -> None:
+    svc.add_port_mapping("a", "tcp", 8080, 80)
+    svc.add_port_mapping("a", "tcp", 9090, 90)
+    # the element went behind hns's back (nft: ENOENT on its delete)
+    fake(svc).run(Transaction().delete_elements("inet", table(svc), "pm_any",
+                                                [any_(8080, "10.50.0.2", 80)]))
+    assert svc.delete_port_mapping("a", "tcp", 8080)
+    assert is_whole_render(fake(svc).transactions[-1])
+    assert elements(svc, "pm_any") == (any_(9090, "10.50.0.2", 90),)
+    assert [m.external_port for m in svc.list_port_mappings()] == [9090]
 
 
 def test_delete_vm_takes_its_mappings(svc: Service, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -192,7 +240,9 @@ def test_delete_vm_takes_its_mappings(svc: Service, monkeypatch: pytest.MonkeyPa
     svc.add_port_mapping("a", "tcp", 8080, 80)
     svc.add_port_mapping("b", "tcp", 9090, 90)
     assert svc.delete_vm("a")
-    assert fake(svc).scripts[-1] == f"delete element inet {table(svc)} pm_any {{ tcp . 8080 }}\n"
+    assert fake(svc).transactions[-1].render() == (
+        f"delete element inet {table(svc)} pm_any {{ tcp . 8080 }}\n")
+    assert elements(svc, "pm_any") == (any_(9090, "10.50.0.3", 90),)
     assert [m.vm for m in svc.list_port_mappings()] == ["b"]
     assert svc.store.remembered_port_mappings("a") == []
 
@@ -248,7 +298,17 @@ def test_the_store_itself_refuses_a_taken_host_port(svc: Service) -> None:
 def test_full_render_includes_every_mapping(svc: Service) -> None:
     svc.add_port_mapping("a", "tcp", 8080, 80)
     svc.add_port_mapping("b", "tcp", 443, 8443, "198.51.100.2")
+    incremental = fake(svc).dump()
     svc.nat.sync()
-    full = fake(svc).scripts[-1]
-    assert "tcp . 8080 : 10.50.0.2 . 80" in full
-    assert "198.51.100.2 . tcp . 443 : 10.50.0.3 . 8443" in full
+    assert is_whole_render(fake(svc).transactions[-1])
+    assert fake(svc).dump() == incremental      # the same ruleset either way
+    assert elements(svc, "pm_any") == (any_(8080, "10.50.0.2", 80),)
+    assert elements(svc, "pm_addr") == (
+        Element(("198.51.100.2", "tcp", "443"), ("10.50.0.3", "8443")),)
+
+
+def test_last_network_gone_deletes_the_table(svc: Service) -> None:
+    svc.add_port_mapping("a", "tcp", 8080, 80)
+    svc.nat.sync_locked(exclude=frozenset({svc.get_network("n").id}))
+    assert fake(svc).list_tables() == [] and fake(svc).dump() == ""
+    svc.nat.sync_locked(exclude=frozenset({svc.get_network("n").id}))   # idempotent
