@@ -47,6 +47,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from hns.daemon.binding import Retrying
 from hns.daemon.forward_plan import Claims, ForwardKey
 from hns.daemon.forwarder import FULL_INTERVAL, POLL_INTERVAL, POLL_PER_VM, open_loopback
 from hns.daemon.mirror_plan import Claim, MirrorPlan, draining, host_keys, plan, vm_claims
@@ -100,13 +101,20 @@ class _Listener:
     target: str
     relay: Relay | None = None
     inode: int = 0
-    error: str | None = None
-    retry: TimerHandle | None = field(default=None, repr=False)
+    binding: Retrying | None = field(default=None, repr=False)
+
+    @property
+    def error(self) -> str | None:
+        return self.binding.error if self.binding is not None else None
 
     @property
     def name(self) -> str:
         where = "to host" if self.to_host else "to vm"
         return f"mirrored {self.vm} {where} {self.key.protocol} {self.key.endpoint()}"
+
+
+def _listen_error(exc: OSError) -> str:
+    return "port in use" if exc.errno == errno.EADDRINUSE else str(exc)
 
 
 class Mirror:
@@ -413,10 +421,16 @@ class Mirror:
                 self._host_ports.pop(name, None)
 
     def _start(self, listener: _Listener) -> None:
-        listener.retry = None
+        listener.binding = Retrying(self.engine, f"{listener.name}: cannot listen",
+                                    lambda: self._serve(listener), self.retry_interval,
+                                    _listen_error)
+        listener.binding.start()
+
+    def _serve(self, listener: _Listener) -> None:
         ident = (listener.vm, listener.key, listener.to_host)
         watch = self._watches.get(listener.vm)
-        if self._listeners.get(ident) is not listener or watch is None:
+        if self._listeners.get(ident) is not listener or watch is None or \
+                listener.relay is not None:
             return
         key = listener.key
         try:
@@ -424,38 +438,31 @@ class Mirror:
                 sock = run_in_netns(watch.vm.netns, open_loopback, key)
             else:
                 sock = open_loopback(key)
-        except (OSError, HnsError) as exc:
-            code = getattr(exc, "errno", None)
-            self._retry(listener, "port in use" if code == errno.EADDRINUSE else str(exc))
-            return
-        listener.inode = os.fstat(sock.fileno()).st_ino
-        self._own.add(listener.inode)
+        except HnsError as exc:         # the VM's namespace is gone: as a socket error
+            raise OSError(str(exc)) from exc
         target = (listener.target, key.port)
         if listener.to_host:
             dial_tcp, dial_udp = None, None       # the engine's namespace: the host
         else:
             dial_tcp, dial_udp = watch.w.dialer.tcp, watch.w.dialer.udp
-        if key.protocol == "tcp":
-            listener.relay = self.engine.add_tcp(sock, target, name=listener.name,
-                                                 dial=dial_tcp)
-        else:
-            listener.relay = self.engine.add_udp(sock, target, name=listener.name,
-                                                 dial=dial_udp)
-        listener.error = None
+        try:
+            if key.protocol == "tcp":
+                listener.relay = self.engine.add_tcp(sock, target, name=listener.name,
+                                                     dial=dial_tcp)
+            else:
+                listener.relay = self.engine.add_udp(sock, target, name=listener.name,
+                                                     dial=dial_udp)
+        except BaseException:
+            sock.close()
+            raise
+        listener.inode = os.fstat(sock.fileno()).st_ino
+        self._own.add(listener.inode)
         log.info("vm %s: %s", listener.vm, listener.name)
-
-    def _retry(self, listener: _Listener, error: str) -> None:
-        if listener.error != error:
-            log.warning("%s: cannot listen: %s (retrying every %gs)", listener.name, error,
-                        self.retry_interval)
-        listener.error = error
-        listener.retry = self.engine.call_later(self.retry_interval,
-                                                lambda: self._start(listener))
 
     def _stop(self, ident: tuple[str, ForwardKey, bool]) -> None:
         listener = self._listeners.pop(ident)
-        if listener.retry is not None:
-            listener.retry.cancel()
+        if listener.binding is not None:
+            listener.binding.cancel()
         if listener.relay is not None:
             self.engine.remove(listener.relay)
             log.info("vm %s: stopped %s", listener.vm, listener.name)
