@@ -368,8 +368,11 @@ class Connection:
                 try:
                     self.socks[action.side].shutdown(socket.SHUT_WR)
                 except OSError as exc:
-                    self._apply(self.state.reset(action.side, exc.errno or 0))
-                    return
+                    follow = self.state.reset(action.side, exc.errno or 0)
+                    if follow:
+                        self._apply(follow)
+                        return
+                    # the state had ended already (the last half): close as it said
             elif isinstance(action, Abort):
                 self._close(action.side, abort=True)
             elif isinstance(action, Close):

@@ -703,3 +703,29 @@ def test_a_bulky_connection_moved_to_a_worker_still_times_out(
         eng.stop()
         thread.join(10)
         eng.close()
+
+
+class _NoShutdown(socket.socket):
+    """A dialed socket whose shutdown fails, as when its peer reset meanwhile."""
+
+    def shutdown(self, how: int) -> None:
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+
+def test_a_failed_shutdown_of_the_last_half_still_ends_the_connection(
+        engine: Engine, servers: Callable[..., Server]) -> None:
+    def reply_first(conn: socket.socket) -> None:
+        conn.sendall(b"hello")
+        conn.shutdown(socket.SHUT_WR)       # the server's half ends first ...
+        while conn.recv(100):
+            pass
+
+    server = servers(reply_first)
+    relay, port = add_tcp(engine, server.address,
+                          dial=lambda address: dial_tcp(address, _NoShutdown))
+    with connect(port) as client:
+        assert client.recv(100) == b"hello"
+        assert client.recv(100) == b""
+        client.shutdown(socket.SHUT_WR)     # ... the client's last: its shutdown fails
+        wait_for(lambda: relay.info().connections == 0, "the connection to end")
+    assert relay.info().accepted == 1
