@@ -70,6 +70,24 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=_Parser)
 
+    _add_network_parser(sub, leaf)
+    _add_vm_parser(sub, leaf)
+    _add_portmap_parser(sub, leaf)
+    sub.add_parser("up", parents=[leaf],
+                   help="the WSL network and the VM wsl, as WSL's first start").add_argument(
+        "--networking-mode", default="nat", metavar="nat|mirrored",
+        help="WSL's networkingMode: the type of the network WSL when it is made "
+             "(default nat)")
+    sub.add_parser("down", parents=[leaf], help="remove the VM wsl and the network WSL")
+    sub.add_parser("restore", parents=[leaf], help="recreate kernel objects from the state")
+    sub.add_parser("gc", parents=[leaf], help="remove leftover kernel objects").add_argument(
+        "--dry-run", action="store_true", help="only list them")
+    from hns.daemon.cli import register
+    register(sub, leaf)
+    return p
+
+
+def _add_network_parser(sub: Any, leaf: argparse.ArgumentParser) -> None:
     net = sub.add_parser("network", help="NAT networks").add_subparsers(
         dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     c = net.add_parser("create", parents=[leaf], help="create a network")
@@ -95,6 +113,8 @@ def _build_parser() -> argparse.ArgumentParser:
     d.add_argument("name")
     d.add_argument("--force", action="store_true", help="also delete attached VMs")
 
+
+def _add_vm_parser(sub: Any, leaf: argparse.ArgumentParser) -> None:
     vm = sub.add_parser("vm", help="VM namespaces").add_subparsers(
         dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     c = vm.add_parser("create", parents=[leaf], help="create a VM namespace on a network")
@@ -109,20 +129,6 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="run a command in a VM: vm exec NAME -- CMD [ARG...]")
     e.add_argument("name")
     e.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
-
-    _add_portmap_parser(sub, leaf)
-    sub.add_parser("up", parents=[leaf],
-                   help="the WSL network and the VM wsl, as WSL's first start").add_argument(
-        "--networking-mode", default="nat", metavar="nat|mirrored",
-        help="WSL's networkingMode: the type of the network WSL when it is made "
-             "(default nat)")
-    sub.add_parser("down", parents=[leaf], help="remove the VM wsl and the network WSL")
-    sub.add_parser("restore", parents=[leaf], help="recreate kernel objects from the state")
-    sub.add_parser("gc", parents=[leaf], help="remove leftover kernel objects").add_argument(
-        "--dry-run", action="store_true", help="only list them")
-    from hns.daemon.cli import register
-    register(sub, leaf)
-    return p
 
 
 def _add_portmap_parser(sub: Any, leaf: argparse.ArgumentParser) -> None:
