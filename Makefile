@@ -37,7 +37,7 @@ bench: deps
 
 lint: deps
 	$(BIN)/ruff check hns nat portproxy tests bench examples
-	$(BIN)/mypy hns nat portproxy bench tests/unit
+	$(BIN)/mypy hns nat portproxy bench tests/unit tests/helpers
 	$(BIN)/lint-imports --no-cache
 
 deps: $(STAMPS)/apt $(STAMPS)/venv

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import TypeVar
 
 import pytest
-from test_relay_engine import info, on_engine, wait_for
+from helpers.relay import info, on_engine, wait_for
 
 from portproxy._tcpio import BULK_BYTES, TcpRelay
 from portproxy.engine import Engine, RelayInfo, default_workers

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import pytest
-from test_portmap_service import seed
+from helpers.portmap import seed
 
 from hns import process
 from hns.cli import main

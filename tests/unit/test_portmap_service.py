@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+from helpers.portmap import seed
 
 from hns import naming
 from hns.errors import Conflict, InvalidRequest, KernelError, NotFound
-from hns.model import Network, NetworkType, PortMapping, Protocol, Vm
+from hns.model import PortMapping, Protocol, Vm
 from hns.service import Service
-from hns.store import Store
 from nat.fake import FakeNft
 from nat.ruleset import Element
 from nat.transaction import Kind, Transaction, Verb
@@ -35,25 +35,6 @@ class RefusingNft(FakeNft):
         if self.refuse in tx.render():
             raise KernelError("nft -f - failed: Error: Could not process rule: Invalid", 22)
         super().run(tx)
-
-
-def seed(state: Path) -> None:
-    store = Store(state)
-    net_id = str(uuid.uuid4())
-    net = Network(id=net_id, name="n", type=NetworkType.NAT,
-                  subnet=IPv4Network("10.50.0.0/24"), gateway=IPv4Address("10.50.0.1"),
-                  mtu=1500, bridge=naming.bridge_name(store.instance, net_id))
-    with store.write() as tx:
-        tx.insert_network(net)
-        for i, name in enumerate(("a", "b"), start=2):
-            vm_id = str(uuid.uuid4())
-            tx.insert_vm(Vm(
-                id=vm_id, name=name, network="n", network_id=net_id,
-                netns=naming.vm_netns_name(store.instance, name),
-                ip=IPv4Address(f"10.50.0.{i}"), prefixlen=24, gateway=net.gateway,
-                mac=f"00:15:5d:00:00:0{i}", host_ifname=naming.host_veth_name(store.instance,
-                                                                            vm_id), mtu=1500))
-    store.close()
 
 
 def open_svc(state: Path, nft: FakeNft, *, table: bool = True) -> Service:

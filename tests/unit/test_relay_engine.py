@@ -3,8 +3,6 @@ and UDP relays between real sockets (127.0.0.1 only; no namespace needed)."""
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import errno
 import hashlib
 import logging
@@ -14,96 +12,26 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from helpers.relay import (
+    LO,
+    Server,
+    connect,
+    echo,
+    info,
+    on_engine,
+    read_all_then_reply,
+    recv_all,
+    wait_for,
+)
 
 from portproxy import _buffers
 from portproxy._tcpio import TcpRelay
 from portproxy.engine import Engine, Relay, RelayInfo, dial_tcp
 
-T = TypeVar("T")
-LO = "127.0.0.1"
-
-
 # -- helpers ---------------------------------------------------------------------------
-
-
-def on_engine(engine: Engine, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on the engine thread and return its result."""
-    future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def call() -> None:
-        try:
-            future.set_result(fn())
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    engine.call_soon_threadsafe(call)
-    return future.result(timeout=10)
-
-
-def wait_for(predicate: Callable[[], bool], what: str) -> None:
-    for _ in range(400):
-        if predicate():
-            return
-        time.sleep(0.025)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def info(engine: Engine) -> RelayInfo:
-    (only,) = engine.relays()
-    return only
-
-
-class Server:
-    """A TCP server on loopback running ``handler(conn)`` per connection on a thread."""
-
-    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
-        self.sock = socket.create_server((LO, 0))
-        self.address: tuple[str, int] = self.sock.getsockname()
-        self.handler = handler
-        self.errors: list[BaseException] = []
-        self._threads: list[threading.Thread] = []
-        self._accepting = threading.Thread(target=self._accept, daemon=True)
-        self._accepting.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                self.handler(conn)
-            except OSError as exc:
-                self.errors.append(exc)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._accepting.join(5)
-        for thread in self._threads:
-            thread.join(5)
-
-
-def echo(conn: socket.socket) -> None:
-    while data := conn.recv(65536):
-        conn.sendall(data)
-
-
-def read_all_then_reply(conn: socket.socket) -> None:
-    digest = hashlib.sha256()
-    while data := conn.recv(65536):
-        digest.update(data)
-    conn.sendall(digest.hexdigest().encode() + b"\n" + b"r" * 300_000)
 
 
 def reset_after_first_bytes(conn: socket.socket) -> None:
@@ -145,10 +73,6 @@ def add_tcp(engine: Engine, target: tuple[str, int], **kw: Any) -> tuple[Relay, 
     return on_engine(engine, lambda: engine.add_tcp(listener, target, **kw)), port
 
 
-def connect(port: int) -> socket.socket:
-    return socket.create_connection((LO, port), timeout=10)
-
-
 def reset_or_eof(sock: socket.socket) -> bool:
     """Whether the peer closed ``sock`` (reset or FIN) without sending anything."""
     try:
@@ -165,13 +89,6 @@ def closed_at_once(port: int) -> bool:
         return True
     with sock:
         return reset_or_eof(sock)
-
-
-def recv_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while data := sock.recv(65536):
-        chunks.append(data)
-    return b"".join(chunks)
 
 
 # -- the loop --------------------------------------------------------------------------

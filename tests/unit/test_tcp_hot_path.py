@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from test_relay_engine import (
+from helpers.relay import (
     Server,
     connect,
     echo,
