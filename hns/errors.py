@@ -8,7 +8,7 @@ Kernel and nft errors are translated at the boundary into :class:`KernelError`.
 
 from __future__ import annotations
 
-import errno as _errno
+from nat.errors import NatError
 
 __all__ = [
     "AlreadyExists",
@@ -45,20 +45,9 @@ class Conflict(InvalidRequest):
     """The request contradicts the current state (overlapping subnet, VMs attached)."""
 
 
-class KernelError(HnsError):
-    """The kernel (netlink, nft, mount) refused an operation."""
-
-    def __init__(self, message: str, errno: int | None = None) -> None:
-        super().__init__(message)
-        self.errno = errno
-
-    @property
-    def is_not_found(self) -> bool:
-        return self.errno in (_errno.ENOENT, _errno.ENODEV, _errno.ESRCH, _errno.EADDRNOTAVAIL)
-
-    @property
-    def is_exists(self) -> bool:
-        return self.errno == _errno.EEXIST
+class KernelError(HnsError, NatError):
+    """The kernel (netlink, nft, mount) refused an operation: ``errno``, ``is_not_found``
+    and ``is_exists`` as nat's error has them (hns hands this class to nat to raise)."""
 
 
 class StateError(HnsError):

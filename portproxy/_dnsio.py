@@ -55,6 +55,7 @@ from portproxy.dnsstate import (
     Upstream,
     source_key,
 )
+from portproxy.sockets import listen
 
 if TYPE_CHECKING:
     from portproxy.loop import EventLoop, TimerHandle
@@ -134,7 +135,8 @@ class DnsServer:
             udp.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             udp.bind((host, port))     # no SO_REUSEADDR: a second server must not hide
             udp.setblocking(False)
-            tcp = _tcp_listener(host, udp.getsockname()[1], device)
+            tcp = listen(socket.AF_INET, socket.SOCK_STREAM, host, udp.getsockname()[1],
+                         device=device)
         except BaseException:
             udp.close()
             raise
@@ -434,23 +436,6 @@ def interface_index(device: str) -> int:
         return socket.if_nametoindex(device)
     except OSError:
         raise OSError(errno.ENODEV, f"no interface {device!r}") from None
-
-
-def _tcp_listener(host: str, port: int, device: str) -> socket.socket:
-    """A non-blocking TCP listener on ``host``:``port``, bound to ``device`` if given,
-    before bind (the kernel then takes connections arriving there only)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if device:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
-        sock.bind((host, port))
-        sock.listen(4096)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _reset(sock: socket.socket) -> None:

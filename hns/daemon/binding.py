@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from portproxy.engine import Engine, TimerHandle
 
-__all__ = ["Retrying", "strerror"]
+__all__ = ["Bound", "Retrying", "strerror"]
 
 log = logging.getLogger("hns.daemon")
 
@@ -55,3 +56,15 @@ class Retrying:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+@dataclass
+class Bound:
+    """Base of what a component serves on a socket bound with retry: its ``binding``
+    (None until first tried) and the error it keeps."""
+
+    binding: Retrying | None = field(default=None, repr=False, kw_only=True)
+
+    @property
+    def error(self) -> str | None:
+        return self.binding.error if self.binding is not None else None

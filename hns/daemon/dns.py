@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from hns.daemon.binding import Retrying
+from hns.daemon.binding import Bound, Retrying
 from hns.model import Network
 from hns.resolv import host_resolv_path
 from hns.store import Store
@@ -83,14 +83,9 @@ def _identity(network: Network) -> tuple[object, ...]:
 
 
 @dataclass
-class _Served:
+class _Served(Bound):
     network: Network
     listener: Listener | None = None
-    binding: Retrying | None = field(default=None, repr=False)
-
-    @property
-    def error(self) -> str | None:
-        return self.binding.error if self.binding is not None else None
 
 
 class DnsProxy:

@@ -42,10 +42,10 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from hns.daemon.binding import Retrying, strerror
+from hns.daemon.binding import Bound, Retrying, strerror
 from hns.daemon.config import ProxyConfig
 from hns.daemon.forward_plan import (
     Claims,
@@ -87,17 +87,12 @@ def open_loopback(key: ForwardKey) -> socket.socket:
 
 
 @dataclass
-class _Forward:
+class _Forward(Bound):
     """One host port served (or waiting to be) for one VM."""
 
     key: ForwardKey
     vm: str
     relay: Relay | None = None
-    binding: Retrying | None = field(default=None, repr=False)
-
-    @property
-    def error(self) -> str | None:
-        return self.binding.error if self.binding is not None else None
 
     @property
     def name(self) -> str:

@@ -47,7 +47,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from hns.daemon.binding import Retrying
+from hns.daemon.binding import Bound, Retrying
 from hns.daemon.forward_plan import Claims, ForwardKey
 from hns.daemon.forwarder import FULL_INTERVAL, POLL_INTERVAL, POLL_PER_VM, open_loopback
 from hns.daemon.mirror_plan import Claim, MirrorPlan, draining, host_keys, plan, vm_claims
@@ -92,7 +92,7 @@ class _Watch:
 
 
 @dataclass
-class _Listener:
+class _Listener(Bound):
     """One listener of the component: host loopback -> VM, or VM loopback -> host."""
 
     vm: str
@@ -101,11 +101,6 @@ class _Listener:
     target: str
     relay: Relay | None = None
     inode: int = 0
-    binding: Retrying | None = field(default=None, repr=False)
-
-    @property
-    def error(self) -> str | None:
-        return self.binding.error if self.binding is not None else None
 
     @property
     def name(self) -> str:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from hns.daemon.binding import Retrying
+from hns.daemon.binding import Bound, Retrying
 from hns.daemon.config import ProxyConfig
 from hns.daemon.control import relay_status
 from hns.daemon.netsh import PortProxy, ProxyKey
@@ -28,14 +28,9 @@ log = logging.getLogger("hns.daemon")
 
 
 @dataclass
-class _Served:
+class _Served(Bound):
     proxy: PortProxy
     relay: Any = None
-    binding: Retrying | None = field(default=None, repr=False)
-
-    @property
-    def error(self) -> str | None:
-        return self.binding.error if self.binding is not None else None
 
 
 class StaticProxies:

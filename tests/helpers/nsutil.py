@@ -203,3 +203,14 @@ def full_snapshot(sandbox: Sandbox) -> dict[str, Any]:
             "portmaps": [m.to_json() for m in svc.list_port_mappings()],
             "proxies": [p.to_json() for p in ProxyConfig(svc.store).list()],
             "etc_netns": etc}
+
+
+def populate(sandbox: Sandbox) -> Sandbox:
+    """A network n (10.42.0.0/24) with VM v (10.42.0.10), a port mapping (tcp 8080 -> 80)
+    and a port proxy (9000 -> 10.42.0.10): something of each for a command to change."""
+    sandbox.service.create_network("n", "nat", subnet="10.42.0.0/24")
+    sandbox.vm("v", "n", ip="10.42.0.10", mac="00:15:5d:00:00:10")
+    sandbox.service.add_port_mapping("v", "tcp", 8080, 80)
+    sandbox.hnsctl("portproxy", "add", "v4tov4", "listenport=9000",
+                   "connectaddress=10.42.0.10", check=True)
+    return sandbox

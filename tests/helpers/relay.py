@@ -8,7 +8,7 @@ import hashlib
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from portproxy.engine import Engine, RelayInfo
@@ -17,7 +17,7 @@ T = TypeVar("T")
 LO = "127.0.0.1"
 
 
-def on_engine(engine: Engine, fn: Callable[[], T]) -> T:
+def on_engine(engine: Engine, fn: Callable[[], T], timeout: float = 10) -> T:
     """Run ``fn`` on the engine thread and return its result."""
     future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
@@ -28,7 +28,7 @@ def on_engine(engine: Engine, fn: Callable[[], T]) -> T:
             future.set_exception(exc)
 
     engine.call_soon_threadsafe(call)
-    return future.result(timeout=10)
+    return future.result(timeout=timeout)
 
 
 def wait_for(predicate: Callable[[], bool], what: str) -> None:
@@ -39,16 +39,32 @@ def wait_for(predicate: Callable[[], bool], what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@contextlib.contextmanager
+def running(engine: Engine) -> Iterator[Engine]:
+    """``engine`` run on a thread of its own; stopped, joined and closed afterwards."""
+    thread = threading.Thread(target=engine.run, name="engine", daemon=True)
+    thread.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+        thread.join(10)
+        assert not thread.is_alive()
+        engine.close()
+
+
 def info(engine: Engine) -> RelayInfo:
     (only,) = engine.relays()
     return only
 
 
 class Server:
-    """A TCP server on loopback running ``handler(conn)`` per connection on a thread."""
+    """A TCP server running ``handler(conn)`` per connection on a thread; on loopback,
+    or on ``sock`` (listening already, e.g. made in a sandbox namespace)."""
 
-    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
-        self.sock = socket.create_server((LO, 0))
+    def __init__(self, handler: Callable[[socket.socket], None],
+                 sock: socket.socket | None = None) -> None:
+        self.sock = sock if sock is not None else socket.create_server((LO, 0))
         self.address: tuple[str, int] = self.sock.getsockname()
         self.handler = handler
         self.errors: list[BaseException] = []
@@ -77,9 +93,9 @@ class Server:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
-        self._accepting.join(5)
+        self._accepting.join(10)
         for thread in self._threads:
-            thread.join(5)
+            thread.join(30)
 
 
 def echo(conn: socket.socket) -> None:

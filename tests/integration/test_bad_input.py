@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers.nsutil import bad_input_failures, full_snapshot, snapshot
+from helpers.nsutil import bad_input_failures, full_snapshot, populate, snapshot
 
 from hns.testing import Sandbox
 
@@ -165,12 +165,7 @@ def populated(hns_sandbox: Sandbox) -> Sandbox:
     hns_sandbox.host.run(["ip", "link", "add", "lan0", "type", "veth", "peer", "lan0p"],
                          check=True)
     hns_sandbox.host.run(["ip", "addr", "add", "10.99.0.1/24", "dev", "lan0"], check=True)
-    hns_sandbox.service.create_network("n", "nat", subnet="10.42.0.0/24")
-    hns_sandbox.vm("v", "n", ip="10.42.0.10", mac="00:15:5d:00:00:10")
-    hns_sandbox.service.add_port_mapping("v", "tcp", 8080, 80)
-    hns_sandbox.hnsctl("portproxy", "add", "v4tov4", "listenport=9000",
-                       "connectaddress=10.42.0.10", check=True)
-    return hns_sandbox
+    return populate(hns_sandbox)
 
 
 def corpus_size() -> int:

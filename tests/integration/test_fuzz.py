@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers.nsutil import full_snapshot
+from helpers.nsutil import full_snapshot, populate
 
 from hns.testing import Sandbox
 
@@ -179,12 +179,7 @@ def _verdict(argv: list[str], rc: int, err: str) -> str | None:
 @pytest.fixture
 def sandbox(hns_sandbox: Sandbox) -> Sandbox:
     """A network n (10.42.0.0/24) with VM v, a port mapping and a port proxy."""
-    hns_sandbox.service.create_network("n", "nat", subnet="10.42.0.0/24")
-    hns_sandbox.vm("v", "n", ip="10.42.0.10", mac="00:15:5d:00:00:10")
-    hns_sandbox.service.add_port_mapping("v", "tcp", 8080, 80)
-    hns_sandbox.hnsctl("portproxy", "add", "v4tov4", "listenport=9000",
-                       "connectaddress=10.42.0.10", check=True)
-    return hns_sandbox
+    return populate(hns_sandbox)
 
 
 def test_random_argv_exits_0_or_2_and_a_refusal_changes_nothing(sandbox: Sandbox) -> None:

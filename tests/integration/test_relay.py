@@ -9,7 +9,6 @@ relay.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import hashlib
 import os
@@ -22,6 +21,7 @@ from typing import Any, TypeVar
 
 import pytest
 from helpers.nsutil import serve_http_peer_echo, wait_for, wait_listening
+from helpers.relay import Server, echo, on_engine
 
 from hns.netns import NetnsExecutor
 from hns.testing import Peer, Sandbox, SandboxVm
@@ -45,16 +45,7 @@ class Relays:
         return self.host.call(socket.socket, family, kind)
 
     def on_engine(self, fn: Callable[[], T]) -> T:
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-        def call() -> None:
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        self.engine.call_soon_threadsafe(call)
-        return future.result(timeout=30)
+        return on_engine(self.engine, fn, timeout=30)
 
     def tcp(self, port: int, target: tuple[str, int], **kw: Any) -> Relay:
         listener = self._socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -89,59 +80,21 @@ def relays(hns_sandbox: Sandbox) -> Iterator[Relays]:
         made.close()
 
 
-class Server:
-    """A TCP server in a namespace, on threads of the test process; ``handler`` per
-    connection, given the accepted socket (closed afterwards)."""
-
-    def __init__(self, peer: Peer, address: tuple[str, int], handler: Handler) -> None:
-        self.sock = peer.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(address)
-        self.sock.listen(1024)
-        self.handler = handler
-        self.threads: list[threading.Thread] = []
-        self._acceptor = threading.Thread(target=self._accept, daemon=True)
-        self._acceptor.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self.threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            self.handler(conn)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._acceptor.join(10)
-        for thread in self.threads:
-            thread.join(30)
-
-
 @pytest.fixture
 def servers() -> Iterator[Callable[[Peer, tuple[str, int], Handler], Server]]:
     made: list[Server] = []
 
     def make(peer: Peer, address: tuple[str, int], handler: Handler) -> Server:
-        made.append(Server(peer, address, handler))
+        sock = peer.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+        made.append(Server(handler, sock))
         return made[-1]
 
     yield make
     for server in made:
         server.close()
-
-
-def echo(conn: socket.socket) -> None:
-    while data := conn.recv(1 << 16):
-        conn.sendall(data)
 
 
 def reset_or_eof(sock: socket.socket) -> bool:

@@ -6,9 +6,12 @@ driver would change the machine's own network namespace.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from socket import socket
 from typing import NoReturn
 
 import pytest
+from helpers.relay import Server
 
 
 def _refuse(*args: object, **kwargs: object) -> NoReturn:
@@ -29,3 +32,17 @@ def _no_tag_probe(monkeypatch: pytest.MonkeyPatch) -> None:
     """A new state dir asks the host (namespaces, nft) which instance tags are taken:
     not in unit tests (a fixture of its own: test modules override ``_no_kernel``)."""
     monkeypatch.setattr("hns.service.Service._tag_taken", lambda self, tag: False)
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[[Callable[[socket], None]], Server]]:
+    """Loopback TCP servers (:class:`helpers.relay.Server`), closed after the test."""
+    made: list[Server] = []
+
+    def make(handler: Callable[[socket], None]) -> Server:
+        made.append(Server(handler))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()

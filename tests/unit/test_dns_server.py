@@ -3,7 +3,6 @@ upstreams (threads), queries over UDP and TCP (127.0.0.1 only; no namespace need
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import errno
 import ipaddress
@@ -12,9 +11,10 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from helpers.relay import LO, on_engine, running
 
 from portproxy import dnsmsg
 from portproxy._dnsio import DnsServer, Listener
@@ -22,23 +22,8 @@ from portproxy.dnsmsg import Header, Rcode
 from portproxy.dnsstate import Upstream
 from portproxy.engine import Engine
 
-T = TypeVar("T")
-LO = "127.0.0.1"
 A, IN = 1, 1
 Behaviour = Callable[[bytes, bool], bytes | None]
-
-
-def on_engine(engine: Engine, fn: Callable[[], T]) -> T:
-    future: concurrent.futures.Future[T] = concurrent.futures.Future()
-
-    def call() -> None:
-        try:
-            future.set_result(fn())
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    engine.call_soon_threadsafe(call)
-    return future.result(timeout=10)
 
 
 def query(id: int = 0x4242, name: bytes = b"\x07example\x04test\x00") -> bytes:
@@ -188,16 +173,8 @@ class Proxy:
 
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    eng = Engine()
-    thread = threading.Thread(target=eng.run, name="engine", daemon=True)
-    thread.start()
-    try:
+    with running(Engine()) as eng:
         yield eng
-    finally:
-        eng.stop()
-        thread.join(10)
-        assert not thread.is_alive()
-        eng.close()
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from helpers.relay import (
     on_engine,
     read_all_then_reply,
     recv_all,
+    running,
     wait_for,
 )
 
@@ -41,29 +42,8 @@ def reset_after_first_bytes(conn: socket.socket) -> None:
 
 @pytest.fixture
 def engine() -> Iterator[Engine]:
-    eng = Engine(connect_timeout=2.0)
-    thread = threading.Thread(target=eng.run, name="engine", daemon=True)
-    thread.start()
-    try:
+    with running(Engine(connect_timeout=2.0)) as eng:
         yield eng
-    finally:
-        eng.stop()
-        thread.join(10)
-        assert not thread.is_alive()
-        eng.close()
-
-
-@pytest.fixture
-def servers() -> Iterator[Callable[[Callable[[socket.socket], None]], Server]]:
-    made: list[Server] = []
-
-    def make(handler: Callable[[socket.socket], None]) -> Server:
-        made.append(Server(handler))
-        return made[-1]
-
-    yield make
-    for server in made:
-        server.close()
 
 
 def add_tcp(engine: Engine, target: tuple[str, int], **kw: Any) -> tuple[Relay, int]:

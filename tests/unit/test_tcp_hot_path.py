@@ -23,6 +23,7 @@ from helpers.relay import (
     info,
     read_all_then_reply,
     recv_all,
+    running,
     wait_for,
 )
 
@@ -70,19 +71,6 @@ def recording(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Recording]]:
     yield Recording.made
 
 
-@pytest.fixture
-def servers() -> Iterator[Callable[[Callable[[socket.socket], None]], Server]]:
-    made: list[Server] = []
-
-    def make(handler: Callable[[socket.socket], None]) -> Server:
-        made.append(Server(handler))
-        return made[-1]
-
-    yield make
-    for server in made:
-        server.close()
-
-
 def replay(rec: Recording) -> TcpConnection:
     """A fresh state machine fed what production reported; its answers must match."""
     fresh = TcpConnection(*rec.args)
@@ -101,13 +89,6 @@ def moved(rec: Recording, event: str, direction: int) -> int:
     return sum(args[1] for name, args, _ in rec.log if name == event and args[0] == direction)
 
 
-def run_engine(**kw: Any) -> tuple[Engine, threading.Thread]:
-    eng = Engine(connect_timeout=2.0, workers=0, **kw)
-    thread = threading.Thread(target=eng.run, name="engine", daemon=True)
-    thread.start()
-    return eng, thread
-
-
 @pytest.mark.parametrize("mode", ["splice", "copy", "fallback"])
 def test_production_reports_every_byte_and_the_replay_agrees(
         mode: str, recording: list[Recording], servers: Callable[..., Server],
@@ -117,9 +98,8 @@ def test_production_reports_every_byte_and_the_replay_agrees(
             raise OSError(22, "splice refused")
         monkeypatch.setattr(_buffers, "_splice", refuse)
     server = servers(read_all_then_reply)
-    eng, thread = run_engine(splice=mode != "copy", pipe_size=64 << 10,
-                             buffer_size=64 << 10)
-    try:
+    with running(Engine(connect_timeout=2.0, workers=0, splice=mode != "copy",
+                        pipe_size=64 << 10, buffer_size=64 << 10)) as eng:
         listener = socket.create_server((LO, 0))
         eng.call_soon_threadsafe(lambda: eng.add_tcp(listener, server.address, name="r"))
         wait_for(lambda: len(eng.relays()) == 1, "the relay")
@@ -129,10 +109,6 @@ def test_production_reports_every_byte_and_the_replay_agrees(
             client.shutdown(socket.SHUT_WR)
             reply = recv_all(client)
         wait_for(lambda: info(eng).connections == 0, "the connection to end")
-    finally:
-        eng.stop()
-        thread.join(10)
-        eng.close()
     digest = hashlib.sha256(payload).hexdigest().encode()
     assert reply.startswith(digest + b"\n")
     (rec,) = recording
@@ -153,8 +129,7 @@ def test_a_reset_mid_stream_is_reported_and_the_replay_agrees(
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
 
     server = servers(reset_after_some)
-    eng, thread = run_engine()
-    try:
+    with running(Engine(connect_timeout=2.0, workers=0)) as eng:
         listener = socket.create_server((LO, 0))
         eng.call_soon_threadsafe(lambda: eng.add_tcp(listener, server.address, name="r"))
         wait_for(lambda: len(eng.relays()) == 1, "the relay")
@@ -163,10 +138,6 @@ def test_a_reset_mid_stream_is_reported_and_the_replay_agrees(
             with contextlib.suppress(ConnectionResetError):
                 assert client.recv(10) == b""
         wait_for(lambda: info(eng).connections == 0, "the connection to end")
-    finally:
-        eng.stop()
-        thread.join(10)
-        eng.close()
     (rec,) = recording
     assert rec.state is ConnState.CLOSED
     assert any(name == "reset" for name, _, _ in rec.log)
@@ -177,10 +148,7 @@ def test_a_reset_mid_stream_is_reported_and_the_replay_agrees(
 def test_echo_through_a_worker_loop_reports_every_byte(
         recording: list[Recording], servers: Callable[..., Server]) -> None:
     server = servers(echo)
-    eng = Engine(connect_timeout=2.0, workers=1)
-    thread = threading.Thread(target=eng.run, name="engine", daemon=True)
-    thread.start()
-    try:
+    with running(Engine(connect_timeout=2.0, workers=1)) as eng:
         listener = socket.create_server((LO, 0))
         eng.call_soon_threadsafe(lambda: eng.add_tcp(listener, server.address, name="e"))
         wait_for(lambda: len(eng.relays()) == 1, "the relay")
@@ -196,10 +164,6 @@ def test_echo_through_a_worker_loop_reports_every_byte(
             sender.join(10)
         assert got == payload
         wait_for(lambda: info(eng).connections == 0, "the connection to end")
-    finally:
-        eng.stop()
-        thread.join(10)
-        eng.close()
     (rec,) = recording
     for d in (0, 1):
         assert moved(rec, "received", d) == moved(rec, "sent", d) == len(payload)
