@@ -119,3 +119,16 @@ def recv_all(sock: socket.socket) -> bytes:
     while data := sock.recv(65536):
         chunks.append(data)
     return b"".join(chunks)
+
+
+def exchange(client: socket.socket, payload: bytes) -> bytes:
+    """Send ``payload`` (then FIN) from a thread while reading everything back."""
+    def send() -> None:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    got = recv_all(client)
+    sender.join(10)
+    return got

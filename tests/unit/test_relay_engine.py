@@ -20,6 +20,7 @@ from helpers.relay import (
     Server,
     connect,
     echo,
+    exchange,
     info,
     on_engine,
     read_all_then_reply,
@@ -211,14 +212,7 @@ def test_echo_and_a_large_transfer_both_ways(
         thread.start()
         payload = os.urandom(1 << 20) * 8
         with connect(port) as client:
-            def send() -> None:
-                client.sendall(payload)
-                client.shutdown(socket.SHUT_WR)
-
-            sender = threading.Thread(target=send)
-            sender.start()
-            got = recv_all(client)
-            sender.join(10)
+            got = exchange(client, payload)
         assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
         wait_for(lambda: info(eng).connections == 0, "the connection to end")
         assert info(eng) == RelayInfo("echo", "tcp", (LO, port), server.address, 0, 1, 0, 0)

@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import os
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ from helpers.relay import (
     Server,
     connect,
     echo,
+    exchange,
     info,
     read_all_then_reply,
     recv_all,
@@ -154,14 +154,7 @@ def test_echo_through_a_worker_loop_reports_every_byte(
         wait_for(lambda: len(eng.relays()) == 1, "the relay")
         payload = os.urandom(1 << 20) * 6          # bulky: placed on the worker
         with connect(listener.getsockname()[1]) as client:
-            def send() -> None:
-                client.sendall(payload)
-                client.shutdown(socket.SHUT_WR)
-
-            sender = threading.Thread(target=send)
-            sender.start()
-            got = recv_all(client)
-            sender.join(10)
+            got = exchange(client, payload)
         assert got == payload
         wait_for(lambda: info(eng).connections == 0, "the connection to end")
     (rec,) = recording
