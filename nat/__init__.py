@@ -14,8 +14,6 @@ from nat.ruleset import (
     Table,
     masquerade_rule,
     nat_table,
-    render_delete,
-    render_replace,
 )
 from nat.transaction import Transaction
 
@@ -31,6 +29,4 @@ __all__ = [
     "Transaction",
     "masquerade_rule",
     "nat_table",
-    "render_delete",
-    "render_replace",
 ]

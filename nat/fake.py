@@ -29,7 +29,6 @@ from nat.transaction import Kind, Op, Transaction, Verb
 __all__ = ["FakeNft"]
 
 _LOOKUP = re.compile(r"@([A-Za-z][A-Za-z0-9_-]*)")
-_TABLE_LINE = re.compile(r"(?:(add|delete|flush) )?table (\S+) (\S+)( \{\})?")
 
 
 class _Refused(Exception):
@@ -100,23 +99,6 @@ class FakeNft:
                               f"{os.strerror(exc.code)}: {text}", exc.code) from None
         self._tables = staged
         self.transactions.append(tx)
-
-    def apply(self, script: str) -> None:
-        """Text: only the table statements ``render_delete`` makes (``table F N {}``,
-        ``add``/``delete``/``flush table F N``); anything else is a transaction's job."""
-        tx = Transaction()
-        for line in filter(None, (ln.strip() for ln in script.splitlines())):
-            m = _TABLE_LINE.fullmatch(line)
-            if m is None or (m[1] is None) != (m[4] is not None):
-                raise ValueError(f"FakeNft.apply takes table statements only: {line!r}")
-            verb, family, name = m[1] or "add", m[2], m[3]
-            if verb == "add":
-                tx.add_table(Table(family, name))
-            elif verb == "delete":
-                tx.delete_table(family, name)
-            else:
-                tx.flush_table(family, name)
-        self.run(tx)
 
     def list_tables(self) -> list[str]:
         return [f"{family} {name}" for family, name in self._tables]

@@ -29,12 +29,9 @@ NETNS_DIR = "/run/netns"
 
 class NftRunner(Protocol):
     """What hns needs of nft: apply a transaction, list tables (:class:`Nft`,
-    :class:`~nat.fake.FakeNft`).  ``apply`` takes text: kept for callers that still
-    hand it a ``render_delete`` script."""
+    :class:`~nat.fake.FakeNft`)."""
 
     def run(self, tx: Transaction) -> None: ...
-
-    def apply(self, script: str) -> None: ...
 
     def list_tables(self) -> list[str]: ...
 
@@ -100,12 +97,10 @@ class Nft:
         return result.stdout
 
     def run(self, tx: Transaction) -> None:
-        """Apply the transaction (nothing to do: nft is not run)."""
+        """Apply the transaction, rendered once to ``nft -f -`` (nothing to do: nft is
+        not run)."""
         if tx:
-            self.apply(tx.render())
-
-    def apply(self, script: str) -> None:
-        self._run(["-f", "-"], script)
+            self._run(["-f", "-"], tx.render())
 
     def check(self, script: str) -> None:
         self._run(["--check", "-f", "-"], script)

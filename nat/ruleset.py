@@ -42,8 +42,6 @@ __all__ = [
     "nat_table",
     "port_map_elements",
     "port_maps",
-    "render_delete",
-    "render_replace",
 ]
 
 _IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
@@ -281,18 +279,6 @@ class Table:
                           *(m.render() for m in self.maps),
                           *(chain.render() for chain in self.chains)])
         return f"table {self.family} {self.name} {{\n{body}\n}}\n"
-
-
-def render_delete(family: str, name: str) -> str:
-    """Delete a table if it exists (idempotent: declaring it first never fails).  Text for
-    ``NftRunner.apply``; new code uses ``Transaction.destroy_table``."""
-    table = Table(family, name)
-    return f"table {table.family} {table.name} {{}}\ndelete table {table.family} {table.name}\n"
-
-
-def render_replace(table: Table) -> str:
-    """Text of ``Transaction.replace_table`` in the block form (the golden tests')."""
-    return render_delete(table.family, table.name) + table.render()
 
 
 def masquerade_rule(subnet: IPv4Network | IPv6Network, bridge: str, comment: str) -> str:

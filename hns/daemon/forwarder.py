@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,15 +55,14 @@ from hns.daemon.forward_plan import (
     reserved_by,
     wanted_keys,
 )
-from hns.daemon.vmwatch import VmWatch
+from hns.daemon.vmwatch import REAL_SOCKETS, NetnsSockets, VmWatch
 from hns.model import NetworkType, Vm
 from hns.store import Store
 from portproxy.engine import Engine, Relay, RelayInfo, TimerHandle
-from portproxy.sockets import listen
 from portproxy.tracker import read_port_range
 from portproxy.vmdial import DEFAULT_POOL_SIZE
 
-__all__ = ["FULL_INTERVAL", "POLL_INTERVAL", "POLL_PER_VM", "Forwarder", "open_loopback"]
+__all__ = ["FULL_INTERVAL", "POLL_INTERVAL", "POLL_PER_VM", "Forwarder"]
 
 log = logging.getLogger("hns.daemon")
 
@@ -78,12 +76,6 @@ def _forward_error(exc: OSError) -> str:
     if exc.errno == errno.EADDRINUSE:
         return HOST_PORT_IN_USE
     return f"error: {strerror(exc)}"
-
-
-def open_loopback(key: ForwardKey) -> socket.socket:
-    """The host end of a forward: non-blocking, listening (TCP) or bound (UDP)."""
-    kind = socket.SOCK_STREAM if key.protocol == "tcp" else socket.SOCK_DGRAM
-    return listen(key.socket_family, kind, key.loopback, key.port)
 
 
 @dataclass
@@ -104,9 +96,11 @@ class Forwarder:
 
     def __init__(self, engine: Engine, store: Store, *, poll_interval: float = POLL_INTERVAL,
                  poll_per_vm: float = POLL_PER_VM, full_interval: float = FULL_INTERVAL,
-                 retry_interval: float = 2.0, pool_size: int = DEFAULT_POOL_SIZE) -> None:
+                 retry_interval: float = 2.0, pool_size: int = DEFAULT_POOL_SIZE,
+                 sockets: NetnsSockets = REAL_SOCKETS) -> None:
         self.engine = engine
         self.store = store
+        self.sockets = sockets
         self.poll_interval = poll_interval
         self.poll_per_vm = poll_per_vm
         self.full_interval = full_interval
@@ -166,7 +160,7 @@ class Forwarder:
 
     def _watch(self, vm: Vm) -> None:
         watch = VmWatch(vm, self.engine.call_soon_threadsafe, full_interval=self.full_interval,
-                        pool_size=self.pool_size)
+                        pool_size=self.pool_size, sockets=self.sockets)
         self._watches[vm.name] = watch
         if watch.open(self.engine.now()):
             self._claims.update(vm.name, wanted_keys(watch.tracker.sockets))
@@ -245,7 +239,7 @@ class Forwarder:
                 forward.relay is not None:
             return
         key = forward.key
-        sock = open_loopback(key)
+        sock = self.sockets.loopback(None, key)
         target = (key.loopback, key.port)
         try:
             if key.protocol == "tcp":

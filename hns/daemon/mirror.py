@@ -33,9 +33,15 @@ trackers report, so its own listeners never count as the host's or a VM's.  A li
 that cannot be bound is retried every ``retry_interval``.
 
 When the host's view changes, every mirrored VM is configured again
-(:func:`hns.kernel.configure_mirrored_vm` and its ``hns-mirror`` table) and the host
-table is rendered again with the new addresses.  The table exists while the daemon runs
-and a mirrored VM exists.
+(``Kernel.configure_mirrored_vm``: its addresses, routes and ``hns-mirror`` table) and the
+host table is rendered again with the new addresses.  The table exists while the daemon
+runs and a mirrored VM exists.
+
+Seams: the component reads and configures the kernel through a
+:class:`~hns.kernel_api.Kernel` (``kernel=``), runs nft through ``nft=`` (a runner per
+namespace) and reaches sockets inside namespaces through a
+:class:`~hns.daemon.vmwatch.NetnsSockets` (``sockets=``); the real ones by default, fakes
+in the unit tests.
 """
 
 from __future__ import annotations
@@ -44,20 +50,21 @@ import contextlib
 import errno
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from hns.daemon.binding import Bound, Retrying
 from hns.daemon.forward_plan import Claims, ForwardKey
-from hns.daemon.forwarder import FULL_INTERVAL, POLL_INTERVAL, POLL_PER_VM, open_loopback
+from hns.daemon.forwarder import FULL_INTERVAL, POLL_INTERVAL, POLL_PER_VM
 from hns.daemon.mirror_plan import Claim, MirrorPlan, draining, host_keys, plan, vm_claims
-from hns.daemon.vmwatch import VmWatch
+from hns.daemon.vmwatch import REAL_SOCKETS, NetnsSockets, Tracker, VmWatch
 from hns.errors import HnsError
+from hns.kernel_api import Kernel
 from hns.mirrored import HostView, mirror_spec, transit_addresses
 from hns.model import Network, Vm
 from hns.naming import instance_alias_prefix, nft_table_name
-from hns.netns import NAMESPACES, run_in_netns
-from hns.nft import apply_vm_table, nft
+from hns.nft import nft as hns_nft
 from hns.store import Store
 from nat.mirror import (
     VM_TABLE,
@@ -66,9 +73,10 @@ from nat.mirror import (
     inbound_elements,
     inbound_table,
 )
+from nat.nft import NftRunner
 from nat.transaction import Transaction
 from portproxy.engine import Engine, Relay, TimerHandle
-from portproxy.tracker import DiagSocket, VmTracker, read_port_range
+from portproxy.tracker import DiagSocket, read_port_range
 
 __all__ = ["VIEW_INTERVAL", "Mirror"]
 
@@ -118,9 +126,12 @@ class Mirror:
     def __init__(self, engine: Engine, store: Store, host_netns: str | None, *,
                  poll_interval: float = POLL_INTERVAL, poll_per_vm: float = POLL_PER_VM,
                  full_interval: float = FULL_INTERVAL, view_interval: float = VIEW_INTERVAL,
-                 retry_interval: float = 2.0) -> None:
+                 retry_interval: float = 2.0, kernel: Kernel | None = None,
+                 nft: Callable[[str | None], NftRunner] = hns_nft,
+                 sockets: NetnsSockets = REAL_SOCKETS) -> None:
         self.engine = engine
         self.store = store
+        self.sockets = sockets
         self.host_netns = host_netns
         self.poll_interval = poll_interval
         self.poll_per_vm = poll_per_vm
@@ -128,11 +139,13 @@ class Mirror:
         self.view_interval = view_interval
         self.retry_interval = retry_interval
         self.table = f"{nft_table_name(store.instance)}-mirror"
+        self._nft_in = nft
         self._nft = nft(None)             # the daemon runs inside the host namespace
-        self._kernel: Any = None          # hns.kernel.HostKernel, made on first use
+        self._kernel = kernel             # made on first use when not given
+        self._own_kernel = kernel is None
         self._view: HostView | None = None
         self._next_view = 0.0
-        self._host: VmTracker | None = None
+        self._host: Tracker | None = None
         self._watches: dict[str, _Watch] = {}
         self._order = Claims()
         self._reserved: dict[tuple[str, int], str] = {}
@@ -184,7 +197,7 @@ class Mirror:
 
     def close(self) -> None:
         self._stop_all()
-        if self._kernel is not None:
+        if self._kernel is not None and self._own_kernel:
             self._kernel.close()
             self._kernel = None
 
@@ -214,14 +227,14 @@ class Mirror:
 
     def _open_host(self) -> None:
         if self._host is None:
-            host = VmTracker(self.host_netns, NAMESPACES, full_interval=self.full_interval)
+            host = self.sockets.tracker(self.host_netns, self.full_interval)
             host.open()
             host.poll(self.engine.now())
             self._host = host
 
     def _watch(self, vm: Vm, net: Network) -> None:
         watch = _Watch(VmWatch(vm, self.engine.call_soon_threadsafe,
-                               full_interval=self.full_interval), net)
+                               full_interval=self.full_interval, sockets=self.sockets), net)
         self._watches[vm.name] = watch
         watch.w.tracker.track_connected = True
         if watch.w.open(self.engine.now()):
@@ -238,7 +251,7 @@ class Mirror:
         for ident in [i for i in self._listeners if i[0] == name]:
             self._stop(ident)
 
-    def _sockets(self, tracker: VmTracker) -> list[DiagSocket]:
+    def _sockets(self, tracker: Tracker) -> list[DiagSocket]:
         return [s for s in tracker.sockets if s.inode not in self._own]
 
     def _update_claims(self, watch: _Watch) -> None:
@@ -290,8 +303,8 @@ class Mirror:
         self._next_view = self.engine.now() + self.view_interval
         ephemeral, self._ephemeral = self._ephemeral, read_port_range()
         if self._kernel is None:
-            from hns.kernel import HostKernel
-            self._kernel = HostKernel(None)
+            from hns.kernel import LinuxKernel
+            self._kernel = LinuxKernel(None)
         bridges = frozenset(n.bridge for n in self.store.networks())
         try:
             view = self._kernel.host_view(skip_links=bridges)
@@ -310,11 +323,10 @@ class Mirror:
         return True
 
     def _configure(self, watch: _Watch, view: HostView) -> None:
-        from hns.kernel import configure_mirrored_vm
+        assert self._kernel is not None
         spec = mirror_spec(watch.vm, self.store.instance, view)
         try:
-            configure_mirrored_vm(spec)
-            apply_vm_table(watch.vm.interface, spec)
+            self._kernel.configure_mirrored_vm(spec, watch.vm.interface)
         except (HnsError, OSError) as exc:
             log.warning("vm %s: cannot mirror the host's addresses: %s", watch.vm.name, exc)
         self._host_ports.pop(watch.vm.name, None)   # a new table: its sets are empty
@@ -409,7 +421,7 @@ class Mirror:
                 change.add_elements("inet", VM_TABLE, set_name, elements)
             try:
                 if change:
-                    nft(watch.vm.netns).run(change)
+                    self._nft_in(watch.vm.netns).run(change)
                 self._host_ports[name] = desired
             except HnsError as exc:
                 log.warning("vm %s: cannot update its host ports: %s", name, exc)
@@ -428,13 +440,7 @@ class Mirror:
                 listener.relay is not None:
             return
         key = listener.key
-        try:
-            if listener.to_host:
-                sock = run_in_netns(watch.vm.netns, open_loopback, key)
-            else:
-                sock = open_loopback(key)
-        except HnsError as exc:         # the VM's namespace is gone: as a socket error
-            raise OSError(str(exc)) from exc
+        sock = self.sockets.loopback(watch.vm.netns if listener.to_host else None, key)
         target = (listener.target, key.port)
         if listener.to_host:
             dial_tcp, dial_udp = None, None       # the engine's namespace: the host

@@ -19,11 +19,12 @@ from hns.errors import KernelError
 from hns.nft import nft
 from nat.errors import NatError
 from nat.nft import FakeNft, Nft, NftRunner
-from nat.ruleset import Table, render_delete
+from nat.ruleset import Table
 from nat.transaction import Transaction
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = "table inet hns-ab12 {}\ndelete table inet hns-ab12\n"
+TX = Transaction().destroy_table("inet", "hns-ab12")
+SCRIPT = TX.render()
 
 
 @dataclass
@@ -59,12 +60,12 @@ def fake_run() -> FakeRun:
 
 
 def test_apply_pipes_the_script_to_nft_f_dash(fake_run: FakeRun) -> None:
-    Nft(run=fake_run).apply(SCRIPT)
+    Nft(run=fake_run).run(TX)
     assert fake_run.calls == [Call(["nft", "-f", "-"], SCRIPT, None)]
 
 
 def test_apply_in_a_named_namespace(fake_run: FakeRun) -> None:
-    Nft("hostns", run=fake_run).apply(SCRIPT)
+    Nft("hostns", run=fake_run).run(TX)
     assert fake_run.calls == [Call(["nft", "-f", "-"], SCRIPT, "hostns")]
 
 
@@ -109,7 +110,7 @@ def test_no_such_file_is_enoent(fake_run: FakeRun) -> None:
     fake_run.returncode = 1
     fake_run.stderr = "Error: No such file or directory"
     with pytest.raises(NatError) as excinfo:
-        Nft(run=fake_run).apply(SCRIPT)
+        Nft(run=fake_run).run(TX)
     assert excinfo.value.errno == errno.ENOENT
     assert excinfo.value.is_not_found
     assert not excinfo.value.is_exists
@@ -130,7 +131,7 @@ def test_errors_are_classified(fake_run: FakeRun, stderr: str, code: int) -> Non
     fake_run.returncode = 1
     fake_run.stderr = stderr
     with pytest.raises(NatError) as excinfo:
-        Nft(run=fake_run).apply(SCRIPT)
+        Nft(run=fake_run).run(TX)
     assert excinfo.value.errno == code
 
 
@@ -138,7 +139,7 @@ def test_error_message_is_the_first_non_blank_stderr_line(fake_run: FakeRun) -> 
     fake_run.returncode = 1
     fake_run.stderr = "\n  Error: File exists  \n/dev/stdin:1:1-2: more detail\n"
     with pytest.raises(NatError) as excinfo:
-        Nft(run=fake_run).apply(SCRIPT)
+        Nft(run=fake_run).run(TX)
     assert str(excinfo.value) == "nft -f - failed: Error: File exists"
     assert excinfo.value.is_exists
 
@@ -167,7 +168,7 @@ def test_hns_gets_its_own_runner_and_error(monkeypatch: pytest.MonkeyPatch) -> N
     fake = FakeRun(returncode=1, stderr="Error: File exists")
     monkeypatch.setattr(process, "run", fake)
     with pytest.raises(KernelError) as excinfo:
-        nft("hostns").apply(SCRIPT)
+        nft("hostns").run(TX)
     assert excinfo.value.is_exists
     assert fake.calls == [Call(["nft", "-f", "-"], SCRIPT, "hostns")]
 
@@ -184,14 +185,17 @@ def test_fake_nft_is_a_runner() -> None:
     assert runner.list_table("inet", "nope") is None
 
 
-def test_fake_nft_applies_the_text_render_delete_makes() -> None:
+def test_an_empty_transaction_runs_nothing(fake_run: FakeRun) -> None:
+    Nft(run=fake_run).run(Transaction())
+    assert fake_run.calls == []
+
+
+def test_fake_nft_destroys_a_table_whether_or_not_it_is_there() -> None:
     fake = FakeNft()
-    fake.apply(render_delete("inet", "t"))           # idempotent: nothing there
+    fake.run(Transaction().destroy_table("inet", "t"))        # idempotent: nothing there
     fake.run(Transaction().add_table(Table("inet", "t")))
-    fake.apply(render_delete("inet", "t"))
+    fake.run(Transaction().destroy_table("inet", "t"))
     assert fake.list_tables() == []
-    with pytest.raises(ValueError, match="table statements only"):
-        fake.apply("add element inet t m { tcp . 80 }\n")
 
 
 def test_fake_nft_starts_empty() -> None:

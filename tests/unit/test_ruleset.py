@@ -8,6 +8,7 @@ from ipaddress import IPv4Network
 import pytest
 
 from hns import naming
+from nat.fake import FakeNft
 from nat.ruleset import (
     Chain,
     NatSpec,
@@ -15,9 +16,8 @@ from nat.ruleset import (
     isolation_rules,
     masquerade_rule,
     nat_table,
-    render_delete,
-    render_replace,
 )
+from nat.transaction import Transaction
 
 ID_A = "a1b2c3d4-0000-4000-8000-000000000001"
 ID_B = "b2c3d4e5-0000-4000-8000-000000000002"
@@ -98,15 +98,19 @@ def test_nat_table_without_networks_has_an_empty_chain() -> None:
     assert "masquerade" not in table.render()
 
 
-def test_render_delete_shape() -> None:
-    assert render_delete("inet", "hns-ab12") == (
-        "table inet hns-ab12 {}\n"
+def test_destroy_table_shape() -> None:
+    assert Transaction().destroy_table("inet", "hns-ab12").render() == (
+        "add table inet hns-ab12\n"
         "delete table inet hns-ab12\n")
 
 
-def test_render_replace_is_delete_then_definition() -> None:
+def test_replace_table_is_destroy_then_definition() -> None:
     table = nat_table("hns-ab12", two_networks())
-    assert render_replace(table) == render_delete("inet", "hns-ab12") + GOLDEN_TABLE
+    destroy = Transaction().destroy_table("inet", "hns-ab12").render()
+    assert Transaction().replace_table(table).render().startswith(destroy)
+    fake = FakeNft()
+    fake.run(Transaction().replace_table(table))
+    assert fake.table("inet", "hns-ab12") == table.canonical()
 
 
 def test_masquerade_rule_text() -> None:
@@ -150,9 +154,9 @@ def test_chain_refuses_unsafe_names(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
-def test_render_delete_refuses_unsafe_names(name: str) -> None:
+def test_destroy_table_refuses_unsafe_names(name: str) -> None:
     with pytest.raises(ValueError):
-        render_delete("inet", name)
+        Transaction().destroy_table("inet", name)
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
