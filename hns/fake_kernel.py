@@ -110,8 +110,8 @@ class FakeKernel:
         found = list(self.host_prefixes)
         for name, link in self.links.items():
             if name not in skip_links:
-                found += [(f"address of {name}", IPv4Network(a, strict=False))
-                          for a in link.addresses if ":" not in a]
+                found += [(f"address {a} on {name}", IPv4Network(a, strict=False))
+                          for a in link.addresses if ":" not in a]   # as LinuxKernel's
         return found
 
     def host_view(self, skip_links: frozenset[str] = frozenset()) -> HostView:
@@ -181,6 +181,11 @@ class FakeKernel:
             raise KernelError(f"eth0 is missing in {netns}", errno.ENODEV)
         ns.config = ("nat", ip, prefixlen, gateway)
 
+    def vm_side_ok(self, netns: str, ip: IPv4Address, prefixlen: int,
+                   gateway: IPv4Address) -> bool:
+        ns = self.namespaces.get(netns)
+        return ns is not None and ns.config == ("nat", ip, prefixlen, gateway)
+
     def configure_mirrored_vm(self, spec: MirrorSpec, ifname: str) -> None:
         ns = self._netns(spec.netns)
         if ns.eth0_mac is None:
@@ -194,6 +199,9 @@ class FakeKernel:
 
     def remove_vm_resolv(self, netns: str) -> None:
         self.resolv.pop(netns, None)
+
+    def vm_resolv_ok(self, netns: str, gateway: IPv4Address, owner: str) -> bool:
+        return self.resolv.get(netns) == (gateway, owner)
 
     def vm_resolv_owner(self, netns: str) -> str | None:
         entry = self.resolv.get(netns)

@@ -461,8 +461,16 @@ class LinuxKernel(HostKernel):
         configure_mirrored_vm(spec)
         apply_vm_table(ifname, spec)
 
+    def vm_side_ok(self, netns: str, ip: IPv4Address, prefixlen: int,
+                   gateway: IPv4Address) -> bool:
+        from hns.vmcheck import vm_side_ok
+        return vm_side_ok(netns, ip, prefixlen, gateway)
+
     def write_vm_resolv(self, netns: str, gateway: IPv4Address, owner: str) -> None:
         resolv.write_vm_resolv(netns, self.host_netns, gateway, owner)
+
+    def vm_resolv_ok(self, netns: str, gateway: IPv4Address, owner: str) -> bool:
+        return resolv.vm_resolv_ok(netns, self.host_netns, gateway, owner)
 
     def remove_vm_resolv(self, netns: str) -> None:
         resolv.remove_vm_resolv(netns)

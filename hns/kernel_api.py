@@ -101,9 +101,18 @@ class Kernel(Protocol):
         """The VM's addresses and routes as the host's, and its ``hns-mirror`` table."""
         ...
 
+    def vm_side_ok(self, netns: str, ip: IPv4Address, prefixlen: int,
+                   gateway: IPv4Address) -> bool:
+        """Whether the VM's eth0 still has what ``configure_vm_side`` gave it."""
+        ...
+
     # the VMs' resolv.conf (/etc/netns/<netns>/resolv.conf)
 
     def write_vm_resolv(self, netns: str, gateway: IPv4Address, owner: str) -> None: ...
+
+    def vm_resolv_ok(self, netns: str, gateway: IPv4Address, owner: str) -> bool:
+        """Whether the VM's resolv.conf is what ``write_vm_resolv`` would write now."""
+        ...
 
     def remove_vm_resolv(self, netns: str) -> None: ...
 

@@ -130,8 +130,15 @@ def _v1_tables(db: sqlite3.Connection) -> None:
     _add_missing_columns(db)
 
 
+def _v2_vm_power(db: sqlite3.Connection) -> None:
+    """A VM is running or stopped, and may have an idle timeout (ms; NULL: never)."""
+    db.execute("ALTER TABLE vms ADD COLUMN power TEXT NOT NULL DEFAULT 'running'")
+    db.execute("ALTER TABLE vms ADD COLUMN idle_timeout INTEGER")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_tables,
+    _v2_vm_power,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -24,11 +24,13 @@ __all__ = [
     "NetworkOptions",
     "NetworkType",
     "PortMapping",
+    "Power",
     "Protocol",
     "Vm",
     "format_port_list",
     "parse_decimal",
     "parse_host_address",
+    "parse_idle_timeout",
     "parse_ipv4",
     "parse_mac",
     "parse_mtu",
@@ -191,6 +193,28 @@ class Network:
         }
 
 
+def parse_idle_timeout(value: int | str | None) -> int | None:
+    """An idle timeout in milliseconds: a whole number >= 0, or -1 / None for never."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    negative = text.startswith("-")
+    digits = text[1:] if negative else text
+    if not DIGITS_RE.fullmatch(digits) or (negative and digits != "1") or \
+            int(digits) > 2**31 - 1:
+        raise InvalidRequest(f"bad idle timeout {text!r}: milliseconds, a whole number "
+                             ">= 0, or -1 for never")
+    return None if negative else int(digits)
+
+
+class Power(enum.Enum):
+    """Whether a VM is on (its namespace and veth exist) or off (only its row: address,
+    MAC, port mappings kept)."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
 @dataclass(frozen=True)
 class Vm:
     id: str
@@ -206,6 +230,12 @@ class Vm:
     mtu: int
     interface: str = "eth0"
     policies: tuple[dict[str, Any], ...] = field(default=())
+    power: Power = Power.RUNNING
+    idle_timeout_ms: int | None = None      # reclaimed when idle this long; None: never
+
+    @property
+    def running(self) -> bool:
+        return self.power is Power.RUNNING
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -224,6 +254,8 @@ class Vm:
             "IpConfigurations": [{"IpAddress": str(self.ip), "PrefixLength": self.prefixlen}],
             "Routes": [{"NextHop": str(self.gateway), "DestinationPrefix": "0.0.0.0/0"}],
             "Policies": list(self.policies),
+            "State": self.power.value.capitalize(),
+            "IdleTimeout": self.idle_timeout_ms if self.idle_timeout_ms is not None else -1,
         }
 
 

@@ -20,8 +20,9 @@ from hns.errors import KernelError
 from hns.mirrored import transit6_subnet
 from hns.model import HostPort
 from hns.store import LIVE, PENDING_OR_READY, Store
+from nat.drift import drifted_chains
 from nat.nft import NftRunner
-from nat.ruleset import NatSpec, nat_table
+from nat.ruleset import NatSpec, Table, nat_table
 from nat.transaction import Transaction
 
 __all__ = ["NatTable"]
@@ -53,18 +54,40 @@ class NatTable:
                     drop: frozenset[HostPort] = frozenset()) -> None:
         """Render the whole table from the state and apply it atomically; leave out the
         networks in ``exclude`` and the port mappings of the host ports in ``drop``."""
+        table = self.render(exclude, drop)
+        if table is not None:
+            self.nft.run(Transaction().replace_table(table))
+        else:
+            self.nft.run(Transaction().destroy_table("inet", self.name))
+
+    def render(self, exclude: frozenset[str] = frozenset(),
+               drop: frozenset[HostPort] = frozenset()) -> Table | None:
+        """The table the state asks for (None: no network, no table)."""
         specs = [NatSpec(n.id, n.subnet, n.bridge,
                          transit6_subnet(self.instance, n.subnet) if n.mirrored else None,
                          isolated=n.firewall or n.mirrored)
                  for n in self.store.networks(states=LIVE) if n.id not in exclude]
-        if specs:
-            ids = {s.id for s in specs}
-            mapped = portmap.specs(m for m in self.store.port_mappings(states=PENDING_OR_READY)
-                                   if m.network_id in ids and m.mapping.host_port not in drop)
-            self.nft.run(Transaction().replace_table(
-                nat_table(self.name, specs, mapped, owner=self.owner)))
-        else:
-            self.nft.run(Transaction().destroy_table("inet", self.name))
+        if not specs:
+            return None
+        ids = {s.id for s in specs}
+        mapped = portmap.specs(m for m in self.store.port_mappings(states=PENDING_OR_READY)
+                               if m.network_id in ids and m.running
+                               and m.mapping.host_port not in drop)
+        return nat_table(self.name, specs, mapped, owner=self.owner)
+
+    def drift(self) -> str | None:
+        """Why the table in nft is not what the state asks for (gone, chains flushed or
+        missing), or None.  Read without the lock: the healer takes it to repair."""
+        want = self.render()
+        if want is None:
+            return None
+        listing = self.nft.list_table("inet", self.name)
+        if listing is None:
+            return f"nft table inet {self.name} was gone"
+        chains = drifted_chains(want, listing)
+        if chains:
+            return f"nft table inet {self.name} lost rules (chains {', '.join(chains)})"
+        return None
 
     def apply_or_render(self, tx: Transaction, drop: frozenset[HostPort] = frozenset()) -> None:
         """Apply an incremental transaction (the caller holds the lock); where nft refuses

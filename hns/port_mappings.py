@@ -71,7 +71,8 @@ class PortMappings:
                 tx.insert_port_mappings({n: v.id for n, v in vms.items()}, batch, "adding")
             failpoint("portmap-add:after-store")
             try:
-                specs = [portmap.spec(m, vms[m.vm].ip) for m in batch]
+                specs = [portmap.spec(m, vms[m.vm].ip) for m in batch
+                         if vms[m.vm].running]      # a stopped VM's wait for its start
                 change = Transaction()
                 for name, elements in port_map_elements(specs).items():
                     change.add_elements("inet", self.nat.name, name, elements)
@@ -125,7 +126,8 @@ class PortMappings:
     def remove(self, mapped: list[MappedPort]) -> None:
         """The nft side of deleting mappings (the caller holds the nft lock)."""
         change = Transaction()
-        for name, elements in port_map_elements(portmap.specs(mapped)).items():
+        in_nft = [m for m in mapped if m.running]
+        for name, elements in port_map_elements(portmap.specs(in_nft)).items():
             change.delete_elements("inet", self.nat.name, name, elements)
         self.nat.apply_or_render(change, drop=frozenset(m.mapping.host_port for m in mapped))
 

@@ -65,21 +65,36 @@ def write_vm_resolv(netns: str, host_netns: str | None, gateway: IPv4Address | s
                     owner: str = "") -> str:
     """Write the VM's resolv.conf; ``owner`` (the instance ID) goes into a comment, so
     that ``gc`` removes only its own entries of /etc/netns."""
-    try:
-        with open(host_resolv_path(host_netns)) as f:
-            host_text = f.read()
-    except OSError:
-        host_text = ""
     directory = os.path.join(ETC_NETNS, netns)
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "resolv.conf")
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".resolv.")
     with os.fdopen(fd, "w") as f:
-        f.write(render_vm_resolv(host_text, gateway)
-                + (f"{OWNER_LINE}{owner}\n" if owner else ""))
+        f.write(_vm_text(host_netns, gateway, owner))
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
+
+
+def vm_resolv_ok(netns: str, host_netns: str | None, gateway: IPv4Address | str,
+                 owner: str) -> bool:
+    """Whether the VM's resolv.conf holds what :func:`write_vm_resolv` would write now
+    (False when it is missing, overwritten, or the host's nameservers changed)."""
+    try:
+        with open(os.path.join(ETC_NETNS, netns, "resolv.conf")) as f:
+            have = f.read()
+    except OSError:
+        return False
+    return have == _vm_text(host_netns, gateway, owner)
+
+
+def _vm_text(host_netns: str | None, gateway: IPv4Address | str, owner: str) -> str:
+    try:
+        with open(host_resolv_path(host_netns)) as f:
+            host_text = f.read()
+    except OSError:
+        host_text = ""
+    return render_vm_resolv(host_text, gateway) + (f"{OWNER_LINE}{owner}\n" if owner else "")
 
 
 def vm_resolv_owner(netns: str) -> str | None:

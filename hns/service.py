@@ -16,15 +16,18 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Interface
+from typing import Any
 
 from hns import ipam, naming, portmap, resolv
 from hns.errors import AlreadyExists, Conflict, HnsError, InvalidRequest, KernelError
 from hns.failpoint import failpoint
 from hns.gc import Collector, tag_in_use
+from hns.heal import Reconciler, Repair
 from hns.kernel_api import EndpointSpec, Kernel
+from hns.lifecycle import VmLifecycle
 from hns.mirrored import (
     mirror_spec,
     transit6_gateway,
@@ -35,6 +38,7 @@ from hns.model import (
     PortMapping,
     Protocol,
     Vm,
+    parse_idle_timeout,
     parse_ipv4,
     parse_mac,
     parse_name,
@@ -57,6 +61,7 @@ log = logging.getLogger("hns")
 DEFAULT_STATE_DIR = "/var/lib/hns"
 DEFAULT_NETWORK = "WSL"
 DEFAULT_VM = "wsl"
+DEFAULT_IDLE_TIMEOUT_MS = 60_000      # WSL's vmIdleTimeout
 
 
 @dataclass(frozen=True)
@@ -86,11 +91,14 @@ class Service:
         self.instance_id = self.store.instance_id
         self.nat = NatTable(self.store, self.nft, self.instance, self._owner)
         self.port_maps = PortMappings(self.store, self.nat, self._flush_udp)
+        self.reconciler = Reconciler(self)
+        self.lifecycle = VmLifecycle(self.store, lambda: self.kernel, self.nat, self.apply_vm,
+                                     self.teardown_vm, self.poke_daemon)
 
     def _tag_taken(self, tag: str) -> bool:
         return tag_in_use(tag, self.kernel, self.nft)
 
-    def _alias(self, object_id: str) -> str:
+    def alias(self, object_id: str) -> str:
         """The tag of a kernel object: this instance's full ID and the object's."""
         return naming.link_alias(self.instance_id, object_id)
 
@@ -215,11 +223,11 @@ class Service:
             except BaseException:
                 self._undo_network(net)
                 raise
-        self._poke_daemon()
+        self.poke_daemon()
         return net
 
     def _apply_network(self, net: Network) -> None:
-        self._ensure_bridge(net)
+        self.ensure_bridge(net)
         failpoint("network-create:after-bridge")
         self.kernel.enable_forwarding()
         if net.mirrored:
@@ -227,9 +235,9 @@ class Service:
         self.nat.sync()
         failpoint("network-create:after-nft")
 
-    def _ensure_bridge(self, net: Network) -> bool:
+    def ensure_bridge(self, net: Network) -> bool:
         made = self.kernel.ensure_bridge(net.bridge, net.gateway, net.subnet.prefixlen,
-                                         net.mtu, self._alias(net.id),
+                                         net.mtu, self.alias(net.id),
                                          naming.bridge_mac(net.id))
         if net.mirrored:
             self.kernel.ensure_address6(net.bridge, IPv6Interface(
@@ -266,7 +274,7 @@ class Service:
                 if self.store.find_network(name, states=INCOMPLETE) is None:
                     return False
                 self._finish_network(name)
-                self._poke_daemon()
+                self.poke_daemon()
                 return True
             if self.store.vms(net.id) and not force:
                 names = ", ".join(v.name for v in self.store.vms(net.id))
@@ -284,14 +292,17 @@ class Service:
                 failpoint("network-delete:after-bridge")
                 with self.store.write() as tx:
                     tx.delete_network(net.id)
-        self._poke_daemon()
+        self.poke_daemon()
         return True
 
     # VMs
 
     def create_vm(self, name: str, network: str, ip: IPv4Address | str | None = None,
-                  mac: str | None = None) -> Vm:
+                  mac: str | None = None, idle_timeout_ms: int | str | None = None) -> Vm:
+        """``idle_timeout_ms``: the daemon stops the VM after this long idle (None or
+        -1: never, the default)."""
         name = parse_name(name, "vm name")
+        idle = parse_idle_timeout(idle_timeout_ms)
         network = parse_name(network, "network name")
         want_ip = parse_ipv4(str(ip)) if ip is not None else None
         want_mac = parse_mac(mac) if mac is not None else None
@@ -310,20 +321,21 @@ class Service:
                 vm = Vm(id=vm_id, name=name, network=net.name, network_id=net.id,
                         netns=naming.vm_netns_name(self.instance, name), ip=addr,
                         prefixlen=net.subnet.prefixlen, gateway=net.gateway, mac=hw,
-                        host_ifname=naming.host_veth_name(self.instance, vm_id), mtu=net.mtu)
+                        host_ifname=naming.host_veth_name(self.instance, vm_id), mtu=net.mtu,
+                        idle_timeout_ms=idle)
                 tx.insert_vm(vm, "creating")
             failpoint("vm-create:after-store")
             try:
-                self._apply_vm(vm, net, "vm-create")
+                self.apply_vm(vm, net, "vm-create")
                 with self.store.write() as tx:
                     tx.set_state("vm", vm.id, "ready")
             except BaseException:
                 with contextlib.suppress(HnsError, OSError):
-                    self._teardown_vm(vm)
+                    self.teardown_vm(vm)
                 with self.store.write() as tx:
                     tx.delete_vm(vm.id)
                 raise
-        self._poke_daemon()
+        self.poke_daemon()
         return vm
 
     def _finish_vm(self, name: str) -> None:
@@ -333,7 +345,7 @@ class Service:
             log.info("vm %s: removing what an interrupted create or delete left", name)
             self._remove_vm(name, remember=False)
 
-    def _apply_vm(self, vm: Vm, net: Network, op: str = "restore") -> None:
+    def apply_vm(self, vm: Vm, net: Network, op: str = "restore") -> None:
         try:
             self.kernel.create_netns(vm.netns)
         except KernelError as exc:
@@ -341,16 +353,16 @@ class Service:
                 raise KernelError(f"network namespace {vm.netns} already exists; "
                                   "'hnsctl gc' removes leftovers", exc.errno) from None
             raise
-        self.kernel.tag_netns(vm.netns, self._alias(vm.id))
+        self.kernel.tag_netns(vm.netns, self.alias(vm.id))
         failpoint(f"{op}:after-netns")
         self.kernel.add_endpoint(EndpointSpec(
             host_ifname=vm.host_ifname, netns=vm.netns, mac=vm.mac, mtu=vm.mtu,
-            bridge=net.bridge, alias=self._alias(vm.id)))
+            bridge=net.bridge, alias=self.alias(vm.id)))
         failpoint(f"{op}:after-veth")
-        self._configure_vm_side(vm, net)
+        self.configure_vm_side(vm, net)
         failpoint(f"{op}:after-config")
 
-    def _configure_vm_side(self, vm: Vm, net: Network) -> None:
+    def configure_vm_side(self, vm: Vm, net: Network) -> None:
         if net.mirrored:
             ours = frozenset(n.bridge for n in self.store.networks())
             spec = mirror_spec(vm, self.instance, self.kernel.host_view(skip_links=ours))
@@ -359,22 +371,22 @@ class Service:
             self.kernel.configure_vm_side(vm.netns, vm.ip, vm.prefixlen, vm.gateway)
         self.kernel.write_vm_resolv(vm.netns, vm.gateway, self.instance_id)
 
-    def _poke_daemon(self) -> None:
+    def poke_daemon(self) -> None:
         """Tell a running daemon to reload now (it watches the VMs for localhost
         forwarding).  Best effort: a daemon also notices within a second on its own."""
         from hns.daemon.control import poke
         poke(self.store.state_dir)
 
-    def _teardown_vm(self, vm: Vm) -> None:
+    def teardown_vm(self, vm: Vm) -> None:
         self.kernel.kill_netns_processes(vm.netns)
         self.kernel.delete_link(vm.host_ifname)
         self.kernel.delete_netns(vm.netns)
         self.kernel.remove_vm_resolv(vm.netns)
 
-    def delete_vm(self, name: str) -> bool:
-        """Delete a VM and everything it had (port mappings too); False if it did not
-        exist."""
-        return self._delete_vm(parse_name(name, "vm name"), remember=False)
+    def delete_vm(self, name: str, *, remember: bool = False) -> bool:
+        """Delete a VM and everything it had (port mappings too; ``remember``: keep
+        copies of them under its name, as ``down`` does); False if it did not exist."""
+        return self._delete_vm(parse_name(name, "vm name"), remember=remember)
 
     def _delete_vm(self, name: str, remember: bool) -> bool:
         """``remember``: keep copies of its port mappings under its name (``down``)."""
@@ -402,76 +414,52 @@ class Service:
             if mapped:
                 self.port_maps.remove(mapped)
             failpoint("vm-delete:after-nft")
-        self._teardown_vm(vm)
+        self.teardown_vm(vm)
         failpoint("vm-delete:after-kernel")
         with self.store.write() as tx:
             tx.delete_vm(vm.id)  # its mappings go with it (cascade)
-        self._poke_daemon()
+        self.poke_daemon()
         return True
 
     # lifecycle
 
-    def up(self, mode: NetworkType | str = NetworkType.NAT) -> UpResult:
-        """WSL's first start: the network ``WSL`` (NAT, or mirrored: WSL's
-        ``networkingMode``) and the VM ``wsl``.  Idempotent; a network ``WSL`` of the
-        other type is a conflict (``down`` first)."""
-        want = mode if isinstance(mode, NetworkType) else NetworkType.parse(mode)
-        net = self.store.find_network(DEFAULT_NETWORK)
-        if net is not None and net.type is not want:
-            raise Conflict(f"network {DEFAULT_NETWORK} is {net.type.value.lower()}, not "
-                           f"{want.value.lower()}: run 'hnsctl down' first")
-        self.restore()
-        created = False
-        if net is None:
-            net = self.create_network(DEFAULT_NETWORK, want)
-            created = True
-        if self.store.find_vm(DEFAULT_VM) is None:
-            self.create_vm(DEFAULT_VM, DEFAULT_NETWORK)
-            created = True
-        self.port_maps.readd_remembered(DEFAULT_VM)
-        return UpResult(net, self.get_vm(DEFAULT_VM), created)
+    def up(self, mode: NetworkType | str = NetworkType.NAT, *,
+           idle_timeout_ms: int | None = DEFAULT_IDLE_TIMEOUT_MS,
+           network_options: Mapping[str, Any] | None = None) -> UpResult:
+        """WSL's first start (:func:`hns.wsl.up`)."""
+        from hns import wsl
+        return wsl.up(self, mode, idle_timeout_ms, network_options)
 
     def down(self) -> bool:
-        """Remove ``wsl`` and ``WSL`` (and VMs attached to it); the subnet stays remembered,
-        and so do the port mappings of the VMs removed (by VM name; ``up`` re-adds
-        ``wsl``'s)."""
-        net = self.store.find_network(DEFAULT_NETWORK)
-        names = [DEFAULT_VM, *(v.name for v in self.store.vms(net.id))] if net else [DEFAULT_VM]
-        vms_gone = [self._delete_vm(name, remember=True) for name in dict.fromkeys(names)]
-        net_gone = self.delete_network(DEFAULT_NETWORK, force=True)
-        return any(vms_gone) or net_gone
+        """Remove ``wsl`` and ``WSL`` (:func:`hns.wsl.down`)."""
+        from hns import wsl
+        return wsl.down(self)
 
     def restore(self) -> list[str]:
-        """Recreate every kernel object of the state (after a reboot); what was made.
-        Objects whose create or delete was interrupted are left to that command (run
-        again) or to ``gc``."""
-        made: list[str] = []
-        networks = self.store.networks()
-        for net in networks:
-            if self._ensure_bridge(net):
-                made.append(f"bridge {net.bridge} of network {net.name}")
-        if networks:
-            self.kernel.enable_forwarding()
-            if any(n.mirrored for n in networks):
-                self.kernel.enable_forwarding6()
-            self.nat.sync()
-        by_id = {n.id: n for n in networks}
-        for listed in self.store.vms():
-            with self.store.lock(f"vm-{listed.name}"):
-                vm = self.store.find_vm(listed.name)   # deleted meanwhile: nothing to do
-                if vm is None or vm.network_id not in by_id:
-                    continue
-                if self.kernel.netns_exists(vm.netns) and \
-                        self.kernel.link_exists(vm.host_ifname):
-                    self.kernel.attach_port(vm.host_ifname, by_id[vm.network_id].bridge)
-                    self._configure_vm_side(vm, by_id[vm.network_id])
-                    continue
-                self._teardown_vm(vm)
-                self._apply_vm(vm, by_id[vm.network_id])
-                made.append(f"vm {vm.name} ({vm.ip}, {vm.mac})")
-        if networks:
-            self._poke_daemon()     # mirrored VMs' tables were made again: their ports too
-        return made
+        """Recreate every kernel object of the state (after a reboot); what was made
+        (:class:`hns.heal.Reconciler`)."""
+        return self.reconciler.restore()
+
+    def heal(self, deep: int = 5) -> list[Repair]:
+        """Repair what drifted from the state; the repairs (:mod:`hns.heal`)."""
+        return self.reconciler.heal(deep)
+
+    def set_idle_timeout(self, name: str, idle_timeout_ms: int | str | None) -> Vm:
+        idle = parse_idle_timeout(idle_timeout_ms)
+        with self.store.lock(f"vm-{parse_name(name, 'vm name')}"), self.store.write() as tx:
+            vm = self.store.vm(name)
+            tx.set_idle_timeout(vm.id, idle)
+        self.poke_daemon()
+        return self.store.vm(name)
+
+    def stop_vm(self, name: str) -> bool:
+        return self.lifecycle.stop(name)
+
+    def start_vm(self, name: str) -> bool:
+        return self.lifecycle.start(name)
+
+    def vm_state(self, vm: Vm) -> str:
+        return self.lifecycle.state(vm)
 
     def gc(self, dry_run: bool = False) -> list[str]:
         """Remove what interrupted commands left (incomplete objects no command is

@@ -26,6 +26,7 @@ from hns.model import (
     Network,
     NetworkType,
     PortMapping,
+    Power,
     Protocol,
     Vm,
     format_port_list,
@@ -37,7 +38,7 @@ __all__ = ["ANY_STATE", "INCOMPLETE", "LIVE", "PENDING_OR_READY", "READY", "Mapp
 
 PORT_MAPPING_SELECT = """
 SELECT v.name, p.protocol, p.external_port, p.internal_port, p.host_address, v.ip,
-       v.network_id
+       v.network_id, v.power
 FROM port_mappings p JOIN vms v ON v.id = p.vm_id
 """
 # what a reader sees of mappings: complete ones of complete VMs (an incomplete row is the
@@ -47,7 +48,7 @@ PORT_MAPPING_OF_READY_VMS = " v.state = 'ready' AND p.state IN "
 
 VM_SELECT = """
 SELECT v.id, v.name, n.name, n.id, v.netns, v.ip, n.subnet, n.gateway, v.mac,
-       v.host_ifname, n.mtu
+       v.host_ifname, n.mtu, v.power, v.idle_timeout
 FROM vms v JOIN networks n ON n.id = v.network_id
 """
 
@@ -66,11 +67,13 @@ def _network(row: tuple[object, ...]) -> Network:
 
 
 def _vm(row: tuple[object, ...]) -> Vm:
-    id_, name, net_name, net_id, netns, ip, subnet, gateway, mac, host_ifname, mtu = row
+    (id_, name, net_name, net_id, netns, ip, subnet, gateway, mac, host_ifname, mtu, power,
+     idle) = row
     return Vm(id=str(id_), name=str(name), network=str(net_name), network_id=str(net_id),
               netns=str(netns), ip=IPv4Address(str(ip)),
               prefixlen=IPv4Network(str(subnet)).prefixlen, gateway=IPv4Address(str(gateway)),
-              mac=str(mac), host_ifname=str(host_ifname), mtu=int(str(mtu)))
+              mac=str(mac), host_ifname=str(host_ifname), mtu=int(str(mtu)),
+              power=Power(str(power)), idle_timeout_ms=None if idle is None else int(str(idle)))
 
 
 class MappedPort(NamedTuple):
@@ -79,6 +82,7 @@ class MappedPort(NamedTuple):
     mapping: PortMapping
     target: IPv4Address
     network_id: str
+    running: bool = True          # its VM's; a stopped VM's mappings are not in nft
 
 
 def _port_mapping(row: tuple[object, ...]) -> PortMapping:
@@ -89,7 +93,8 @@ def _port_mapping(row: tuple[object, ...]) -> PortMapping:
 
 
 def _mapped_port(row: tuple[object, ...]) -> MappedPort:
-    return MappedPort(_port_mapping(row[:5]), IPv4Address(str(row[5])), str(row[6]))
+    return MappedPort(_port_mapping(row[:5]), IPv4Address(str(row[5])), str(row[6]),
+                      str(row[7]) == Power.RUNNING.value)
 
 
 READY = ("ready",)
@@ -381,14 +386,23 @@ class Writer:
 
     def insert_vm(self, vm: Vm, state: str = "ready") -> None:
         try:
-            self.db.execute("INSERT INTO vms VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            self.db.execute("INSERT INTO vms (id, name, network_id, ip, mac, netns, "
+                            "host_ifname, state, power, idle_timeout) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (vm.id, vm.name, vm.network_id, str(vm.ip), vm.mac, vm.netns,
-                             vm.host_ifname, _state(state)))
+                             vm.host_ifname, _state(state), vm.power.value, vm.idle_timeout_ms))
         except sqlite3.IntegrityError as exc:
             raise _integrity(exc, f"vm {vm.name}") from None
 
     def delete_vm(self, vm_id: str) -> None:
         self.db.execute("DELETE FROM vms WHERE id = ?", (vm_id,))
+
+    def set_power(self, vm_id: str, power: Power) -> None:
+        self.db.execute("UPDATE vms SET power = ? WHERE id = ?", (power.value, vm_id))
+
+    def set_idle_timeout(self, vm_id: str, idle_timeout_ms: int | None) -> None:
+        self.db.execute("UPDATE vms SET idle_timeout = ? WHERE id = ?",
+                        (idle_timeout_ms, vm_id))
 
     # port mappings
 

@@ -122,7 +122,8 @@ class Forwarder:
         """Watch exactly the VMs on networks with localhost forwarding on."""
         on = {n.id for n in self.store.networks()   # mirrored: see hns/daemon/mirror.py
               if n.localhost_forwarding and n.type is NetworkType.NAT}
-        desired = {vm.name: vm for vm in self.store.vms() if vm.network_id in on}
+        desired = {vm.name: vm for vm in self.store.vms()
+                   if vm.network_id in on and vm.running}
         if self._proxies is None:
             self._proxies = ProxyConfig(self.store)
         self._reserved = reserved_by(self._proxies.list())

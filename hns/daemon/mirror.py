@@ -162,7 +162,8 @@ class Mirror:
 
     def reconcile(self) -> None:
         nets = {n.id: n for n in self.store.networks() if n.mirrored}
-        desired = {vm.name: vm for vm in self.store.vms() if vm.network_id in nets}
+        desired = {vm.name: vm for vm in self.store.vms()
+                   if vm.network_id in nets and vm.running}
         for name, watch in list(self._watches.items()):
             if desired.get(name) != watch.vm or nets.get(watch.net.id) != watch.net:
                 self._unwatch(name)

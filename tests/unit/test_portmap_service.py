@@ -217,7 +217,7 @@ def test_delete_of_a_missing_element_renders_the_table_without_it(svc: Service) 
 
 
 def test_delete_vm_takes_its_mappings(svc: Service, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(svc, "_teardown_vm", lambda vm: None)
+    monkeypatch.setattr(svc, "teardown_vm", lambda vm: None)
     svc.add_port_mapping("a", "tcp", 8080, 80)
     svc.add_port_mapping("b", "tcp", 9090, 90)
     assert svc.delete_vm("a")
@@ -230,7 +230,7 @@ def test_delete_vm_takes_its_mappings(svc: Service, monkeypatch: pytest.MonkeyPa
 
 def test_down_remembers_and_vm_delete_forgets(svc: Service,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(svc, "_teardown_vm", lambda vm: None)
+    monkeypatch.setattr(svc, "teardown_vm", lambda vm: None)
     svc.add_port_mapping("a", "tcp", 8080, 80)
     assert svc._delete_vm("a", remember=True)
     assert svc.store.remembered_port_mappings("a") == [PortMapping("a", Protocol.TCP, 8080, 80)]
@@ -242,7 +242,7 @@ def test_down_remembers_and_vm_delete_forgets(svc: Service,
 def test_remembered_mappings_come_back_except_taken_ports(
         svc: Service, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(svc, "_teardown_vm", lambda vm: None)
+    monkeypatch.setattr(svc, "teardown_vm", lambda vm: None)
     kept = [PortMapping("a", Protocol.TCP, 8080, 80), PortMapping("a", Protocol.UDP, 53, 53)]
     svc.add_port_mappings([*kept, PortMapping("a", Protocol.TCP, 7070, 70)])
     assert svc._delete_vm("a", remember=True)
