@@ -3,7 +3,8 @@
 
 PYTHON ?= python3
 VENV   ?= .venv
-NETWORKING_MODE ?= nat   # make run NETWORKING_MODE=mirrored: WSL's networkingMode
+NETWORKING_MODE ?=       # make run NETWORKING_MODE=mirrored: WSL's networkingMode (default:
+                         # the settings file's, else nat)
 BIN    := $(VENV)/bin
 STAMPS := .stamps
 # commands the project and its tests run, and the Debian packages that bring them
@@ -14,7 +15,7 @@ APT_PKGS := nftables iproute2 util-linux socat iperf3 dnsutils iputils-ping curl
 .PHONY: run test unit integration bench lint down clean deps
 
 run: deps
-	$(BIN)/hnsctl up --networking-mode $(strip $(NETWORKING_MODE))
+	$(BIN)/hnsctl up $(if $(strip $(NETWORKING_MODE)),--networking-mode $(strip $(NETWORKING_MODE)))
 
 down: deps
 	$(BIN)/hnsctl down
@@ -34,6 +35,7 @@ bench: deps
 	$(BIN)/python bench/bench_relay.py
 	$(BIN)/python bench/bench_forward.py
 	$(BIN)/python bench/bench_mirrored.py
+	$(BIN)/python bench/bench_service.py
 
 lint: deps
 	$(BIN)/ruff check hns nat portproxy tests bench examples

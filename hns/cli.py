@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """``hnsctl``: the command line of hns.
 
 Exit codes: 0 success, 1 runtime failure (nothing half-made is left), 2 invalid input
@@ -12,7 +13,6 @@ import json
 import logging
 import os
 import select
-import shlex
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -56,29 +56,46 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("hns-wsl-emulator")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _completion(parser: argparse.ArgumentParser) -> None:
+    """Bash completion (argcomplete): answers and exits only when the shell asks."""
+    if "_ARGCOMPLETE" in os.environ:
+        import argcomplete
+        argcomplete.autocomplete(parser)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="WSL-style host networking for Linux namespaces.")
-    p.add_argument("--state-dir", default=os.environ.get("HNS_STATE_DIR") or DEFAULT_STATE_DIR,
-                   help="state directory (env HNS_STATE_DIR, default %(default)s)")
+    p.add_argument("--state-dir", default=os.environ.get("HNS_STATE_DIR") or None,
+                   help="state directory (env HNS_STATE_DIR, else the settings file's "
+                        f"stateDir, else {DEFAULT_STATE_DIR})")
     p.add_argument("--host-netns", default=os.environ.get("HNS_HOST_NETNS") or None,
-                   help="namespace that plays the host (env HNS_HOST_NETNS, default: this one)")
+                   help="namespace that plays the host (env HNS_HOST_NETNS, else the "
+                        "settings file's hostNetns, default: this one)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="settings file, .wslconfig's words (env HNS_CONFIG, default "
+                        "/etc/hns/wslconfig)")
     p.add_argument("--json", action="store_true", help="print JSON")
     leaf = _Parser(add_help=False)
     leaf.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                       help="print JSON")
     p.add_argument("--debug", action="store_true", help="print tracebacks")
+    p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=_Parser)
 
     _add_network_parser(sub, leaf)
     _add_vm_parser(sub, leaf)
     _add_portmap_parser(sub, leaf)
-    sub.add_parser("up", parents=[leaf],
-                   help="the WSL network and the VM wsl, as WSL's first start").add_argument(
-        "--networking-mode", default="nat", metavar="nat|mirrored",
-        help="WSL's networkingMode: the type of the network WSL when it is made "
-             "(default nat)")
-    sub.add_parser("down", parents=[leaf], help="remove the VM wsl and the network WSL")
+    from hns import cli_up
+    cli_up.register(sub, leaf)
     sub.add_parser("restore", parents=[leaf], help="recreate kernel objects from the state")
     sub.add_parser("gc", parents=[leaf], help="remove leftover kernel objects").add_argument(
         "--dry-run", action="store_true", help="only list them")
@@ -122,7 +139,12 @@ def _add_vm_parser(sub: Any, leaf: argparse.ArgumentParser) -> None:
     c.add_argument("--network", required=True)
     c.add_argument("--ip", help="address (default: the lowest free)")
     c.add_argument("--mac", help="MAC (default: random in 00:15:5d)")
+    c.add_argument("--idle-timeout", metavar="MS",
+                   help="stop the VM after this long idle (ms; default -1: never)")
     vm.add_parser("list", parents=[leaf], help="list VMs").add_argument("--network")
+    vm.add_parser("stop", parents=[leaf],
+                  help="power a VM off (kept: address, MAC, mappings)").add_argument("name")
+    vm.add_parser("start", parents=[leaf], help="power a stopped VM on").add_argument("name")
     vm.add_parser("show", parents=[leaf], help="show a VM").add_argument("name")
     vm.add_parser("delete", parents=[leaf], help="delete a VM").add_argument("name")
     e = vm.add_parser("exec", parents=[leaf],
@@ -151,8 +173,16 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
 
+def _vm_state(vm: Vm) -> str:
+    """Running, Stopped, or Missing: running in the state, its namespace gone."""
+    return "Missing" if vm.running and not netns_exists(vm.netns) else \
+        vm.power.value.capitalize()
+
+
 def _show(obj: Network | Vm, as_json: bool) -> None:
     data = obj.to_json()
+    if isinstance(obj, Vm):
+        data["State"] = _vm_state(obj)
     if as_json:
         _print_json(data)
         return
@@ -172,8 +202,13 @@ def _network_cmd(svc: Service, args: argparse.Namespace) -> int:
         loopback = (parse_on_off(args.host_address_loopback, "--host-address-loopback")
                     if args.host_address_loopback is not None else None)
         firewall = parse_on_off(args.firewall, "--firewall")
-        _show(svc.create_network(args.name, args.type, args.subnet, args.gateway, args.mtu,
-                                 forwarding, args.ignored_ports, loopback, firewall), args.json)
+        net = svc.create_network(args.name, args.type, args.subnet, args.gateway, args.mtu,
+                                 forwarding, args.ignored_ports, loopback, firewall)
+        _show(net, args.json)
+        if net.localhost_forwarding or net.mirrored:
+            from hns.cli_up import daemon_note
+            what = "mirroring" if net.mirrored else "localhost forwarding"
+            daemon_note(svc, f"{what} on network {net.name}")
     elif args.action == "list":
         nets = svc.list_networks()
         if args.json:
@@ -191,17 +226,28 @@ def _network_cmd(svc: Service, args: argparse.Namespace) -> int:
 
 def _vm_cmd(svc: Service, args: argparse.Namespace) -> int:
     if args.action == "create":
-        _show(svc.create_vm(args.name, args.network, args.ip, args.mac), args.json)
+        vm = svc.create_vm(args.name, args.network, args.ip, args.mac, args.idle_timeout)
+        _show(vm, args.json)
+        net = svc.get_network(vm.network)
+        if net.localhost_forwarding or net.mirrored:
+            from hns.cli_up import daemon_note
+            daemon_note(svc, f"localhost forwarding for vm {vm.name}")
     elif args.action == "list":
         vms = svc.list_vms(None if args.network is None else
                            parse_name(args.network, "network name"))
         if args.json:
-            _print_json([v.to_json() for v in vms])
+            _print_json([{**v.to_json(), "State": _vm_state(v)} for v in vms])
         else:
-            print_table([(v.name, v.network, f"{v.ip}/{v.prefixlen}", v.mac, v.netns)
-                         for v in vms], ("NAME", "NETWORK", "ADDRESS", "MAC", "NETNS"))
+            print_table([(v.name, v.network, _vm_state(v), f"{v.ip}/{v.prefixlen}", v.mac,
+                          v.netns) for v in vms],
+                        ("NAME", "NETWORK", "STATE", "ADDRESS", "MAC", "NETNS"))
     elif args.action == "show":
         _show(svc.get_vm(args.name), args.json)
+    elif args.action in ("stop", "start"):
+        changed = (svc.stop_vm if args.action == "stop" else svc.start_vm)(args.name)
+        if not changed:
+            print(f"{PROG}: vm {args.name!r} is already "
+                  f"{'stopped' if args.action == 'stop' else 'running'}", file=sys.stderr)
     elif args.action == "delete":
         if not svc.delete_vm(args.name):
             print(f"{PROG}: vm {args.name!r} does not exist (nothing to delete)",
@@ -218,6 +264,8 @@ def _vm_exec(svc: Service, args: argparse.Namespace) -> int:
     if not argv:
         raise _Usage("vm exec needs a command: hnsctl vm exec NAME -- CMD [ARG...]")
     vm = svc.get_vm(args.name)
+    if not vm.running:               # as wsl.exe starts the utility VM
+        svc.start_vm(vm.name)
     if not netns_exists(vm.netns):
         raise KernelError(f"the namespace of vm {vm.name} is gone; run 'hnsctl restore'")
     svc.close()
@@ -256,30 +304,23 @@ class _Usage(HnsError):
 
 
 def _up(svc: Service, args: argparse.Namespace) -> int:
-    result = svc.up(args.networking_mode)
-    if args.json:
-        _print_json({"Network": result.network.to_json(), "Vm": result.vm.to_json()})
-        return 0
-    net, vm = result.network, result.vm
-    kind = "mirrored, transit" if net.mirrored else "NAT"
-    print(f"network {net.name} ({kind}): {net.subnet}, gateway {net.gateway} "
-          f"(bridge {net.bridge})")
-    print(f"vm {vm.name}: {vm.ip}/{vm.prefixlen} on {vm.interface}, MAC {vm.mac}, "
-          f"namespace {vm.netns}")
-    globals_ = []
-    if args.state_dir != DEFAULT_STATE_DIR:
-        globals_.append(f"--state-dir {shlex.quote(args.state_dir)}")
-    if args.host_netns:
-        globals_.append(f"--host-netns {shlex.quote(args.host_netns)}")
-    prefix = " ".join([PROG, *globals_])
-    print(f"shell: {prefix} vm exec {vm.name} -- bash   (or: ip netns exec {vm.netns} bash)")
-    return 0
+    from hns import cli_up
+    return cli_up.up_cmd(svc, args)
+
+
+def _config(svc: Service | None, args: argparse.Namespace) -> int:
+    from hns import cli_up
+    return cli_up.config_cmd(svc, args)
+
+
+def _reload(svc: Service, args: argparse.Namespace) -> int:
+    from hns import cli_up
+    return cli_up.reload_cmd(svc, args)
 
 
 def _down(svc: Service, args: argparse.Namespace) -> int:
-    if not svc.down():
-        print(f"{PROG}: nothing to remove", file=sys.stderr)
-    return 0
+    from hns import cli_up
+    return cli_up.down(svc, args)
 
 
 def _restore(svc: Service, args: argparse.Namespace) -> int:
@@ -305,6 +346,7 @@ def _gc(svc: Service, args: argparse.Namespace) -> int:
 Handler = Callable[[Service, argparse.Namespace], int]
 COMMANDS: dict[str, Handler] = {
     "network": _network_cmd, "vm": _vm_cmd, "up": _up, "down": _down,
+    "config": _config, "reload": _reload,
     "restore": _restore, "gc": _gc, "portmap": _portmap_cmd,
 }
 
@@ -356,7 +398,23 @@ def check_host_netns(name: str | None) -> None:
                              f"(/run/netns/{name} is not a mounted namespace)")
 
 
+def _from_settings(args: argparse.Namespace) -> None:
+    """The state directory and host namespace the settings file names, when neither a
+    flag nor the environment did."""
+    if args.state_dir is not None and args.host_netns is not None:
+        return
+    from hns.config_apply import read
+    found = read(args.config)
+    if args.state_dir is None:
+        args.state_dir = found.state_dir or DEFAULT_STATE_DIR
+    if args.host_netns is None:
+        args.host_netns = found.host_netns
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "config":       # the settings alone: no state directory needed
+        return _config(None, args)
+    _from_settings(args)
     check_state_dir(args.state_dir,
                     (args.command, getattr(args, "action", None)) in MAKES_STATE)
     check_host_netns(args.host_netns)
@@ -396,7 +454,9 @@ def _fail(message: str, code: int, debug: bool) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     debug = False
     try:
-        args = _build_parser().parse_args(argv)
+        parser = _build_parser()
+        _completion(parser)
+        args = parser.parse_args(argv)
         debug = args.debug
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_StderrFormatter())

@@ -13,6 +13,7 @@ state again, ``gc`` (:mod:`hns.gc`) removes what the state does not know.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import uuid
@@ -430,8 +431,8 @@ class Service:
         from hns import wsl
         return wsl.up(self, mode, idle_timeout_ms, network_options)
 
-    def down(self) -> bool:
-        """Remove ``wsl`` and ``WSL`` (:func:`hns.wsl.down`)."""
+    def down(self) -> list[str]:
+        """Remove ``wsl`` and ``WSL``; what was removed (:func:`hns.wsl.down`)."""
         from hns import wsl
         return wsl.down(self)
 
@@ -443,6 +444,23 @@ class Service:
     def heal(self, deep: int = 5) -> list[Repair]:
         """Repair what drifted from the state; the repairs (:mod:`hns.heal`)."""
         return self.reconciler.heal(deep)
+
+    def set_network_options(self, name: str, *, localhost_forwarding: bool | None = None,
+                            ignored_ports: tuple[int, ...] | None = None,
+                            host_address_loopback: bool | None = None) -> Network:
+        """Change what a network may change while it lives; the daemon follows."""
+        with self.store.lock(f"network-{parse_name(name, 'network name')}"), \
+                self.store.write() as tx:
+            net = self.store.network(name)
+            tx.set_network_options(dataclasses.replace(
+                net,
+                localhost_forwarding=net.localhost_forwarding if localhost_forwarding is None
+                else localhost_forwarding,
+                ignored_ports=net.ignored_ports if ignored_ports is None else ignored_ports,
+                host_address_loopback=net.host_address_loopback
+                if host_address_loopback is None else host_address_loopback))
+        self.poke_daemon()
+        return self.store.network(name)
 
     def set_idle_timeout(self, name: str, idle_timeout_ms: int | str | None) -> Vm:
         idle = parse_idle_timeout(idle_timeout_ms)

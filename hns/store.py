@@ -400,6 +400,13 @@ class Writer:
     def set_power(self, vm_id: str, power: Power) -> None:
         self.db.execute("UPDATE vms SET power = ? WHERE id = ?", (power.value, vm_id))
 
+    def set_network_options(self, net: Network) -> None:
+        """The options a network may change while it lives (``hnsctl reload``)."""
+        self.db.execute("UPDATE networks SET localhost_forwarding = ?, ignored_ports = ?, "
+                        "host_address_loopback = ? WHERE id = ?",
+                        (int(net.localhost_forwarding), format_port_list(net.ignored_ports),
+                         int(net.host_address_loopback), net.id))
+
     def set_idle_timeout(self, vm_id: str, idle_timeout_ms: int | None) -> None:
         self.db.execute("UPDATE vms SET idle_timeout = ? WHERE id = ?",
                         (idle_timeout_ms, vm_id))

@@ -43,13 +43,15 @@ def up(svc: Service, mode: NetworkType | str, idle_timeout_ms: int | None,
     return UpResult(net, svc.get_vm(DEFAULT_VM), created)
 
 
-def down(svc: Service) -> bool:
-    """Remove ``wsl`` and ``WSL`` (and VMs attached to it); the subnet stays remembered,
-    and so do the port mappings of the VMs removed (by VM name; ``up`` re-adds
-    ``wsl``'s)."""
+def down(svc: Service) -> list[str]:
+    """Remove ``wsl`` and ``WSL`` (and VMs attached to it); what was removed.  The subnet
+    stays remembered, and so do the port mappings of the VMs removed (by VM name; ``up``
+    re-adds ``wsl``'s)."""
     from hns.service import DEFAULT_NETWORK, DEFAULT_VM
     net = svc.store.find_network(DEFAULT_NETWORK)
     names = [DEFAULT_VM, *(v.name for v in svc.store.vms(net.id))] if net else [DEFAULT_VM]
-    vms_gone = [svc.delete_vm(name, remember=True) for name in dict.fromkeys(names)]
-    net_gone = svc.delete_network(DEFAULT_NETWORK, force=True)
-    return any(vms_gone) or net_gone
+    removed = [f"vm {name}" for name in dict.fromkeys(names)
+               if svc.delete_vm(name, remember=True)]
+    if svc.delete_network(DEFAULT_NETWORK, force=True):
+        removed.append(f"network {DEFAULT_NETWORK}")
+    return removed

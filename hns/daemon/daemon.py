@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from hns.daemon.control import control_path
 from hns.daemon.dns import DnsProxy
 from hns.daemon.forwarder import Forwarder
+from hns.daemon.keeper import HEAL_INTERVAL, Keeper
 from hns.daemon.mirror import Mirror
 from hns.daemon.netsh import DEFAULT_MAX_CONNECTIONS
 from hns.daemon.proxies import StaticProxies
@@ -130,7 +131,10 @@ class Daemon:
     """The daemon of one hns instance (state dir + host namespace)."""
 
     def __init__(self, store: Store, host_netns: str | None, *, retry_interval: float = 2.0,
-                 poll_interval: float = 1.0) -> None:
+                 poll_interval: float = 1.0, heal: bool = True,
+                 heal_interval: float = HEAL_INTERVAL, config: str | None = None) -> None:
+        """``config``: the settings file a SIGHUP reads again (None: ``HNS_CONFIG`` or
+        the default path)."""
         self.store = store
         self.host_netns = host_netns
         self.retry_interval = retry_interval
@@ -144,6 +148,11 @@ class Daemon:
         self.components.append(Mirror(self.engine, store, host_netns,
                                       retry_interval=retry_interval))
         self.components.append(DnsProxy(self.engine, store, host_netns, retry_interval))
+        self.keeper = Keeper(str(store.state_dir), host_netns, self.vm_connections,
+                             interval=heal_interval, heal=heal,
+                             call_on_engine=self.engine.call_soon_threadsafe)
+        self.components.append(self.keeper)
+        self.config = config
         self._version = -1
         self._control: socket.socket | None = None
         self._lock = DaemonLock(store.state_dir)
@@ -190,7 +199,8 @@ class Daemon:
         self.engine.stop()
 
     def _reload_on_hup(self) -> None:
-        log.info("SIGHUP: reloading the state")
+        log.info("SIGHUP: reading the settings and the state again")
+        self.keeper.reload_settings(self.config)     # the keeper's thread; it pokes us
         self.reconcile()
 
     # state
@@ -198,8 +208,17 @@ class Daemon:
     def reconcile(self) -> None:
         """Make every component what the state says."""
         self._version = self.store.connection.execute("PRAGMA data_version").fetchone()[0]
+        self._relay_limits()
         for component in self.components:
             component.reconcile()
+
+    def _relay_limits(self) -> None:
+        """The relay limits of the settings last applied, for the relays started next."""
+        from hns.config_apply import applied
+        found = applied(self.store.state_dir)
+        if found is not None:
+            self.engine.tcp_max_connections = found.max_connections
+            self.engine.tcp_idle_timeout = float(found.relay_idle_timeout)
 
     def _poll(self) -> None:
         try:
@@ -287,3 +306,21 @@ class Daemon:
         for component in self.components:
             answer.update(component.status())
         return answer
+
+    def vm_connections(self) -> dict[str, int]:
+        """Connections the daemon's relays hold to each VM (engine thread): localhost
+        forwards and mirrored relays by VM, static proxies by the VM their connect
+        address is."""
+        by_ip = {str(vm.ip): vm.name for vm in self.store.vms()}
+        counts: dict[str, int] = {}
+        for component in self.components:
+            if isinstance(component, Keeper):
+                continue
+            found = component.status()
+            for row in [*found.get("Forwards", []), *found.get("Mirrored", [])]:
+                counts[row["Vm"]] = counts.get(row["Vm"], 0) + int(row.get("Connections", 0))
+            for row in found.get("Relays", []):
+                vm = by_ip.get(str(row.get("Connect", "")).rsplit(":", 1)[0].strip("[]"))
+                if vm is not None:
+                    counts[vm] = counts.get(vm, 0) + int(row.get("Connections", 0))
+        return counts

@@ -47,17 +47,16 @@ in the unit tests.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from hns.daemon.binding import Bound, Retrying
+from hns.daemon.binding import Retrying
 from hns.daemon.forward_plan import Claims, ForwardKey
 from hns.daemon.forwarder import FULL_INTERVAL, POLL_INTERVAL, POLL_PER_VM
-from hns.daemon.mirror_plan import Claim, MirrorPlan, draining, host_keys, plan, vm_claims
+from hns.daemon.mirror_parts import Listener, Watch, listen_error
+from hns.daemon.mirror_plan import MirrorPlan, draining, host_keys, plan, vm_claims
 from hns.daemon.vmwatch import REAL_SOCKETS, NetnsSockets, Tracker, VmWatch
 from hns.errors import HnsError
 from hns.kernel_api import Kernel
@@ -75,7 +74,7 @@ from nat.mirror import (
 )
 from nat.nft import NftRunner
 from nat.transaction import Transaction
-from portproxy.engine import Engine, Relay, TimerHandle
+from portproxy.engine import Engine, TimerHandle
 from portproxy.tracker import DiagSocket, read_port_range
 
 __all__ = ["VIEW_INTERVAL", "Mirror"]
@@ -83,41 +82,6 @@ __all__ = ["VIEW_INTERVAL", "Mirror"]
 log = logging.getLogger("hns.daemon")
 
 VIEW_INTERVAL = 1.0       # s between two reads of the host's addresses and routes
-
-
-@dataclass
-class _Watch:
-    """A watched VM of a mirrored network, with what its sockets claim."""
-
-    w: VmWatch
-    net: Network
-    claims: dict[ForwardKey, Claim] = field(default_factory=dict)
-    draining: dict[ForwardKey, Claim] = field(default_factory=dict)
-
-    @property
-    def vm(self) -> Vm:
-        return self.w.vm
-
-
-@dataclass
-class _Listener(Bound):
-    """One listener of the component: host loopback -> VM, or VM loopback -> host."""
-
-    vm: str
-    key: ForwardKey
-    to_host: bool
-    target: str
-    relay: Relay | None = None
-    inode: int = 0
-
-    @property
-    def name(self) -> str:
-        where = "to host" if self.to_host else "to vm"
-        return f"mirrored {self.vm} {where} {self.key.protocol} {self.key.endpoint()}"
-
-
-def _listen_error(exc: OSError) -> str:
-    return "port in use" if exc.errno == errno.EADDRINUSE else str(exc)
 
 
 class Mirror:
@@ -146,13 +110,13 @@ class Mirror:
         self._view: HostView | None = None
         self._next_view = 0.0
         self._host: Tracker | None = None
-        self._watches: dict[str, _Watch] = {}
+        self._watches: dict[str, Watch] = {}
         self._order = Claims()
         self._reserved: dict[tuple[str, int], str] = {}
         self._plan = MirrorPlan()
         self._inbound: dict[ForwardKey, InboundPort] = {}
         self._table_made = False
-        self._listeners: dict[tuple[str, ForwardKey, bool], _Listener] = {}
+        self._listeners: dict[tuple[str, ForwardKey, bool], Listener] = {}
         self._own: set[int] = set()
         self._host_ports: dict[str, frozenset[tuple[int, str, int]]] = {}
         self._timer: TimerHandle | None = None
@@ -234,7 +198,7 @@ class Mirror:
             self._host = host
 
     def _watch(self, vm: Vm, net: Network) -> None:
-        watch = _Watch(VmWatch(vm, self.engine.call_soon_threadsafe,
+        watch = Watch(VmWatch(vm, self.engine.call_soon_threadsafe,
                                full_interval=self.full_interval, sockets=self.sockets), net)
         self._watches[vm.name] = watch
         watch.w.tracker.track_connected = True
@@ -255,7 +219,7 @@ class Mirror:
     def _sockets(self, tracker: Tracker) -> list[DiagSocket]:
         return [s for s in tracker.sockets if s.inode not in self._own]
 
-    def _update_claims(self, watch: _Watch) -> None:
+    def _update_claims(self, watch: Watch) -> None:
         primary = [a for a in (self._view.primary4, self._view.primary6) if a is not None] \
             if self._view is not None else []
         name = watch.vm.name
@@ -302,6 +266,7 @@ class Mirror:
         render the host table.  Read the host's ephemeral port range too.  True when the
         view or the range changed."""
         self._next_view = self.engine.now() + self.view_interval
+        self._heal_table()
         ephemeral, self._ephemeral = self._ephemeral, read_port_range()
         if self._kernel is None:
             from hns.kernel import LinuxKernel
@@ -323,7 +288,20 @@ class Mirror:
         self._render_table()
         return True
 
-    def _configure(self, watch: _Watch, view: HostView) -> None:
+    def _heal_table(self) -> None:
+        """The host table back if something removed it (``nft flush ruleset``)."""
+        if not self._table_made:
+            return
+        try:
+            gone = self._nft.list_table("inet", self.table) is None
+        except HnsError as exc:
+            log.debug("cannot list nft table %s: %s", self.table, exc)
+            return
+        if gone:
+            log.warning("healed nft table inet %s: it was gone", self.table)
+            self._render_table()
+
+    def _configure(self, watch: Watch, view: HostView) -> None:
         assert self._kernel is not None
         spec = mirror_spec(watch.vm, self.store.instance, view)
         try:
@@ -398,7 +376,7 @@ class Mirror:
                 self._stop(ident)
         for ident, target in desired.items():
             if ident not in self._listeners:
-                listener = _Listener(ident[0], ident[1], ident[2], target)
+                listener = Listener(ident[0], ident[1], ident[2], target)
                 self._listeners[ident] = listener
                 self._start(listener)
 
@@ -428,13 +406,13 @@ class Mirror:
                 log.warning("vm %s: cannot update its host ports: %s", name, exc)
                 self._host_ports.pop(name, None)
 
-    def _start(self, listener: _Listener) -> None:
+    def _start(self, listener: Listener) -> None:
         listener.binding = Retrying(self.engine, f"{listener.name}: cannot listen",
                                     lambda: self._serve(listener), self.retry_interval,
-                                    _listen_error)
+                                    listen_error)
         listener.binding.start()
 
-    def _serve(self, listener: _Listener) -> None:
+    def _serve(self, listener: Listener) -> None:
         ident = (listener.vm, listener.key, listener.to_host)
         watch = self._watches.get(listener.vm)
         if self._listeners.get(ident) is not listener or watch is None or \

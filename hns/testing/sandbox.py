@@ -215,8 +215,10 @@ class Sandbox:
 
     def close(self) -> None:
         """Remove everything; safe to call twice and after partial construction."""
+        from hns.daemon.spawn import stop_spawned
         from hns.kernel import kill_netns_processes
         from hns.netns import delete_netns, list_netns
+        stop_spawned(self.state_dir)          # the daemon 'hnsctl up' started, by its pid
         for peer in [*self.vms, self.host, self.outside]:
             peer.stop_processes()
         if self._service is not None or os.path.exists(os.path.join(self.state_dir, "hns.db")):

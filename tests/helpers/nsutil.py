@@ -163,6 +163,22 @@ class DaemonProc:
             self.proc.communicate()
 
 
+# a resolver for the host: dnsmasq on the outside peer
+
+DNS_NAME = "example.test"
+DNS_ADDRESS = "198.51.100.80"
+
+
+def start_dnsmasq(sandbox: Sandbox) -> subprocess.Popen[Any]:
+    """dnsmasq on the outside peer answering ``DNS_NAME`` with ``DNS_ADDRESS``."""
+    proc = sandbox.outside.popen([
+        "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+        f"--listen-address={sandbox.outside_ip}", "--bind-interfaces", "--pid-file=",
+        f"--address=/{DNS_NAME}/{DNS_ADDRESS}"])
+    wait_listening(sandbox.outside, 53, udp=True)
+    return proc
+
+
 # HTTP through curl, servers through socat
 
 

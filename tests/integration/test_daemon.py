@@ -252,7 +252,7 @@ def test_sighup_reloads_and_the_daemon_keeps_serving(
     daemon.proc.send_signal(signal.SIGTERM)
     _, err = daemon.proc.communicate(timeout=30)
     assert daemon.proc.returncode == 0
-    assert err.count("SIGHUP: reloading the state") == 2, err
+    assert err.count("SIGHUP: reading the settings and the state again") == 2, err
 
 
 # -- loops, idle timeout, connection cap ----------------------------------------------

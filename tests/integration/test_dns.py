@@ -15,23 +15,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers.nsutil import DaemonProc, wait_for, wait_listening
+from helpers.nsutil import DNS_ADDRESS as ADDRESS
+from helpers.nsutil import DNS_NAME as NAME
+from helpers.nsutil import DaemonProc, start_dnsmasq, wait_for, wait_listening
 
 from hns.testing import Sandbox, SandboxVm
 from portproxy import dnsmsg
 
-NAME = "example.test"
-ADDRESS = "198.51.100.80"
 DEAD = "198.51.100.53"          # an address of the outside namespace where nothing listens
-
-
-def start_dnsmasq(sandbox: Sandbox) -> subprocess.Popen[Any]:
-    proc = sandbox.outside.popen([
-        "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-        f"--listen-address={sandbox.outside_ip}", "--bind-interfaces", "--pid-file=",
-        f"--address=/{NAME}/{ADDRESS}"])
-    wait_listening(sandbox.outside, 53, udp=True)
-    return proc
 
 
 @pytest.fixture

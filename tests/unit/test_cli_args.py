@@ -252,7 +252,8 @@ def test_show_and_list_json_from_the_state(state: Path, seeded: tuple[Network, V
     assert hnsctl(state, "--json", "network", "show", "n") == 0
     assert json.loads(capsys.readouterr().out) == net.to_json()
     assert hnsctl(state, "vm", "list", "--network", "n", "--json") == 0
-    assert json.loads(capsys.readouterr().out) == [vm.to_json()]
+    # the CLI looks at the real kernel, where the seeded VM has no namespace
+    assert json.loads(capsys.readouterr().out) == [{**vm.to_json(), "State": "Missing"}]
 
 
 @pytest.mark.parametrize(("args", "line"), [

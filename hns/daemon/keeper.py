@@ -1,0 +1,306 @@
+"""The daemon's keeper: heals drift and reclaims idle VMs (docs/service.md).
+
+Theory of operation
+-------------------
+:class:`Keeper` is a daemon component with a thread of its own, which holds its own
+:class:`~hns.service.Service` (its own store connection: a repair or a stop takes the
+same locks as the commands and may wait for one; the relays never wait for it).  The
+thread wakes every ``interval`` and at once when rtnetlink reports a link, address or
+route of the host namespace removed (:class:`_Events`, coalesced for ``settle``), and
+then:
+
+- **heals**: :meth:`Service.heal <hns.service.Service.heal>` compares the kernel with
+  the state and repairs what differs; each repair is logged (what, why) and counted;
+- **reclaims**: a running VM with an idle timeout is busy while a process runs inside
+  its namespace (a thread group leader whose ``/proc/PID/ns/net`` is the VM's) or a relay
+  of the daemon holds a connection to it (``connections``: asked of the engine thread);
+  one idle for its whole timeout is stopped, as ``hnsctl vm stop`` does, and logged.
+
+``status`` (engine thread) reads counters the thread keeps under a lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from hns.errors import HnsError
+from hns.heal import Repair
+from hns.netns import netns_path
+
+__all__ = ["HEAL_INTERVAL", "Keeper", "processes_in"]
+
+log = logging.getLogger("hns.daemon")
+
+HEAL_INTERVAL = 1.0        # s between two looks at what has no event
+SETTLE = 0.05              # s: netlink events are coalesced this long
+RECENT = 10                # repairs and reclaims kept for the status
+
+# rtnetlink multicast groups: RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE
+_GROUPS = 0x1 | 0x10 | 0x40
+_REMOVALS = frozenset({"RTM_DELLINK", "RTM_DELADDR", "RTM_DELROUTE"})
+NETLINK_NETFILTER = 12
+NFNLGRP_NFTABLES = 7       # every change of the ruleset (ours too: a round finds no drift)
+
+
+def processes_in(namespaces: Iterable[str]) -> dict[str, int]:
+    """How many processes (thread group leaders) run inside each named namespace."""
+    wanted: dict[tuple[int, int], str] = {}
+    for name in namespaces:
+        with contextlib.suppress(OSError):
+            st = os.stat(netns_path(name))
+            wanted[(st.st_dev, st.st_ino)] = name
+    counts = dict.fromkeys(wanted.values(), 0)
+    if not wanted:
+        return counts
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                st = os.stat(f"/proc/{pid}/ns/net")
+            except OSError:
+                continue
+            found = wanted.get((st.st_dev, st.st_ino))
+            if found is not None:
+                counts[found] += 1
+    return counts
+
+
+def _nft_events() -> socket.socket | None:
+    """A netlink socket on nftables' change notifications, None where it cannot be had."""
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                             NETLINK_NETFILTER)
+    except OSError:
+        return None
+    try:
+        sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+class _Events:
+    """rtnetlink removals and nftables changes in this namespace (the daemon's: the
+    host's) wake ``wake``."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="hns-events", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        from pyroute2 import IPRoute
+        try:
+            ipr = IPRoute()
+            ipr.bind(groups=_GROUPS)
+        except Exception as exc:       # healing falls back to the interval
+            log.warning("no netlink events (healing every interval only): %s", exc)
+            return
+        nft = _nft_events()
+        watched = [ipr.fileno(), *([nft.fileno()] if nft is not None else [])]
+        try:
+            while not self._stop.is_set():
+                ready, _, _ = select.select(watched, [], [], 0.5)
+                if nft is not None and nft.fileno() in ready:
+                    while _drain(nft):
+                        pass
+                    self._wake()
+                if ipr.fileno() in ready and any(m.get("event") in _REMOVALS
+                                                 for m in ipr.get()):
+                    self._wake()
+        except Exception as exc:
+            log.warning("netlink events stopped: %s", exc)
+        finally:
+            ipr.close()
+            if nft is not None:
+                nft.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(2)
+
+
+def _drain(sock: socket.socket) -> bool:
+    """Read one pending message; False when there is none (or the socket overflowed:
+    the wake-up is what matters, not the message)."""
+    try:
+        return bool(sock.recv(65536))
+    except (BlockingIOError, OSError):
+        return False
+
+
+class Keeper:
+    """Heals drift and reclaims idle VMs (a daemon component; see the module)."""
+
+    def __init__(self, state_dir: str, host_netns: str | None,
+                 connections: Callable[[], dict[str, int]], *,
+                 interval: float = HEAL_INTERVAL, heal: bool = True,
+                 call_on_engine: Callable[[Callable[[], object]], None] | None = None) -> None:
+        self.state_dir = state_dir
+        self.host_netns = host_netns
+        self.interval = interval
+        self.heal_enabled = heal
+        self._connections = connections
+        self._on_engine = call_on_engine
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._settings: list[str | None] = []      # SIGHUP: settings files to apply
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
+        self._reclaimed: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
+        self._last_busy: dict[str, float] = {}
+        self._error: str | None = None
+        self._thread: threading.Thread | None = None
+        self._events: _Events | None = None
+
+    # -- the Component protocol (engine thread) -------------------------------------------
+
+    def reconcile(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="hns-keeper", daemon=True)
+            self._thread.start()
+            if self.heal_enabled:
+                self._events = _Events(self._wake.set)
+                self._events.start()
+        self._wake.set()           # the state changed: look now
+
+    def reload_settings(self, config: str | None) -> None:
+        """Apply the live keys of the settings file (``hnsctl reload``'s work) on the
+        keeper's thread."""
+        with self._lock:
+            self._settings.append(config)
+        self._wake.set()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {"Healing": {"Enabled": self.heal_enabled,
+                                "Repairs": sum(self._counts.values()),
+                                "ByKind": dict(self._counts),
+                                "Recent": list(self._recent),
+                                "Error": self._error},
+                    "Reclaimed": list(self._reclaimed)}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._events is not None:
+            self._events.close()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    # -- the keeper's thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        from hns.service import Service
+        try:
+            svc = Service(self.state_dir, self.host_netns)
+        except HnsError as exc:
+            log.error("keeper: cannot open the state: %s", exc)
+            return
+        try:
+            while not self._stop.is_set():
+                if self._wake.wait(self.interval):
+                    time.sleep(SETTLE)     # a burst of events is one round
+                self._wake.clear()
+                if self._stop.is_set():
+                    break
+                self._round(svc)
+        finally:
+            svc.close()
+
+    def _apply_settings(self, svc: Any) -> None:
+        with self._lock:
+            pending, self._settings = self._settings, []
+        for config in pending[-1:]:
+            from hns.config_apply import read, reload
+            live, restart = reload(svc, read(config))
+            log.info("settings applied live: %s", ", ".join(live) or "none changed")
+            if restart:
+                log.warning("settings that need 'hnsctl down' and 'up': %s",
+                            ", ".join(restart))
+
+    def _round(self, svc: Any) -> None:
+        try:
+            self._apply_settings(svc)
+            if self.heal_enabled:
+                self._record(svc.heal())
+            self._reclaim(svc)
+            self._set_error(None)
+        except (HnsError, OSError) as exc:
+            self._set_error(str(exc))
+        except Exception as exc:      # a bug must not end healing for good
+            log.exception("keeper: round failed")
+            self._set_error(f"{type(exc).__name__}: {exc}")
+
+    def _set_error(self, error: str | None) -> None:
+        if error is not None and error != self._error:
+            log.warning("keeper: %s (trying again)", error)
+        with self._lock:
+            self._error = error
+
+    def _record(self, repairs: list[Repair]) -> None:
+        for repair in repairs:
+            log.warning("healed %s", repair.describe())
+        with self._lock:
+            for repair in repairs:
+                self._counts[repair.kind] += 1
+                self._recent.append({"Time": time.time(), "Kind": repair.kind,
+                                     "Object": repair.what, "Why": repair.why})
+
+    # -- idle reclaim ---------------------------------------------------------------------
+
+    def _busy_connections(self) -> dict[str, int]:
+        if self._on_engine is None:
+            return self._connections()
+        future: concurrent.futures.Future[dict[str, int]] = concurrent.futures.Future()
+
+        def ask() -> None:
+            try:
+                future.set_result(self._connections())
+            except BaseException as exc:
+                future.set_exception(exc)
+        self._on_engine(ask)
+        return future.result(timeout=5)
+
+    def _reclaim(self, svc: Any) -> None:
+        now = time.monotonic()
+        timed = [vm for vm in svc.store.vms() if vm.running and vm.idle_timeout_ms is not None]
+        for name in set(self._last_busy) - {vm.name for vm in timed}:
+            del self._last_busy[name]
+        if not timed:
+            return
+        processes = processes_in(vm.netns for vm in timed)
+        connections = self._busy_connections()
+        for vm in timed:
+            if processes.get(vm.netns, 0) or connections.get(vm.name, 0) or \
+                    vm.name not in self._last_busy:
+                self._last_busy[vm.name] = now
+                continue
+            idle = now - self._last_busy[vm.name]
+            if idle * 1000 >= vm.idle_timeout_ms:
+                self._stop_idle(svc, vm.name, idle)
+
+    def _stop_idle(self, svc: Any, name: str, idle: float) -> None:
+        self._last_busy.pop(name, None)
+        if svc.stop_vm(name):
+            log.warning("vm %s: stopped after %.1f s idle (no process, no relayed "
+                        "connection)", name, idle)
+            with self._lock:
+                self._reclaimed.append({"Time": time.time(), "Vm": name,
+                                        "IdleSeconds": round(idle, 3)})
