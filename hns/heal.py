@@ -3,8 +3,9 @@ reboot) and ``heal`` (what drifted, found by looking; the daemon's healer calls 
 
 The store is the source of truth.  ``heal`` reads the kernel cheaply first -- one dump of
 the links this instance tagged, one of the host's addresses and routes, the list of
-namespaces, the NAT table's listing, the VMs' resolv.conf files -- and, every
-``deep``-th call, each NAT VM's eth0 (a netlink call inside its namespace).  Only what
+namespaces, the NAT table's listing, the VMs' resolv.conf files -- and, when asked
+(``inside``), each NAT VM's eth0 (a netlink call inside its namespace).  A round that is
+not ``full`` reads only what has no event: the namespaces and the resolv.conf files.  Only what
 differs is repaired, each under the locks its command takes (network, then VM, then
 nft), after reading the row again: an object deleted or stopped meanwhile is left alone,
 and so is a row being created or deleted (its command owns it).  Each repair is a
@@ -47,7 +48,6 @@ class Reconciler:
     def __init__(self, svc: Service) -> None:
         self.svc = svc
         self.store = svc.store
-        self._round = 0
 
     # restore: everything
 
@@ -85,28 +85,30 @@ class Reconciler:
 
     # heal: what drifted
 
-    def heal(self, deep: int = 5) -> list[Repair]:
-        """Repair what differs from the state; the repairs made.  Every ``deep``-th call
-        also checks inside each NAT VM (eth0's address and route)."""
-        self._round += 1
+    def heal(self, full: bool = True, inside: bool = True) -> list[Repair]:
+        """Repair what differs from the state; the repairs made.  ``full``: the host's
+        links and addresses, the nft table and the namespaces too (else the VMs'
+        resolv.conf only, what has no event); ``inside``: each NAT VM's eth0 as well."""
         networks = self.store.networks()
         if not networks:
             return []
         svc = self.svc
-        links = svc.kernel.tagged_links(instance_alias_prefix(svc.instance_id))
-        held = {holder for holder, _ in svc.kernel.inventory()}
-        repairs = [r for net in networks if (r := self._heal_bridge(net, links, held))]
-        why = svc.nat.drift()
-        if why is not None:
-            svc.nat.sync()
-            repairs.append(Repair("nft", f"nft table inet {svc.nat.name}", why))
+        links: dict[str, str] | None = None
+        repairs: list[Repair] = []
+        if full:
+            links = svc.kernel.tagged_links(instance_alias_prefix(svc.instance_id))
+            held = {holder for holder, _ in svc.kernel.inventory()}
+            repairs += [r for net in networks if (r := self._heal_bridge(net, links, held))]
+            why = svc.nat.drift()
+            if why is not None:
+                svc.nat.sync()
+                repairs.append(Repair("nft", f"nft table inet {svc.nat.name}", why))
         namespaces = frozenset(svc.kernel.list_netns())
         by_id = {n.id: n for n in networks}
-        inside = self._round % deep == 0
         for vm in self.store.vms():
             net = by_id.get(vm.network_id)
             if net is not None and vm.running:
-                found = self._vm_drift(vm, net, namespaces, links, inside)
+                found = self._vm_drift(vm, net, namespaces, links, inside and full)
                 if found is not None and self._repair_vm(vm.name, found):
                     repairs.append(Repair(found[0], f"vm {vm.name}", found[1]))
         if repairs:
@@ -132,11 +134,11 @@ class Reconciler:
         return Repair("bridge", f"network {net.name}", why)
 
     def _vm_drift(self, vm: Vm, net: Network, namespaces: frozenset[str],
-                  links: dict[str, str], inside: bool) -> tuple[str, str] | None:
+                  links: dict[str, str] | None, inside: bool) -> tuple[str, str] | None:
         kernel = self.svc.kernel
         if vm.netns not in namespaces:
             return "vm", f"namespace {vm.netns} was gone"
-        if vm.host_ifname not in links:
+        if links is not None and vm.host_ifname not in links:
             return "veth", f"veth {vm.host_ifname} was gone"
         if not kernel.vm_resolv_ok(vm.netns, vm.gateway, self.svc.instance_id):
             return "resolv", f"/etc/netns/{vm.netns}/resolv.conf was changed"

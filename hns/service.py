@@ -441,9 +441,9 @@ class Service:
         (:class:`hns.heal.Reconciler`)."""
         return self.reconciler.restore()
 
-    def heal(self, deep: int = 5) -> list[Repair]:
+    def heal(self, full: bool = True, inside: bool = True) -> list[Repair]:
         """Repair what drifted from the state; the repairs (:mod:`hns.heal`)."""
-        return self.reconciler.heal(deep)
+        return self.reconciler.heal(full, inside)
 
     def set_network_options(self, name: str, *, localhost_forwarding: bool | None = None,
                             ignored_ports: tuple[int, ...] | None = None,

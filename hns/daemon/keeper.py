@@ -28,6 +28,7 @@ import logging
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -41,13 +42,16 @@ __all__ = ["HEAL_INTERVAL", "Keeper", "processes_in"]
 
 log = logging.getLogger("hns.daemon")
 
-HEAL_INTERVAL = 1.0        # s between two looks at what has no event
+HEAL_INTERVAL = 2.0        # s between two looks at what has no event (resolv.conf)
+FULL_INTERVAL = 30.0       # s between two full rounds without an event (a safety net)
+INSIDE_INTERVAL = 60.0     # s between two looks inside every VM (eth0: no event here)
 SETTLE = 0.05              # s: netlink events are coalesced this long
 RECENT = 10                # repairs and reclaims kept for the status
 
 # rtnetlink multicast groups: RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE
 _GROUPS = 0x1 | 0x10 | 0x40
-_REMOVALS = frozenset({"RTM_DELLINK", "RTM_DELADDR", "RTM_DELROUTE"})
+_REMOVALS = frozenset({17, 21, 25})    # RTM_DELLINK, RTM_DELADDR, RTM_DELROUTE
+NETLINK_ROUTE = 0
 NETLINK_NETFILTER = 12
 NFNLGRP_NFTABLES = 7       # every change of the ruleset (ours too: a round finds no drift)
 
@@ -74,20 +78,35 @@ def processes_in(namespaces: Iterable[str]) -> dict[str, int]:
     return counts
 
 
-def _nft_events() -> socket.socket | None:
-    """A netlink socket on nftables' change notifications, None where it cannot be had."""
+def _subscribe(protocol: int, groups: int) -> socket.socket | None:
+    """A non-blocking netlink socket on ``groups`` of ``protocol``; None where it cannot
+    be had (healing then falls back to the interval)."""
     try:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                             NETLINK_NETFILTER)
-    except OSError:
+                             protocol)
+    except OSError as exc:
+        log.warning("no netlink events of protocol %d: %s", protocol, exc)
         return None
     try:
-        sock.bind((0, 1 << (NFNLGRP_NFTABLES - 1)))
+        sock.bind((0, groups))
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
+        log.warning("no netlink events of protocol %d: %s", protocol, exc)
         sock.close()
         return None
     return sock
+
+
+def message_types(data: bytes) -> list[int]:
+    """The ``nlmsg_type`` of every netlink message in ``data`` (pure)."""
+    types, offset = [], 0
+    while offset + 16 <= len(data):
+        length, kind = struct.unpack_from("=LH", data, offset)
+        if length < 16:
+            break
+        types.append(kind)
+        offset += (length + 3) & ~3
+    return types
 
 
 class _Events:
@@ -103,31 +122,21 @@ class _Events:
         self._thread.start()
 
     def _run(self) -> None:
-        from pyroute2 import IPRoute
+        route = _subscribe(NETLINK_ROUTE, _GROUPS)
+        nft = _subscribe(NETLINK_NETFILTER, 1 << (NFNLGRP_NFTABLES - 1))
+        watched = [s for s in (route, nft) if s is not None]
         try:
-            ipr = IPRoute()
-            ipr.bind(groups=_GROUPS)
-        except Exception as exc:       # healing falls back to the interval
-            log.warning("no netlink events (healing every interval only): %s", exc)
-            return
-        nft = _nft_events()
-        watched = [ipr.fileno(), *([nft.fileno()] if nft is not None else [])]
-        try:
-            while not self._stop.is_set():
+            while watched and not self._stop.is_set():
                 ready, _, _ = select.select(watched, [], [], 0.5)
-                if nft is not None and nft.fileno() in ready:
-                    while _drain(nft):
-                        pass
+                woken = False
+                for sock in ready:
+                    while (data := _drain(sock)) is not None:
+                        woken |= sock is nft or bool(_REMOVALS & set(message_types(data)))
+                if woken:
                     self._wake()
-                if ipr.fileno() in ready and any(m.get("event") in _REMOVALS
-                                                 for m in ipr.get()):
-                    self._wake()
-        except Exception as exc:
-            log.warning("netlink events stopped: %s", exc)
         finally:
-            ipr.close()
-            if nft is not None:
-                nft.close()
+            for sock in watched:
+                sock.close()
 
     def close(self) -> None:
         self._stop.set()
@@ -135,13 +144,15 @@ class _Events:
             self._thread.join(2)
 
 
-def _drain(sock: socket.socket) -> bool:
-    """Read one pending message; False when there is none (or the socket overflowed:
-    the wake-up is what matters, not the message)."""
+def _drain(sock: socket.socket) -> bytes | None:
+    """One pending datagram; None when there is none (ENOBUFS, an overflow, counts as
+    one: the wake-up is what matters, not the message)."""
     try:
-        return bool(sock.recv(65536))
-    except (BlockingIOError, OSError):
-        return False
+        return sock.recv(65536) or None
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
 
 
 class Keeper:
@@ -149,11 +160,17 @@ class Keeper:
 
     def __init__(self, state_dir: str, host_netns: str | None,
                  connections: Callable[[], dict[str, int]], *,
-                 interval: float = HEAL_INTERVAL, heal: bool = True,
-                 call_on_engine: Callable[[Callable[[], object]], None] | None = None) -> None:
+                 interval: float = HEAL_INTERVAL, full_interval: float = FULL_INTERVAL,
+                 inside_interval: float = INSIDE_INTERVAL, heal: bool = True,
+                 call_on_engine: Callable[[Callable[[], object]], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.state_dir = state_dir
+        self._clock = clock
         self.host_netns = host_netns
         self.interval = interval
+        self.full_interval = full_interval
+        self.inside_interval = inside_interval
+        self._next_full = self._next_inside = 0.0
         self.heal_enabled = heal
         self._connections = connections
         self._on_engine = call_on_engine
@@ -215,12 +232,13 @@ class Keeper:
             return
         try:
             while not self._stop.is_set():
-                if self._wake.wait(self.interval):
+                woken = self._wake.wait(self.interval)
+                if woken:
                     time.sleep(SETTLE)     # a burst of events is one round
                 self._wake.clear()
                 if self._stop.is_set():
                     break
-                self._round(svc)
+                self._round(svc, woken)
         finally:
             svc.close()
 
@@ -235,11 +253,20 @@ class Keeper:
                 log.warning("settings that need 'hnsctl down' and 'up': %s",
                             ", ".join(restart))
 
-    def _round(self, svc: Any) -> None:
+    def _round(self, svc: Any, woken: bool) -> None:
+        """A round: full when something was removed (an event, a state change) or
+        ``full_interval`` passed, inside the VMs every ``inside_interval``."""
+        now = time.monotonic()
+        inside = now >= self._next_inside
+        full = woken or inside or now >= self._next_full
+        if full:
+            self._next_full = now + self.full_interval
+        if inside:
+            self._next_inside = now + self.inside_interval
         try:
             self._apply_settings(svc)
             if self.heal_enabled:
-                self._record(svc.heal())
+                self._record(svc.heal(full=full, inside=inside))
             self._reclaim(svc)
             self._set_error(None)
         except (HnsError, OSError) as exc:
@@ -279,7 +306,7 @@ class Keeper:
         return future.result(timeout=5)
 
     def _reclaim(self, svc: Any) -> None:
-        now = time.monotonic()
+        now = self._clock()
         timed = [vm for vm in svc.store.vms() if vm.running and vm.idle_timeout_ms is not None]
         for name in set(self._last_busy) - {vm.name for vm in timed}:
             del self._last_busy[name]

@@ -121,7 +121,7 @@ def test_create_vm_keeps_its_idle_timeout(svc: Service) -> None:
 
 def test_nothing_drifted_nothing_repaired(svc: Service) -> None:
     svc.create_vm("v", "n")
-    assert svc.heal(deep=1) == []
+    assert svc.heal() == []
 
 
 def test_a_deleted_bridge_comes_back_with_its_ports(svc: Service, kernel: FakeKernel) -> None:
@@ -186,11 +186,11 @@ def test_an_overwritten_resolv_conf_is_written_again(svc: Service, kernel: FakeK
     assert kernel.resolv[vm.netns] == (vm.gateway, svc.instance_id)
 
 
-def test_a_lost_vm_address_is_checked_on_deep_rounds(svc: Service, kernel: FakeKernel) -> None:
+def test_a_lost_vm_address_is_checked_when_asked(svc: Service, kernel: FakeKernel) -> None:
     vm = svc.create_vm("v", "n")
     kernel.namespaces[vm.netns].config = None
-    assert svc.heal(deep=2) == []            # the first round does not look inside
-    (repair,) = svc.heal(deep=2)
+    assert svc.heal(inside=False) == []      # a round that does not look inside
+    (repair,) = svc.heal()
     assert repair.kind == "address"
     assert kernel.namespaces[vm.netns].config == ("nat", vm.ip, 24, vm.gateway)
 
@@ -201,5 +201,15 @@ def test_what_hns_deleted_or_stopped_is_not_brought_back(
     off = svc.create_vm("off", "n")
     svc.delete_vm("gone")
     svc.stop_vm("off")
-    assert svc.heal(deep=1) == []
+    assert svc.heal() == []
     assert gone.netns not in kernel.namespaces and off.netns not in kernel.namespaces
+
+
+def test_a_quick_round_reads_only_what_has_no_event(svc: Service, kernel: FakeKernel,
+                                                    nft: FakeNft) -> None:
+    vm = svc.create_vm("v", "n")
+    kernel.delete_link(svc.get_network("n").bridge)
+    nft.run(Transaction().destroy_table("inet", svc.nat.name))
+    kernel.resolv.pop(vm.netns)
+    assert [r.kind for r in svc.heal(full=False)] == ["resolv"]
+    assert sorted(r.kind for r in svc.heal()) == ["bridge", "nft"]
