@@ -123,7 +123,7 @@ def test_a_flushed_ruleset_is_healed_and_outbound_works_again(up: Sandbox) -> No
     assert vm_json(up)["IpAddress"] == str(vm.ip)
 
 
-@pytest.mark.parametrize("what", ["veth", "bridge", "netns"])
+@pytest.mark.parametrize("what", ["veth", "bridge", "netns", "address"])
 def test_a_deleted_kernel_object_comes_back_with_the_same_address_and_mac(
         up: Sandbox, what: str) -> None:
     vm = up.service.get_vm("wsl")
@@ -131,7 +131,8 @@ def test_a_deleted_kernel_object_comes_back_with_the_same_address_and_mac(
     before = repairs(up)
     argv = {"veth": ["ip", "link", "del", vm.host_ifname],
             "bridge": ["ip", "link", "del", net.bridge],
-            "netns": ["ip", "netns", "del", vm.netns]}[what]
+            "netns": ["ip", "netns", "del", vm.netns],
+            "address": ["ip", "addr", "flush", "dev", net.bridge]}[what]
     if what == "netns":
         ok(subprocess.run(argv, capture_output=True, text=True))     # ip netns is global
     else:

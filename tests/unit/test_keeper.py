@@ -70,3 +70,19 @@ def test_an_idle_vm_is_stopped_after_its_timeout_and_a_busy_one_is_not(
     clock.now += 1.0
     keeper._reclaim(svc)
     assert not svc.get_vm("busy").running and svc.get_vm("relayed").running
+
+
+ROUTE_TEXT = (
+    "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+    "eth0\t00000000\t0100090A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+    "eth0\t0000090A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+    "eth1\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n")
+
+
+def test_default_gateways_from_proc_net_route() -> None:
+    from ipaddress import IPv4Address
+
+    from hns.vmcheck import default_gateways
+    assert default_gateways(ROUTE_TEXT, "eth0") == {IPv4Address("10.9.0.1")}
+    assert default_gateways(ROUTE_TEXT, "eth1") == {IPv4Address("192.168.1.1")}
+    assert default_gateways(ROUTE_TEXT.splitlines()[0], "eth0") == set()
