@@ -119,6 +119,9 @@ def _add_network_parser(sub: Any, leaf: argparse.ArgumentParser) -> None:
     c.add_argument("--firewall", default="on", metavar="on|off",
                    help="NAT: forward nothing unsolicited into the VMs: only port mappings, "
                         "replies and the network's own traffic (WSL's firewall, default on)")
+    c.add_argument("--dns-proxy", default="on", metavar="on|off",
+                   help="the daemon's DNS proxy on the gateway is the VMs' nameserver "
+                        "(WSL's dnsProxy, default on; off: the host's resolvers)")
     c.add_argument("--ignored-ports", metavar="LIST",
                    help="mirrored: ports never forwarded, e.g. 22,8000-8010")
     c.add_argument("--host-address-loopback", metavar="on|off",
@@ -202,8 +205,9 @@ def _network_cmd(svc: Service, args: argparse.Namespace) -> int:
         loopback = (parse_on_off(args.host_address_loopback, "--host-address-loopback")
                     if args.host_address_loopback is not None else None)
         firewall = parse_on_off(args.firewall, "--firewall")
+        dns = parse_on_off(args.dns_proxy, "--dns-proxy")
         net = svc.create_network(args.name, args.type, args.subnet, args.gateway, args.mtu,
-                                 forwarding, args.ignored_ports, loopback, firewall)
+                                 forwarding, args.ignored_ports, loopback, firewall, dns)
         _show(net, args.json)
         if net.localhost_forwarding or net.mirrored:
             from hns.cli_up import daemon_note

@@ -36,7 +36,7 @@ def read(path_option: str | None) -> hs.Settings:
 def network_options(s: hs.Settings) -> dict[str, Any]:
     """``create_network``'s keywords for the network ``WSL``."""
     options: dict[str, Any] = {"localhost_forwarding": s.localhost_forwarding,
-                               "firewall": s.firewall,
+                               "firewall": s.firewall, "dns_proxy": s.dns_proxy,
                                "subnet": s.subnet}
     if s.networking_mode == "mirrored":
         options.update(ignored_ports=s.ignored_ports,

@@ -51,7 +51,7 @@ class FakeKernel:
                  view: HostView | None = None) -> None:
         self.links: dict[str, FakeLink] = {}
         self.namespaces: dict[str, FakeNamespace] = {}
-        self.resolv: dict[str, tuple[IPv4Address, str]] = {}
+        self.resolv: dict[str, tuple[IPv4Address | None, str]] = {}
         self.forwarding: set[int] = set()
         self.host_prefixes = list(host_prefixes or [])
         self.view = view or HostView()
@@ -194,13 +194,13 @@ class FakeKernel:
 
     # the VMs' resolv.conf
 
-    def write_vm_resolv(self, netns: str, gateway: IPv4Address, owner: str) -> None:
+    def write_vm_resolv(self, netns: str, gateway: IPv4Address | None, owner: str) -> None:
         self.resolv[netns] = (gateway, owner)
 
     def remove_vm_resolv(self, netns: str) -> None:
         self.resolv.pop(netns, None)
 
-    def vm_resolv_ok(self, netns: str, gateway: IPv4Address, owner: str) -> bool:
+    def vm_resolv_ok(self, netns: str, gateway: IPv4Address | None, owner: str) -> bool:
         return self.resolv.get(netns) == (gateway, owner)
 
     def vm_resolv_owner(self, netns: str) -> str | None:

@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hns.model import Network, Vm
+from hns.model import Network, Vm, resolver
 from hns.naming import instance_alias_prefix
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ class Reconciler:
             return "vm", f"namespace {vm.netns} was gone"
         if links is not None and vm.host_ifname not in links:
             return "veth", f"veth {vm.host_ifname} was gone"
-        if not kernel.vm_resolv_ok(vm.netns, vm.gateway, self.svc.instance_id):
+        if not kernel.vm_resolv_ok(vm.netns, resolver(vm, net), self.svc.instance_id):
             return "resolv", f"/etc/netns/{vm.netns}/resolv.conf was changed"
         if inside and not net.mirrored and \
                 not kernel.vm_side_ok(vm.netns, vm.ip, vm.prefixlen, vm.gateway):
@@ -166,7 +166,7 @@ class Reconciler:
                     bridge=net.bridge, alias=svc.alias(vm.id)))
                 svc.configure_vm_side(vm, net)
             elif kind == "resolv":
-                svc.kernel.write_vm_resolv(vm.netns, vm.gateway, svc.instance_id)
+                svc.kernel.write_vm_resolv(vm.netns, resolver(vm, net), svc.instance_id)
             else:
                 svc.configure_vm_side(vm, net)
         return True

@@ -466,10 +466,10 @@ class LinuxKernel(HostKernel):
         from hns.vmcheck import vm_side_ok
         return vm_side_ok(netns, ip, prefixlen, gateway)
 
-    def write_vm_resolv(self, netns: str, gateway: IPv4Address, owner: str) -> None:
+    def write_vm_resolv(self, netns: str, gateway: IPv4Address | None, owner: str) -> None:
         resolv.write_vm_resolv(netns, self.host_netns, gateway, owner)
 
-    def vm_resolv_ok(self, netns: str, gateway: IPv4Address, owner: str) -> bool:
+    def vm_resolv_ok(self, netns: str, gateway: IPv4Address | None, owner: str) -> bool:
         return resolv.vm_resolv_ok(netns, self.host_netns, gateway, owner)
 
     def remove_vm_resolv(self, netns: str) -> None:

@@ -108,9 +108,9 @@ class Kernel(Protocol):
 
     # the VMs' resolv.conf (/etc/netns/<netns>/resolv.conf)
 
-    def write_vm_resolv(self, netns: str, gateway: IPv4Address, owner: str) -> None: ...
+    def write_vm_resolv(self, netns: str, gateway: IPv4Address | None, owner: str) -> None: ...
 
-    def vm_resolv_ok(self, netns: str, gateway: IPv4Address, owner: str) -> bool:
+    def vm_resolv_ok(self, netns: str, gateway: IPv4Address | None, owner: str) -> bool:
         """Whether the VM's resolv.conf is what ``write_vm_resolv`` would write now."""
         ...
 

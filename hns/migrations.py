@@ -136,9 +136,15 @@ def _v2_vm_power(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE vms ADD COLUMN idle_timeout INTEGER")
 
 
+def _v3_dns_proxy(db: sqlite3.Connection) -> None:
+    """A NAT network may do without the DNS proxy (WSL's dnsProxy=false)."""
+    db.execute("ALTER TABLE networks ADD COLUMN dns_proxy INTEGER NOT NULL DEFAULT 1")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_tables,
     _v2_vm_power,
+    _v3_dns_proxy,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

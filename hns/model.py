@@ -41,6 +41,7 @@ __all__ = [
     "parse_port",
     "parse_port_list",
     "parse_subnet",
+    "resolver",
 ]
 
 DEFAULT_MTU = 1500
@@ -162,6 +163,7 @@ class Network:
     ignored_ports: tuple[int, ...] = ()  # mirrored: never forwarded (WSL's ignoredPorts)
     host_address_loopback: bool = False  # mirrored: WSL's hostAddressLoopback
     firewall: bool = True               # WSL's firewall: nothing unsolicited reaches a VM
+    dns_proxy: bool = True              # WSL's dnsProxy: the VMs' nameserver is the gateway
 
     @property
     def mirrored(self) -> bool:
@@ -180,6 +182,7 @@ class Network:
             "Mtu": self.mtu,
             "LocalhostForwarding": self.localhost_forwarding and not self.mirrored,
             "Firewall": self.firewall or self.mirrored,
+            "DnsProxy": self.dns_proxy,
             **mirrored,
             "Ipams": [{
                 "Type": "Static",
@@ -205,6 +208,12 @@ def parse_idle_timeout(value: int | str | None) -> int | None:
         raise InvalidRequest(f"bad idle timeout {text!r}: milliseconds, a whole number "
                              ">= 0, or -1 for never")
     return None if negative else int(digits)
+
+
+def resolver(vm: Vm, net: Network) -> IPv4Address | None:
+    """The nameserver a VM's resolv.conf names first: the DNS proxy on its gateway, or
+    None when its network has the proxy off (the host's resolvers then)."""
+    return vm.gateway if net.dns_proxy else None
 
 
 class Power(enum.Enum):

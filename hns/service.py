@@ -29,10 +29,7 @@ from hns.gc import Collector, tag_in_use
 from hns.heal import Reconciler, Repair
 from hns.kernel_api import EndpointSpec, Kernel
 from hns.lifecycle import VmLifecycle
-from hns.mirrored import (
-    mirror_spec,
-    transit6_gateway,
-)
+from hns.mirrored import mirror_spec, transit6_gateway
 from hns.model import (
     Network,
     NetworkType,
@@ -45,6 +42,7 @@ from hns.model import (
     parse_name,
     parse_netns_name,
     parse_network_options,
+    resolver,
 )
 from hns.nat_table import NatTable
 from hns.netns import netns_exists
@@ -186,11 +184,11 @@ class Service:
                        localhost_forwarding: bool = True,
                        ignored_ports: str | tuple[int, ...] | None = None,
                        host_address_loopback: bool | None = None,
-                       firewall: bool = True) -> Network:
+                       firewall: bool = True, dns_proxy: bool = True) -> Network:
         """A NAT network, or a mirrored one (``type`` "mirrored": the VMs share the host's
         addresses; ``ignored_ports`` and ``host_address_loopback`` are for it only).
         ``firewall`` (WSL's): nothing unsolicited is forwarded into the VMs; a mirrored
-        network always has it."""
+        network always has it.  ``dns_proxy`` off: the VMs use the host's resolvers."""
         name = parse_name(name, "network name")
         opts = parse_network_options(type, subnet, gateway, mtu, ignored_ports,
                                      host_address_loopback)
@@ -214,7 +212,7 @@ class Service:
                               localhost_forwarding=bool(localhost_forwarding),
                               ignored_ports=opts.ignored_ports,
                               host_address_loopback=bool(host_address_loopback),
-                              firewall=bool(firewall) or mirrored)
+                              firewall=bool(firewall) or mirrored, dns_proxy=bool(dns_proxy))
                 tx.insert_network(net, "creating")
             failpoint("network-create:after-store")
             try:
@@ -370,7 +368,7 @@ class Service:
             self.kernel.configure_mirrored_vm(spec, vm.interface)
         else:
             self.kernel.configure_vm_side(vm.netns, vm.ip, vm.prefixlen, vm.gateway)
-        self.kernel.write_vm_resolv(vm.netns, vm.gateway, self.instance_id)
+        self.kernel.write_vm_resolv(vm.netns, resolver(vm, net), self.instance_id)
 
     def poke_daemon(self) -> None:
         """Tell a running daemon to reload now (it watches the VMs for localhost
@@ -445,20 +443,12 @@ class Service:
         """Repair what drifted from the state; the repairs (:mod:`hns.heal`)."""
         return self.reconciler.heal(full, inside)
 
-    def set_network_options(self, name: str, *, localhost_forwarding: bool | None = None,
-                            ignored_ports: tuple[int, ...] | None = None,
-                            host_address_loopback: bool | None = None) -> Network:
-        """Change what a network may change while it lives; the daemon follows."""
+    def set_network_options(self, name: str, **options: Any) -> Network:
+        """Change what a network may change while it lives (``localhost_forwarding``,
+        ``ignored_ports``, ``host_address_loopback``); the daemon follows."""
         with self.store.lock(f"network-{parse_name(name, 'network name')}"), \
                 self.store.write() as tx:
-            net = self.store.network(name)
-            tx.set_network_options(dataclasses.replace(
-                net,
-                localhost_forwarding=net.localhost_forwarding if localhost_forwarding is None
-                else localhost_forwarding,
-                ignored_ports=net.ignored_ports if ignored_ports is None else ignored_ports,
-                host_address_loopback=net.host_address_loopback
-                if host_address_loopback is None else host_address_loopback))
+            tx.set_network_options(dataclasses.replace(self.store.network(name), **options))
         self.poke_daemon()
         return self.store.network(name)
 

@@ -54,16 +54,17 @@ FROM vms v JOIN networks n ON n.id = v.network_id
 
 
 NETWORK_COLUMNS = ("id, name, type, subnet, gateway, mtu, bridge, localhost_forwarding, "
-                   "ignored_ports, host_address_loopback, firewall")
+                   "ignored_ports, host_address_loopback, firewall, dns_proxy")
 
 
 def _network(row: tuple[object, ...]) -> Network:
-    id_, name, type_, subnet, gateway, mtu, bridge, forwarding, ignored, loopback, wall = row
+    id_, name, type_, subnet, gateway, mtu, bridge, forwarding, ignored, loopback, wall, dns = row
     return Network(id=str(id_), name=str(name), type=NetworkType(type_),
                    subnet=IPv4Network(str(subnet)), gateway=IPv4Address(str(gateway)),
                    mtu=int(str(mtu)), bridge=str(bridge), localhost_forwarding=bool(forwarding),
                    ignored_ports=parse_port_list(str(ignored)),
-                   host_address_loopback=bool(loopback), firewall=bool(wall))
+                   host_address_loopback=bool(loopback), firewall=bool(wall),
+                   dns_proxy=bool(dns))
 
 
 def _vm(row: tuple[object, ...]) -> Vm:
@@ -370,11 +371,11 @@ class Writer:
     def insert_network(self, net: Network, state: str = "ready") -> None:
         try:
             self.db.execute(f"INSERT INTO networks ({NETWORK_COLUMNS}, state) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (net.id, net.name, net.type.value, str(net.subnet), str(net.gateway),
                              net.mtu, net.bridge, int(net.localhost_forwarding),
                              format_port_list(net.ignored_ports), int(net.host_address_loopback),
-                             int(net.firewall), _state(state)))
+                             int(net.firewall), int(net.dns_proxy), _state(state)))
             self.db.execute("INSERT OR REPLACE INTO remembered_subnets VALUES (?, ?)",
                             (net.name, str(net.subnet)))
         except sqlite3.IntegrityError as exc:

@@ -105,7 +105,8 @@ class DnsProxy:
 
     def reconcile(self) -> None:
         """Listen on the gateway of every NAT network, and only there."""
-        desired = {n.id: n for n in self.store.networks()}   # NAT and mirrored
+        desired = {n.id: n for n in self.store.networks()   # NAT and mirrored
+                   if n.dns_proxy}
         try:
             self.server.upstreams()     # read (and log) the host's resolv.conf early
         except Exception:

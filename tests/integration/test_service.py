@@ -281,3 +281,20 @@ def test_the_settings_file_shapes_up_and_reload_applies_live_keys(
         assert net["LocalhostForwarding"] is True
     finally:
         os.unlink(path)
+
+
+def test_dns_proxy_off_gives_the_vm_the_host_resolvers(hns_sandbox: Sandbox) -> None:
+    hns_sandbox.set_host_resolv(f"nameserver {hns_sandbox.outside_ip}\n")
+    start_dnsmasq(hns_sandbox)
+    path = write_config(hns_sandbox, "[wsl2]\ndnsProxy=false\nvmIdleTimeout=-1\n")
+    ok(hns_sandbox.hnsctl("--config", path, "up"))
+    vm = hns_sandbox.service.get_vm("wsl")
+    assert json.loads(ok(hns_sandbox.hnsctl("--json", "network", "show", "WSL")))[
+        "DnsProxy"] is False
+    resolv = Path("/etc/netns", vm.netns, "resolv.conf").read_text()
+    assert f"nameserver {hns_sandbox.outside_ip}" in resolv
+    assert f"nameserver {vm.gateway}" not in resolv
+    assert status(hns_sandbox)["Dns"] == []             # nothing listens on the gateway
+    dig = ok(hns_sandbox.hnsctl("vm", "exec", "wsl", "--", "dig", "+short", "+time=2",
+                                DNS_NAME))               # through the host's resolver
+    assert dig.strip() == DNS_ADDRESS

@@ -123,3 +123,12 @@ def test_write_and_remove_vm_resolv(etc_netns: Path) -> None:
     resolv.remove_vm_resolv("hns-ab12-wsl")
     assert not (etc_netns / "hns-ab12-wsl").exists()
     resolv.remove_vm_resolv("hns-ab12-wsl")  # idempotent
+
+
+def test_without_the_dns_proxy_the_vm_gets_up_to_three_host_resolvers() -> None:
+    host = ("nameserver 127.0.0.53\nnameserver 192.0.2.1\nnameserver 192.0.2.2\n"
+            "nameserver 192.0.2.3\nnameserver 192.0.2.4\nsearch example.test\n")
+    text = resolv.render_vm_resolv(host, None)
+    assert [ln for ln in text.splitlines() if ln.startswith("nameserver")] == [
+        "nameserver 192.0.2.1", "nameserver 192.0.2.2", "nameserver 192.0.2.3"]
+    assert "search example.test" in text and "DNS proxy is off" in text
