@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from hns.errors import HnsError, InvalidRequest, KernelError
+from hns.logfmt import configure_logging, line_prefix
 from hns.model import (
     HostPort,
     Network,
@@ -87,6 +88,10 @@ def _build_parser() -> argparse.ArgumentParser:
     leaf.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                       help="print JSON")
     p.add_argument("--debug", action="store_true", help="print tracebacks")
+    p.add_argument("--log-level", default=os.environ.get("HNS_LOG_LEVEL") or None,
+                   metavar="error|warning|info|debug",
+                   help="log this level and above (env HNS_LOG_LEVEL; default warning, "
+                        "debug with --debug, info for the daemon)")
     p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            parser_class=_Parser)
@@ -355,15 +360,11 @@ COMMANDS: dict[str, Handler] = {
 }
 
 
-class _StderrFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return f"{PROG}: {record.levelname.lower()}: {_one_line(record.getMessage())}"
-
-
 # Commands that may make the state directory; every other one only reads or removes,
 # and on a state directory that does not exist says so instead of creating one.
 MAKES_STATE = frozenset({("network", "create"), ("vm", "create"), ("portmap", "add"),
-                         ("portproxy", "add"), ("portproxy", "set"), ("up", None),
+                         ("portproxy", "add"), ("portproxy", "set"), ("netsh", "add"),
+                         ("netsh", "set"), ("up", None),
                          ("restore", None), ("daemon", None)})
 PATH_MAX = 4096
 NAME_MAX = 255
@@ -451,7 +452,8 @@ def _silence_stdout() -> None:
 def _fail(message: str, code: int, debug: bool) -> int:
     if debug:
         traceback.print_exc()
-    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+    print(f"{line_prefix(logging.ERROR, sys.stderr)}{PROG}: error: {_one_line(message)}",
+          file=sys.stderr)
     return code
 
 
@@ -462,10 +464,7 @@ def _main(argv: Sequence[str] | None) -> int:
         _completion(parser)
         args = parser.parse_args(argv)
         debug = args.debug
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_StderrFormatter())
-        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                            handlers=[handler])
+        configure_logging(args.log_level, debug)
         return _run(args)
     except HnsError as exc:
         return _fail(str(exc), exc.exit_code, debug)

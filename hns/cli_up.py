@@ -98,7 +98,7 @@ def _daemon(svc: Service, args: argparse.Namespace) -> dict[str, Any]:
     if args.no_daemon:
         return {"How": "skipped", "Pid": None}
     from hns.daemon.spawn import start
-    started = start(svc.store.state_dir, svc.host_netns)
+    started = start(svc.store.state_dir, svc.host_netns, args.config)
     return {"How": started.how, "Pid": started.pid, "Log": started.log}
 
 

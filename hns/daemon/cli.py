@@ -1,4 +1,4 @@
-"""hnsctl commands of the userspace data plane: portproxy, daemon, status."""
+"""hnsctl commands of the userspace data plane: portproxy, netsh, daemon, status."""
 
 from __future__ import annotations
 
@@ -33,9 +33,32 @@ def register(sub: Any, leaf: argparse.ArgumentParser) -> None:
     acts.add_parser("show", parents=[leaf], help="show proxies").add_argument(
         "what", nargs="?", default="all", metavar="all|v4tov4|v4tov6|v6tov4|v6tov6")
     acts.add_parser("reset", parents=[leaf], help="delete every proxy")
+    sub.add_parser("netsh", parents=[leaf],
+                   help="'netsh interface portproxy ...' as pasted from Windows").add_argument(
+        "words", nargs=argparse.REMAINDER, action=_NetshWords,
+        metavar="interface portproxy add|set|delete|show|reset ...")
     sub.add_parser("daemon", parents=[leaf],
                    help="run the port-forwarding daemon in the foreground")
     sub.add_parser("status", parents=[leaf], help="the daemon and its relays")
+
+
+class _NetshWords(argparse.Action):
+    """The words after ``hnsctl netsh``, parsed as netsh reads them: the command becomes
+    the ``portproxy`` one it means (``action``, ``kind``, ``words``, ``what``), so the
+    state-directory check sees its verb.  ``--json`` among them is hnsctl's."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        from hns.daemon.netsh import parse_netsh
+        words = [str(w) for w in values or ()]
+        if "-h" in words or "--help" in words:
+            parser.print_help()
+            parser.exit()
+        if "--json" in words:
+            namespace.json = True
+        command = parse_netsh([w for w in words if w != "--json"])
+        namespace.action, namespace.kind = command.verb, command.kind
+        namespace.words, namespace.what = list(command.words), command.what
 
 
 def _config(svc: Any) -> Any:
@@ -77,11 +100,15 @@ def _show(proxies: Sequence[Any], as_json: bool) -> None:
 
 
 def _portproxy(svc: Any, args: argparse.Namespace) -> int:
-    from hns.daemon.netsh import KINDS, parse_add, parse_delete
+    """``portproxy ...``, and ``netsh interface portproxy ...`` (``show`` in netsh's
+    layout)."""
+    from hns.daemon.netsh import KINDS, parse_add, parse_delete, render_show
     config = _config(svc)
     if args.action in ("add", "set"):
         proxy = parse_add(args.kind, args.words)
         config.add(proxy, replace=args.action == "set", local=_local_addresses(svc))
+        from hns.cli_up import daemon_note
+        daemon_note(svc, f"the proxy on port {proxy.listen_port}")
     elif args.action == "delete":
         kind, key = parse_delete(args.kind, args.words)
         if not config.delete(kind, key):
@@ -91,7 +118,11 @@ def _portproxy(svc: Any, args: argparse.Namespace) -> int:
         what = args.what.lower()
         if what != "all" and what not in KINDS:
             raise InvalidRequest(f"show {args.what!r}: use all, {', '.join(KINDS)}")
-        _show([p for p in config.list() if what in ("all", p.kind)], args.json)
+        shown = [p for p in config.list() if what in ("all", p.kind)]
+        if args.command == "netsh" and not args.json:
+            print(render_show(shown), end="")
+        else:
+            _show(shown, args.json)
         return 0
     elif args.action == "reset":
         config.reset()
@@ -101,8 +132,9 @@ def _portproxy(svc: Any, args: argparse.Namespace) -> int:
 
 def _daemon(svc: Any, args: argparse.Namespace) -> int:
     from hns.daemon.daemon import Daemon
-    logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
-    return Daemon(svc.store, svc.host_netns).run()
+    if getattr(args, "log_level", None) is None:   # a daemon logs what it does
+        logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
+    return Daemon(svc.store, svc.host_netns, config=getattr(args, "config", None)).run()
 
 
 def _status(svc: Any, args: argparse.Namespace) -> int:
@@ -166,6 +198,7 @@ def _print_dns(entries: Sequence[dict[str, Any]]) -> None:
 
 HANDLERS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "portproxy": _portproxy,
+    "netsh": _portproxy,
     "daemon": _daemon,
     "status": _status,
 }

@@ -9,6 +9,13 @@ instead of the engine's) and ``maxconnections=N`` (live connections or flows per
 listener, default 4096).  Addresses must be IP literals: names are not resolved when a
 proxy is configured.
 
+:func:`parse_netsh` takes the words of a whole ``netsh interface portproxy ...`` command
+line as pasted from Windows (``interface`` or ``int``, then ``portproxy``, a verb, a type;
+values may be positional, in netsh's order, before any ``key=value``; ``localhost``
+stands for the loopback address of its side's family) and names every value, so the same
+:func:`parse_add` / :func:`parse_delete` check them.  :func:`render_show` prints proxies
+in ``netsh interface portproxy show``'s layout.
+
 :func:`loop_of` finds the proxies through which a new one would connect back to its own
 listening socket (its connect address:port served by itself, or by a chain of others).
 """
@@ -25,8 +32,8 @@ from typing import Any
 from hns.errors import InvalidRequest
 from portproxy.addresses import endpoint
 
-__all__ = ["DEFAULT_MAX_CONNECTIONS", "KINDS", "PortProxy", "ProxyKey", "conflicts", "loop_of",
-           "parse_add", "parse_delete"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "KINDS", "NetshCommand", "PortProxy", "ProxyKey",
+           "conflicts", "loop_of", "parse_add", "parse_delete", "parse_netsh", "render_show"]
 
 IPAddress = IPv4Address | IPv6Address
 KINDS = ("v4tov4", "v4tov6", "v6tov4", "v6tov6")
@@ -37,6 +44,12 @@ DEFAULT_MAX_CONNECTIONS = 4096
 MAX_IDLE_TIMEOUT = 365 * 86400     # seconds
 MAX_CONNECTIONS = 1 << 20
 DELETE_KEYS = {"listenport", "listenaddress", "protocol"}
+# netsh's positional order (its documented syntax of add/set and of delete)
+ADD_ORDER = ("listenport", "connectaddress", "connectport", "listenaddress", "protocol")
+DELETE_ORDER = ("listenport", "listenaddress", "protocol")
+NETSH_CONTEXTS = ("interface", "int")       # what Microsoft's own examples write
+NETSH_VERBS = ("add", "set", "delete", "show", "reset")
+NETSH_SYNTAX = "interface portproxy add|set|delete|show|reset ..."
 
 
 @dataclass(frozen=True, order=True)
@@ -242,3 +255,102 @@ def loop_of(new: PortProxy, existing: Sequence[PortProxy],
         path.append(hop)
         current = hop
     return None
+
+
+# -- a whole netsh command line -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NetshCommand:
+    """A ``netsh interface portproxy`` command line, its values named: ``words`` are what
+    :func:`parse_add` (add, set) or :func:`parse_delete` (delete) take, ``what`` is the
+    argument of show."""
+
+    verb: str
+    kind: str | None = None
+    words: tuple[str, ...] = ()
+    what: str = "all"
+
+
+def parse_netsh(args: Sequence[str]) -> NetshCommand:
+    """The words after ``netsh``, as netsh reads them (see the module)."""
+    words = list(args)
+    if len(words) < 3:
+        got = repr(" ".join(words)) if words else "nothing"
+        raise InvalidRequest(f"expected {NETSH_SYNTAX}, got {got}")
+    context, sub, verb, *rest = words
+    if context.lower() not in NETSH_CONTEXTS:
+        raise InvalidRequest(f"netsh context {context!r}: only 'interface portproxy' (or "
+                             "'int portproxy') is emulated")
+    if sub.lower() != "portproxy":
+        raise InvalidRequest(f"netsh interface {sub!r}: only 'portproxy' is emulated")
+    verb = verb.lower()
+    if verb not in NETSH_VERBS:
+        raise InvalidRequest(f"unknown portproxy command {words[2]!r} (choose from: "
+                             f"{', '.join(NETSH_VERBS)})")
+    if verb == "reset":
+        if rest:
+            raise InvalidRequest(f"reset takes no parameters, got {' '.join(rest)!r}")
+        return NetshCommand(verb)
+    if verb == "show":
+        if len(rest) > 1:
+            raise InvalidRequest(f"show takes one of all, {', '.join(KINDS)}, got "
+                                 f"{' '.join(rest)!r}")
+        return NetshCommand(verb, what=rest[0] if rest else "all")
+    if not rest:
+        raise InvalidRequest(f"{verb} needs a type: {'|'.join(KINDS)}")
+    kind, *values = rest
+    listen_v, connect_v = _kind(kind)
+    order = DELETE_ORDER if verb == "delete" else ADD_ORDER
+    named = [_localhost(w, listen_v, connect_v) for w in _named(values, order)]
+    return NetshCommand(verb, kind.lower(), tuple(named))
+
+
+def _named(values: Sequence[str], order: Sequence[str]) -> list[str]:
+    """``values`` as key=value words: netsh's positional values (first, in ``order``)
+    named, the key=value ones as they are."""
+    named: list[str] = []
+    keyed = False
+    for value in values:
+        if value.strip() == "=":
+            raise InvalidRequest("'=' alone: write key=value without spaces")
+        if "=" in value:
+            keyed = True
+            named.append(value)
+        elif keyed:
+            raise InvalidRequest(f"value {value!r} without a key after a key=value word "
+                                 f"(positional values come first: {' '.join(order)})")
+        elif len(named) == len(order):
+            raise InvalidRequest(f"too many values: {value!r} (netsh's order: "
+                                 f"{' '.join(order)})")
+        else:
+            named.append(f"{order[len(named)]}={value}")
+    return named
+
+
+def _localhost(word: str, listen_v: int, connect_v: int) -> str:
+    """``word`` with the address ``localhost`` resolved as netsh does: the loopback
+    address of the family of its side."""
+    key, _, value = word.partition("=")
+    version = {"listenaddress": listen_v, "connectaddress": connect_v}.get(key.strip().lower())
+    if version is None or value.strip().lower() != "localhost":
+        return word
+    return f"{key}={'127.0.0.1' if version == 4 else '::1'}"
+
+
+def render_show(proxies: Sequence[PortProxy]) -> str:
+    """``proxies`` in the layout of ``netsh interface portproxy show``: one section per
+    type that has any, in netsh's order; a UDP proxy's listen port reads ``N/udp``."""
+    lines: list[str] = []
+    for kind in KINDS:
+        rows = [p for p in proxies if p.kind == kind]
+        if not rows:
+            continue
+        lines += ["", f"{f'Listen on ipv{kind[1]}:':<28}Connect to ipv{kind[-1]}:", "",
+                  f"{'Address':<16}{'Port':<12}{'Address':<16}Port",
+                  f"{'-' * 15} {'-' * 10}  {'-' * 15} {'-' * 10}"]
+        for p in rows:
+            port = f"{p.listen_port}/udp" if p.protocol == "udp" else str(p.listen_port)
+            lines.append(f"{p.listen_address!s:<15} {port:<10}  {p.connect_address!s:<15} "
+                         f"{p.connect_port}")
+    return "".join(f"{line}\n" for line in lines)

@@ -67,8 +67,9 @@ def _systemd_owns(state_dir: str | os.PathLike[str]) -> bool:
 
 
 def start(state_dir: str | os.PathLike[str], host_netns: str | None,
-          timeout: float = START_TIMEOUT) -> Started:
-    """Make sure a daemon serves ``state_dir`` (see the module)."""
+          config: str | None = None, timeout: float = START_TIMEOUT) -> Started:
+    """Make sure a daemon serves ``state_dir`` (see the module); ``config``: the
+    settings file the daemon reads again on SIGHUP."""
     pid = serving(state_dir)
     if pid is not None:
         return Started("running", pid)
@@ -79,13 +80,16 @@ def start(state_dir: str | os.PathLike[str], host_netns: str | None,
             raise DaemonStartError(f"systemctl start {UNIT} failed: "
                                    f"{done.stderr.strip() or done.returncode}")
         return Started("systemd", serving(state_dir))
-    return _spawn(Path(state_dir), host_netns, timeout)
+    return _spawn(Path(state_dir), host_netns, config, timeout)
 
 
-def _spawn(state_dir: Path, host_netns: str | None, timeout: float) -> Started:
+def _spawn(state_dir: Path, host_netns: str | None, config: str | None,
+           timeout: float) -> Started:
     argv = [sys.executable, "-m", "hns.cli", "--state-dir", str(state_dir)]
     if host_netns:
         argv += ["--host-netns", host_netns]
+    if config:
+        argv += ["--config", os.path.abspath(config)]
     log_path = state_dir / LOG_FILE
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([*argv, "daemon"], stdin=subprocess.DEVNULL, stdout=log,

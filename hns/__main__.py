@@ -1,0 +1,5 @@
+"""``python -m hns``: hnsctl."""
+
+from hns.cli import main
+
+raise SystemExit(main())
