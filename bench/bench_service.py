@@ -10,8 +10,9 @@ What it measures, with the daemon of the sandbox running (its keeper healing):
 3. ``vm start`` of a stopped VM through the Python API (``Service.start_vm``), and
    ``vm exec NAME -- true`` through the CLI on a stopped VM against on a running one;
 4. the daemon's CPU (utime + stime of it and of the nft processes it waited for, from
-   /proc/PID/stat) over ``--idle-seconds`` with ``--vms`` VMs, healing included, in %
-   of one core.
+   /proc/PID/stat) over ``--idle-seconds`` (60: one look inside every VM, two full
+   rounds) with ``--vms`` VMs, in % of one core: with healing, and, as the baseline of
+   the same run, the same daemon started again with ``--no-heal``.
 
 Goals (printed with PASS/MISS, not asserted): heal p99 <= 2 s (aim <= 200 ms with
 events), ``vm start`` median <= 150 ms, idle daemon <= 2 % of a core.  The machine is
@@ -69,6 +70,7 @@ class Results:
     exec_running: Series
     idle_percent: float
     idle_vms: int
+    idle_no_heal_percent: float = 0.0
 
 
 def timed_until(action: Callable[[], object], done: Callable[[], bool]) -> float:
@@ -141,22 +143,30 @@ def run(args: argparse.Namespace) -> Results:
             for i in range(1, args.vms):
                 sb.service.create_vm(f"v{i}", NETWORK)
             r.idle_vms = args.vms
-            time.sleep(3)                      # the new VMs' first rounds pass
-            progress(f"idle daemon with {args.vms} VMs for {args.idle_seconds} s")
-            before, t0 = cpu_seconds(daemon.proc.pid), time.monotonic()
-            time.sleep(args.idle_seconds)
-            used = cpu_seconds(daemon.proc.pid) - before
-            r.idle_percent = 100.0 * used / (time.monotonic() - t0)
+            r.idle_percent = idle(daemon.proc.pid, args, "healing")
+            daemon.stop()
+            daemon = start_daemon(sb, "--no-heal")
+            r.idle_no_heal_percent = idle(daemon.proc.pid, args, "no healing")
         finally:
             daemon.stop()
     return r
+
+
+def idle(pid: int, args: argparse.Namespace, what: str) -> float:
+    """The daemon's CPU over ``args.idle_seconds``, in % of a core."""
+    time.sleep(3)                          # the first rounds after a start pass
+    progress(f"idle daemon with {args.vms} VMs, {what}, for {args.idle_seconds} s")
+    before, t0 = cpu_seconds(pid), time.monotonic()
+    time.sleep(args.idle_seconds)
+    return 100.0 * (cpu_seconds(pid) - before) / (time.monotonic() - t0)
 
 
 def report(r: Results, as_json: bool) -> None:
     rows = [r.heal_nft, r.heal_veth, r.start_api, r.exec_stopped, r.exec_running]
     if as_json:
         out: dict[str, Any] = {s.name: s.summary() for s in rows}
-        out["idle"] = {"vms": r.idle_vms, "percent_of_a_core": r.idle_percent}
+        out["idle"] = {"vms": r.idle_vms, "percent_of_a_core": r.idle_percent,
+                       "no_heal_percent_of_a_core": r.idle_no_heal_percent}
         print(json.dumps(out, indent=2))
         return
     print(f"{'series':<28}{'n':>4}{'p50 ms':>10}{'p99 ms':>10}{'min':>9}{'max':>9}")
@@ -166,7 +176,8 @@ def report(r: Results, as_json: bool) -> None:
               f"{m['min_ms']:>9.1f}{m['max_ms']:>9.1f}")
     ratio = statistics.median(r.exec_stopped.ms) / statistics.median(r.exec_running.ms)
     print(f"vm exec on a stopped VM / on a running one (medians): {ratio:.2f}x")
-    print(f"idle daemon, {r.idle_vms} VMs, healing on: {r.idle_percent:.2f} % of a core")
+    print(f"idle daemon, {r.idle_vms} VMs: {r.idle_percent:.2f} % of a core with healing, "
+          f"{r.idle_no_heal_percent:.2f} % without (same run)")
     for name, series in (("heal nft", r.heal_nft), ("heal veth", r.heal_veth)):
         p99 = percentile(series.ms, 0.99) / 1000
         print(f"goal {name} p99 <= {GOAL_HEAL_P99_S:.0f} s: "
@@ -185,7 +196,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--trials", type=positive_int, default=20)
     p.add_argument("--vms", type=positive_int, default=20)
-    p.add_argument("--idle-seconds", type=positive_int, default=10)
+    p.add_argument("--idle-seconds", type=positive_int, default=60)
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
 

@@ -139,10 +139,11 @@ class Daemon:
         self._log.close()
 
 
-def start_daemon(sb: Sandbox) -> Daemon:
-    """The sandbox's daemon, once it answers (RuntimeError, stopped, if it does not)."""
+def start_daemon(sb: Sandbox, *args: str) -> Daemon:
+    """The sandbox's daemon (``hnsctl daemon ARGS``), once it answers (RuntimeError,
+    stopped, if it does not)."""
     log = tempfile.TemporaryFile()  # noqa: SIM115 -- closed by Daemon.stop
-    daemon = Daemon(sb, subprocess.Popen([*sb.hnsctl_argv(), "daemon"],
+    daemon = Daemon(sb, subprocess.Popen([*sb.hnsctl_argv(), "daemon", *args],
                                          stdout=subprocess.DEVNULL, stderr=log), log)
     try:
         daemon.wait(daemon.answering, "the daemon to answer")

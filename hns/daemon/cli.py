@@ -38,7 +38,9 @@ def register(sub: Any, leaf: argparse.ArgumentParser) -> None:
         "words", nargs=argparse.REMAINDER, action=_NetshWords,
         metavar="interface portproxy add|set|delete|show|reset ...")
     sub.add_parser("daemon", parents=[leaf],
-                   help="run the port-forwarding daemon in the foreground")
+                   help="run the port-forwarding daemon in the foreground").add_argument(
+        "--no-heal", action="store_true",
+        help="do not put back what drifted from the state (idle reclaim stays)")
     sub.add_parser("status", parents=[leaf], help="the daemon and its relays")
 
 
@@ -134,7 +136,8 @@ def _daemon(svc: Any, args: argparse.Namespace) -> int:
     from hns.daemon.daemon import Daemon
     if getattr(args, "log_level", None) is None:   # a daemon logs what it does
         logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
-    return Daemon(svc.store, svc.host_netns, config=getattr(args, "config", None)).run()
+    return Daemon(svc.store, svc.host_netns, config=getattr(args, "config", None),
+                  heal=not args.no_heal).run()
 
 
 def _status(svc: Any, args: argparse.Namespace) -> int:
