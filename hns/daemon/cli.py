@@ -162,7 +162,26 @@ def _status(svc: Any, args: argparse.Namespace) -> int:
     _print_forwards(answer.get("Forwards", []))
     _print_mirrored(answer.get("Mirrored", []))
     _print_dns(answer.get("Dns", []))
+    _print_keeper(answer)
     return 0
+
+
+def _print_keeper(answer: dict[str, Any]) -> None:
+    """Healing and idle reclaim in ``hnsctl status``: counts, and the last of each."""
+    healing = answer.get("Healing")
+    if healing is not None:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(healing["ByKind"].items()))
+        state = "on" if healing["Enabled"] else "off"
+        print(f"healing: {state}, {healing['Repairs']} repairs" +
+              (f" ({kinds})" if kinds else ""))
+        if healing["Recent"]:
+            last = healing["Recent"][-1]
+            print(f"  last: {last['Object']}: {last['Why']}")
+        if healing.get("Error"):
+            print(f"  error: {healing['Error']}")
+    reclaimed = answer.get("Reclaimed") or []
+    if reclaimed:
+        print(f"reclaimed idle: {', '.join(r['Vm'] for r in reclaimed)}")
 
 
 def _print_forwards(forwards: Sequence[dict[str, Any]]) -> None:

@@ -120,6 +120,8 @@ def test_a_flushed_ruleset_is_healed_and_outbound_works_again(up: Sandbox) -> No
     assert status(up)["Healing"]["ByKind"].get("nft", 0) >= 1
     recent = status(up)["Healing"]["Recent"]
     assert any(r["Kind"] == "nft" and "was gone" in r["Why"] for r in recent)
+    text = ok(up.hnsctl("status"))
+    assert "healing: on," in text and "nft " in text
     assert vm_json(up)["IpAddress"] == str(vm.ip)
 
 
