@@ -5,9 +5,13 @@ Theory of operation
 :class:`Keeper` is a daemon component with a thread of its own, which holds its own
 :class:`~hns.service.Service` (its own store connection: a repair or a stop takes the
 same locks as the commands and may wait for one; the relays never wait for it).  The
-thread wakes every ``interval`` and at once when rtnetlink reports a link, address or
-route of the host namespace removed (:class:`_Events`, coalesced for ``settle``), and
-then:
+thread wakes every second for the idle VMs; it heals what has no event (the VMs'
+resolv.conf) every ``interval`` (5 s); a full round comes at once when rtnetlink reports
+a link, address or route of the host namespace removed or nftables a change of the
+ruleset (:class:`_Events`, coalesced for ``SETTLE``), when the state changed, and every
+``full_interval`` (60 s, a safety net for a lost event); a round that also looks inside
+every VM (eth0's address and route: its events are in its own namespace) every
+``inside_interval`` (60 s).  A round:
 
 - **heals**: :meth:`Service.heal <hns.service.Service.heal>` compares the kernel with
   the state and repairs what differs; each repair is logged (what, why) and counted;
@@ -42,8 +46,9 @@ __all__ = ["HEAL_INTERVAL", "Keeper", "processes_in"]
 
 log = logging.getLogger("hns.daemon")
 
-HEAL_INTERVAL = 2.0        # s between two looks at what has no event (resolv.conf)
-FULL_INTERVAL = 30.0       # s between two full rounds without an event (a safety net)
+HEAL_INTERVAL = 5.0        # s between two looks at what has no event (resolv.conf)
+FULL_INTERVAL = 60.0       # s between two full rounds without an event (a safety net)
+RECLAIM_INTERVAL = 1.0     # s between two looks at the VMs that have an idle timeout
 INSIDE_INTERVAL = 60.0     # s between two looks inside every VM (eth0: no event here)
 SETTLE = 0.05              # s: netlink events are coalesced this long
 RECENT = 10                # repairs and reclaims kept for the status
@@ -170,7 +175,7 @@ class Keeper:
         self.interval = interval
         self.full_interval = full_interval
         self.inside_interval = inside_interval
-        self._next_full = self._next_inside = 0.0
+        self._next_full = self._next_inside = self._next_quick = 0.0
         self.heal_enabled = heal
         self._connections = connections
         self._on_engine = call_on_engine
@@ -232,7 +237,7 @@ class Keeper:
             return
         try:
             while not self._stop.is_set():
-                woken = self._wake.wait(self.interval)
+                woken = self._wake.wait(min(self.interval, RECLAIM_INTERVAL))
                 if woken:
                     time.sleep(SETTLE)     # a burst of events is one round
                 self._wake.clear()
@@ -254,18 +259,22 @@ class Keeper:
                             ", ".join(restart))
 
     def _round(self, svc: Any, woken: bool) -> None:
-        """A round: full when something was removed (an event, a state change) or
-        ``full_interval`` passed, inside the VMs every ``inside_interval``."""
+        """A round: the idle VMs every time (each second); healing full when something
+        was removed (an event, a state change) or ``full_interval`` passed, inside the
+        VMs every ``inside_interval``, else what has no event every ``interval``."""
         now = time.monotonic()
         inside = now >= self._next_inside
         full = woken or inside or now >= self._next_full
+        quick = full or now >= self._next_quick
+        if quick:
+            self._next_quick = now + self.interval
         if full:
             self._next_full = now + self.full_interval
         if inside:
             self._next_inside = now + self.inside_interval
         try:
             self._apply_settings(svc)
-            if self.heal_enabled:
+            if self.heal_enabled and quick:
                 self._record(svc.heal(full=full, inside=inside))
             self._reclaim(svc)
             self._set_error(None)
