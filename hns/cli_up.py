@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from typing import Any
@@ -39,9 +38,8 @@ def register(sub: Any, leaf: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace, flags: dict[str, Any] | None = None) -> Any:
     """The settings in effect, their notes printed on stderr."""
-    from hns import settings as hs
-    path, explicit = hs.resolve_path(args.config, os.environ)
-    found = hs.load(path, explicit=explicit, flags=flags or {})
+    from hns.config_apply import read
+    found = read(args.config, flags)
     for note in found.notes:
         print(f"{PROG}: note: {note}", file=sys.stderr)
     return found

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +28,11 @@ __all__ = ["APPLIED_FILE", "applied", "network_options", "read", "record", "relo
 APPLIED_FILE = "settings.applied.json"
 
 
-def read(path_option: str | None) -> hs.Settings:
-    """The settings of ``--config`` / ``HNS_CONFIG`` / the default file."""
+def read(path_option: str | None, flags: Mapping[str, object] | None = None) -> hs.Settings:
+    """The settings of ``--config`` / ``HNS_CONFIG`` / the default file, ``flags`` over
+    them."""
     path, explicit = hs.resolve_path(path_option, os.environ)
-    return hs.load(path, explicit=explicit)
+    return hs.load(path, explicit=explicit, flags=flags or {})
 
 
 def network_options(s: hs.Settings) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from hns.kernel_api import EndpointSpec
 from hns.model import Network, Vm, resolver
 from hns.naming import instance_alias_prefix
 
@@ -160,7 +161,6 @@ class Reconciler:
                 svc.teardown_vm(vm)
                 svc.apply_vm(vm, net)
             elif kind == "veth":
-                from hns.kernel_api import EndpointSpec
                 svc.kernel.add_endpoint(EndpointSpec(
                     host_ifname=vm.host_ifname, netns=vm.netns, mac=vm.mac, mtu=vm.mtu,
                     bridge=net.bridge, alias=svc.alias(vm.id)))

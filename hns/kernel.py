@@ -303,22 +303,11 @@ def netns_tag(netns: str) -> str | None:
 
 def kill_netns_processes(netns: str) -> int:
     """SIGKILL every process inside the namespace (the VM is powered off); their count."""
-    try:
-        st = os.stat(netns_path(netns))
-    except FileNotFoundError:
-        return 0
-    target = (st.st_dev, st.st_ino)
     killed = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            ns = os.stat(f"/proc/{pid}/ns/net")
-            if (ns.st_dev, ns.st_ino) == target:
-                os.kill(int(pid), signal.SIGKILL)
-                killed += 1
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
+    for pid in _ns.netns_pids([netns]).get(netns, []):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
     return killed
 
 

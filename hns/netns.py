@@ -14,12 +14,13 @@ every mount namespace (``ip netns exec`` relies on it).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -95,6 +96,30 @@ def netns_inode(name: str | None) -> tuple[int, int]:
     """(st_dev, st_ino) of a named namespace, or of this process's when ``name`` is None."""
     st = os.stat(netns_path(name) if name else "/proc/self/ns/net")
     return st.st_dev, st.st_ino
+
+
+def netns_pids(names: Iterable[str]) -> dict[str, list[int]]:
+    """The processes (thread group leaders, as /proc lists them) inside each named
+    namespace, found in one pass over /proc; a namespace that does not exist is left
+    out."""
+    wanted: dict[tuple[int, int], str] = {}
+    for name in names:
+        with contextlib.suppress(OSError):
+            st = os.stat(netns_path(name))
+            wanted[(st.st_dev, st.st_ino)] = name
+    found: dict[str, list[int]] = {name: [] for name in wanted.values()}
+    if not wanted:
+        return found
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                st = os.stat(f"/proc/{entry}/ns/net")
+            except OSError:
+                continue
+            holder = wanted.get((st.st_dev, st.st_ino))
+            if holder is not None:
+                found[holder].append(int(entry))
+    return found
 
 
 def list_netns() -> list[str]:

@@ -85,9 +85,9 @@ class DaemonLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-                if text.isascii() and text.isdigit():
-                    return int(text)
+                pid = _pid_in(fd)
+                if pid:
+                    return pid
                 if attempt + 1 < tries:
                     time.sleep(0.01)
                 continue
@@ -97,12 +97,35 @@ class DaemonLock:
             return None
         return None
 
+    def holder(self) -> int | None:
+        """The pid in the file while another holds the lock (0: not written yet), None
+        while nobody holds it."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return _pid_in(fd)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, 0)
             os.close(self._fd)     # closing the last fd of the file drops the flock
             self._fd = -1
+
+
+def _pid_in(fd: int) -> int:
+    """The pid the lock's holder wrote into the file (0: none yet)."""
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return int(text) if text.isascii() and text.isdigit() else 0
 
 
 def sd_notify(message: str) -> None:

@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import logging
-import os
 import select
 import socket
 import struct
@@ -40,7 +38,7 @@ from typing import Any
 
 from hns.errors import HnsError
 from hns.heal import Repair
-from hns.netns import netns_path
+from hns.netns import netns_pids
 
 __all__ = ["HEAL_INTERVAL", "Keeper", "processes_in"]
 
@@ -63,24 +61,7 @@ NFNLGRP_NFTABLES = 7       # every change of the ruleset (ours too: a round find
 
 def processes_in(namespaces: Iterable[str]) -> dict[str, int]:
     """How many processes (thread group leaders) run inside each named namespace."""
-    wanted: dict[tuple[int, int], str] = {}
-    for name in namespaces:
-        with contextlib.suppress(OSError):
-            st = os.stat(netns_path(name))
-            wanted[(st.st_dev, st.st_ino)] = name
-    counts = dict.fromkeys(wanted.values(), 0)
-    if not wanted:
-        return counts
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                st = os.stat(f"/proc/{pid}/ns/net")
-            except OSError:
-                continue
-            found = wanted.get((st.st_dev, st.st_ino))
-            if found is not None:
-                counts[found] += 1
-    return counts
+    return {name: len(pids) for name, pids in netns_pids(namespaces).items()}
 
 
 def _subscribe(protocol: int, groups: int) -> socket.socket | None:
@@ -187,6 +168,7 @@ class Keeper:
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
         self._reclaimed: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
         self._last_busy: dict[str, float] = {}
+        self._rounds = 0                  # healing rounds done (quick or full)
         self._error: str | None = None
         self._thread: threading.Thread | None = None
         self._events: _Events | None = None
@@ -212,6 +194,7 @@ class Keeper:
     def status(self) -> dict[str, Any]:
         with self._lock:
             return {"Healing": {"Enabled": self.heal_enabled,
+                                "Rounds": self._rounds,
                                 "Repairs": sum(self._counts.values()),
                                 "ByKind": dict(self._counts),
                                 "Recent": list(self._recent),
@@ -276,6 +259,8 @@ class Keeper:
             self._apply_settings(svc)
             if self.heal_enabled and quick:
                 self._record(svc.heal(full=full, inside=inside))
+                with self._lock:
+                    self._rounds += 1
             self._reclaim(svc)
             self._set_error(None)
         except (HnsError, OSError) as exc:

@@ -11,7 +11,6 @@ stdout and stderr appended to ``<state-dir>/daemon.log``) and waited for until i
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import shutil
 import signal
@@ -128,22 +127,8 @@ def _forget(state_dir: Path, pid: int) -> None:
 
 
 def _lock_holder(state_dir: Path) -> int | None:
-    """The pid in ``daemon.lock`` while the lock is held, else None."""
-    from hns.daemon.daemon import LOCK_FILE
-    try:
-        fd = os.open(state_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            return int(text) if text.isdigit() else 0
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    from hns.daemon.daemon import DaemonLock
+    return DaemonLock(state_dir).holder()
 
 
 def stop_spawned(state_dir: str | os.PathLike[str], timeout: float = STOP_TIMEOUT
