@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from portproxy import dnsmsg
 from portproxy._dnstcp import TcpClient, TcpUpstream
-from portproxy.dnsmsg import MessageError
+from portproxy.dnsmsg import MessageError, Rcode
 from portproxy.dnsstate import (
     DEFAULT_MAX_PENDING,
     DEFAULT_TIMEOUT,
@@ -55,6 +55,7 @@ from portproxy.dnsstate import (
     Upstream,
     source_key,
 )
+from portproxy.histogram import Histogram
 from portproxy.sockets import listen
 
 if TYPE_CHECKING:
@@ -90,6 +91,9 @@ class Listener:
     failures: int = 0       # answered SERVFAIL by the proxy (no upstream answered)
     malformed: int = 0      # refused (FORMERR, NOTIMP) or dropped
     ignored: int = 0        # not from the network's VMs: dropped or reset, unanswered
+    answers: int = 0        # replies to queries (forwarded answers and the proxy's own)
+    servfail: int = 0       # of them SERVFAIL, the proxy's own or an upstream's
+    latency: Histogram = field(default_factory=Histogram)   # query to reply, seconds
     closed: bool = False
     clients: set[TcpClient] = field(default_factory=set)
 
@@ -293,6 +297,11 @@ class DnsServer:
         assert isinstance(listener, Listener)
         if action.failed:
             listener.failures += 1
+        if action.started is not None:
+            listener.answers += 1
+            listener.latency.observe(self.engine.now() - action.started)
+            if len(action.data) > 3 and action.data[3] & 0x0F == Rcode.SERVFAIL:
+                listener.servfail += 1
         if isinstance(client, TcpClient):
             client.send(action.data)
             return

@@ -60,12 +60,17 @@ class RelayInfo:
     refused: int = 0
     idle_closed: int = 0
     loops: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    timeouts: int = 0
+    unreachable: int = 0
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, not {self.protocol!r}")
         for counter in ("connections", "accepted", "errors", "resets", "max_connections",
-                        "idle_timeout", "refused", "idle_closed", "loops"):
+                        "idle_timeout", "refused", "idle_closed", "loops", "bytes_up",
+                        "bytes_down", "timeouts", "unreachable"):
             if getattr(self, counter) < 0:
                 raise ValueError(f"{counter} must not be negative")
 
@@ -87,6 +92,10 @@ class Relay:
         self.refused = 0
         self.idle_closed = 0
         self.loops = 0
+        self.bytes_up = 0              # of ended connections (TCP) or every datagram (UDP)
+        self.bytes_down = 0
+        self.timeouts = 0
+        self.unreachable = 0
 
     def live(self) -> int:
         """Live connections or flows."""
@@ -100,10 +109,16 @@ class Relay:
         """Close the listening socket and everything relayed (engine thread)."""
         raise NotImplementedError
 
+    def moved(self) -> tuple[int, int]:
+        """Bytes moved up and down so far, live connections included."""
+        return self.bytes_up, self.bytes_down
+
     def info(self) -> RelayInfo:
+        up, down = self.moved()
         return RelayInfo(self.name, self.protocol, self.listen, self.connect, self.live(),
                          self.accepted, self.errors, self.resets, self.max_connections,
-                         self.idle_timeout, self.refused, self.idle_closed, self.loops)
+                         self.idle_timeout, self.refused, self.idle_closed, self.loops,
+                         up, down, self.timeouts, self.unreachable)
 
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self.name!r} {self.listen[0]}:{self.listen[1]} -> "

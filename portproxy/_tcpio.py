@@ -151,6 +151,17 @@ class TcpRelay(Relay):
     def live(self) -> int:
         return len(self.conns)
 
+    def moved(self) -> tuple[int, int]:
+        # the halves count what they wrote; an ended connection's counts were added at
+        # its end, so counting costs nothing per byte
+        with self._lock:
+            up, down = self.bytes_up, self.bytes_down
+            conns = list(self.conns)
+        for conn in conns:
+            up += conn.state.up.total
+            down += conn.state.down.total
+        return up, down
+
     def start(self) -> None:
         self.listener.setblocking(False)
         if not self.listener.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
@@ -290,10 +301,16 @@ class TcpRelay(Relay):
     def finished(self, conn: Connection, outcome: Outcome, err: int) -> None:
         with self._lock:
             self.conns.discard(conn)
+            self.bytes_up += conn.state.up.total
+            self.bytes_down += conn.state.down.total
             if self._closing:
                 return
             if outcome.is_error:
                 self.errors += 1
+                if outcome is Outcome.TIMEOUT:
+                    self.timeouts += 1
+                elif outcome is Outcome.REFUSED:
+                    self.unreachable += 1
             elif outcome is Outcome.RESET:
                 self.resets += 1
             elif outcome is Outcome.IDLE:

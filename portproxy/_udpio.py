@@ -109,8 +109,8 @@ class UdpRelay(Relay):
             if actions:
                 self._apply(actions, local)
             target = flow.handle
-            if isinstance(target, socket.socket):
-                self._send(target.send, self._view[:n])
+            if isinstance(target, socket.socket) and self._send(target.send, self._view[:n]):
+                self.bytes_up += n
             if self._sweep is None:
                 self._schedule_sweep()
 
@@ -126,12 +126,14 @@ class UdpRelay(Relay):
                 return n, client, data[:16]           # in6_pktinfo.ipi6_addr
         return n, client, None
 
-    def _send(self, send: Callable[..., int], data: object, *args: Any) -> None:
+    def _send(self, send: Callable[..., int], data: object, *args: Any) -> bool:
         try:
             send(data, *args)
         except OSError as exc:     # a full buffer drops; ECONNREFUSED reports an old ICMP
             log.debug("%s: send: %s", self.name, exc)
             self.errors += 1
+            return False
+        return True
 
     # -- flows -------------------------------------------------------------------------
 
@@ -163,7 +165,7 @@ class UdpRelay(Relay):
             self.loop.remove(target.fileno())
             target.close()
 
-    def _reply_function(self, client: Any, local: bytes | None) -> Callable[[memoryview], None]:
+    def _reply_function(self, client: Any, local: bytes | None) -> Callable[[memoryview], bool]:
         sock = self.sock
         if local is None:
             return lambda data: self._send(sock.sendto, data, client)
@@ -176,7 +178,7 @@ class UdpRelay(Relay):
     # -- target -> client --------------------------------------------------------------
 
     def _on_reply(self, flow: Flow, target: socket.socket,
-                  reply: Callable[[memoryview], None]) -> None:
+                  reply: Callable[[memoryview], bool]) -> None:
         for _ in range(BATCH):
             try:
                 n = target.recv_into(self._buf)
@@ -188,7 +190,8 @@ class UdpRelay(Relay):
                 continue
             if not self.table.from_target(flow, self.loop.now()):
                 return
-            reply(self._view[:n])
+            if reply(self._view[:n]):
+                self.bytes_down += n
 
     def _schedule_sweep(self) -> None:
         expiry = self.table.next_expiry()

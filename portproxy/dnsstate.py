@@ -42,7 +42,7 @@ import ipaddress
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 
 from portproxy import dnsmsg
@@ -186,6 +186,8 @@ class Reply:
     client: object
     data: bytes
     failed: bool        # the proxy answered SERVFAIL itself: no upstream answered
+    # when the query came (None: not a forwarded query); not part of what a reply is
+    started: float | None = field(default=None, compare=False)
 
 
 Action = SendUdp | SendTcp | Close | Reply
@@ -202,6 +204,7 @@ class _Pending:
     via_tcp: bool = False
     deadline: float = 0.0
     last_answer: bytes | None = None
+    started: float = 0.0
 
 
 class Forwarding:
@@ -233,8 +236,8 @@ class Forwarding:
               tcp: bool = False) -> list[Action]:
         """Forward ``query`` (``data``, as the client sent it) for ``client``."""
         if not self.upstreams or len(self._pending) >= self.max_pending:
-            return [Reply(client, dnsmsg.servfail(query), True)]
-        entry = _Pending(client, query, data, tcp, self._order())
+            return [Reply(client, dnsmsg.servfail(query), True, now)]
+        entry = _Pending(client, query, data, tcp, self._order(), started=now)
         return self._send(entry, now)
 
     def answer(self, key: int, data: bytes, source: tuple[str, int],
@@ -312,8 +315,8 @@ class Forwarding:
         if entry.upstreams:
             return self._send(entry, now)
         if entry.last_answer is not None:
-            return [Reply(entry.client, entry.last_answer, False)]
-        return [Reply(entry.client, dnsmsg.servfail(entry.query), True)]
+            return [Reply(entry.client, entry.last_answer, False, entry.started)]
+        return [Reply(entry.client, dnsmsg.servfail(entry.query), True, entry.started)]
 
     def _drop(self, reason: str) -> list[Action]:
         self.dropped += 1
@@ -332,7 +335,7 @@ class Forwarding:
             entry.last_answer = reply
             return done + self._next(entry, now)
         self._good = entry.upstreams[0]
-        return [*done, Reply(entry.client, reply, False)]
+        return [*done, Reply(entry.client, reply, False, entry.started)]
 
 
 def _mismatch(data: bytes, id: int, question: Question) -> str | None:

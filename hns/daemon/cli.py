@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from hns.errors import InvalidRequest
-from hns.output import print_table
+from hns.output import human_bytes, print_table
 
 __all__ = ["HANDLERS", "register"]
 
@@ -37,10 +37,13 @@ def register(sub: Any, leaf: argparse.ArgumentParser) -> None:
                    help="'netsh interface portproxy ...' as pasted from Windows").add_argument(
         "words", nargs=argparse.REMAINDER, action=_NetshWords,
         metavar="interface portproxy add|set|delete|show|reset ...")
-    sub.add_parser("daemon", parents=[leaf],
-                   help="run the port-forwarding daemon in the foreground").add_argument(
-        "--no-heal", action="store_true",
-        help="do not put back what drifted from the state (idle reclaim stays)")
+    d = sub.add_parser("daemon", parents=[leaf],
+                       help="run the port-forwarding daemon in the foreground")
+    d.add_argument("--no-heal", action="store_true",
+                   help="do not put back what drifted from the state (idle reclaim stays)")
+    d.add_argument("--metrics", default=None, metavar="[ADDR:]PORT",
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics in the host "
+                        "namespace (ADDR defaults to 127.0.0.1; off unless asked)")
     sub.add_parser("status", parents=[leaf], help="the daemon and its relays")
 
 
@@ -134,10 +137,12 @@ def _portproxy(svc: Any, args: argparse.Namespace) -> int:
 
 def _daemon(svc: Any, args: argparse.Namespace) -> int:
     from hns.daemon.daemon import Daemon
+    from hns.daemon.metrics import parse_address
+    metrics = parse_address(args.metrics) if args.metrics is not None else None
     if getattr(args, "log_level", None) is None:   # a daemon logs what it does
         logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
     return Daemon(svc.store, svc.host_netns, config=getattr(args, "config", None),
-                  heal=not args.no_heal).run()
+                  heal=not args.no_heal, metrics=metrics).run()
 
 
 def _status(svc: Any, args: argparse.Namespace) -> int:
@@ -153,10 +158,10 @@ def _status(svc: Any, args: argparse.Namespace) -> int:
         print(f"daemon: running (pid {answer.get('Pid')})")
     else:
         print("daemon: not running")
-    header = ("RELAY", "LISTEN", "CONNECT", "STATE", "CONNECTIONS")
+    header = ("RELAY", "LISTEN", "CONNECT", "STATE", "CONNECTIONS", "BYTES UP/DOWN")
     rows = [(r["Name"], r["Listen"], r["Connect"], r["State"],
              f"{r['Connections']}/{r['MaxConnections']}" if r.get("MaxConnections")
-             else str(r["Connections"])) for r in answer.get("Relays", [])]
+             else str(r["Connections"]), _moved(r)) for r in answer.get("Relays", [])]
     if rows:
         print_table(rows, header)
     _print_forwards(answer.get("Forwards", []))
@@ -188,9 +193,9 @@ def _print_forwards(forwards: Sequence[dict[str, Any]]) -> None:
     """The localhost forwards of ``hnsctl status``: one line per VM port."""
     if not forwards:
         return
-    header = ("VM", "PROTOCOL", "LISTEN", "STATE", "CONNECTIONS")
-    rows = [(f["Vm"], f["Protocol"], f["Listen"], f["State"], str(f.get("Connections", 0)))
-            for f in forwards]
+    header = ("VM", "PROTOCOL", "LISTEN", "STATE", "CONNECTIONS", "BYTES UP/DOWN")
+    rows = [(f["Vm"], f["Protocol"], f["Listen"], f["State"], str(f.get("Connections", 0)),
+             _moved(f)) for f in forwards]
     print("localhost forwarding:")
     print_table(rows, header)
 
@@ -199,10 +204,10 @@ def _print_mirrored(entries: Sequence[dict[str, Any]]) -> None:
     """The ports of mirrored VMs in ``hnsctl status``: one line per VM port and direction."""
     if not entries:
         return
-    header = ("VM", "PROTOCOL", "PORT", "DIRECTION", "STATE", "CONNECTIONS")
+    header = ("VM", "PROTOCOL", "PORT", "DIRECTION", "STATE", "CONNECTIONS", "BYTES UP/DOWN")
     rows = [(e["Vm"], f"{e['Protocol']}/{e['Family']}", str(e["Port"]),
              e["Direction"] + (" (and host address)" if e.get("Inbound") else ""), e["State"],
-             str(e.get("Connections", 0))) for e in entries]
+             str(e.get("Connections", 0)), _moved(e)) for e in entries]
     print("mirrored networks:")
     print_table(rows, header)
 
@@ -211,11 +216,18 @@ def _print_dns(entries: Sequence[dict[str, Any]]) -> None:
     """The DNS proxy of ``hnsctl status``: one line per NAT network."""
     if not entries:
         return
-    header = ("NETWORK", "LISTEN", "UPSTREAMS", "STATE", "QUERIES", "FAILURES")
+    header = ("NETWORK", "LISTEN", "UPSTREAMS", "STATE", "QUERIES", "ANSWERS", "SERVFAIL",
+              "FAILURES")
     rows = [(e["Network"], e["Listen"], ",".join(e["Upstreams"]) or "-", e["State"],
-             str(e["Queries"]), str(e["Failures"])) for e in entries]
+             str(e["Queries"]), str(e.get("Answers", 0)), str(e.get("Servfail", 0)),
+             str(e["Failures"])) for e in entries]
     print("dns proxy:")
     print_table(rows, header)
+
+
+def _moved(row: dict[str, Any]) -> str:
+    """A relay's bytes each way, as a person reads them: ``1.2M/35K``."""
+    return f"{human_bytes(row.get('BytesUp', 0))}/{human_bytes(row.get('BytesDown', 0))}"
 
 
 HANDLERS: dict[str, Callable[[Any, argparse.Namespace], int]] = {

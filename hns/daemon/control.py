@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from hns.daemon.counters import relay_counters
 from hns.daemon.netsh import PortProxy
 from portproxy.addresses import endpoint
 
@@ -67,13 +68,9 @@ def relay_status(proxy: PortProxy, info: Any, error: str | None) -> dict[str, An
         "Listen": endpoint(str(proxy.listen_address), proxy.listen_port),
         "Connect": endpoint(str(proxy.connect_address), proxy.connect_port),
         "State": _state(info, error),
-        "Connections": count("connections"),
         "MaxConnections": info.max_connections if info is not None else proxy.max_connections,
         "IdleTimeout": info.idle_timeout if info is not None else float(proxy.idle_timeout),
-        "Accepted": count("accepted"),
-        "Errors": count("errors"),
-        "Refused": count("refused"),
-        "IdleClosed": count("idle_closed"),
+        **relay_counters(info),
         "Loops": count("loops"),
     }
 

@@ -32,6 +32,7 @@ from hns.daemon.control import control_path
 from hns.daemon.dns import DnsProxy
 from hns.daemon.forwarder import Forwarder
 from hns.daemon.keeper import HEAL_INTERVAL, Keeper
+from hns.daemon.metrics import MetricsServer
 from hns.daemon.mirror import Mirror
 from hns.daemon.netsh import DEFAULT_MAX_CONNECTIONS
 from hns.daemon.proxies import StaticProxies
@@ -45,6 +46,7 @@ __all__ = ["LOCK_FILE", "AlreadyRunning", "Component", "Daemon", "DaemonLock", "
 log = logging.getLogger("hns.daemon")
 
 MAX_REQUEST = 64 * 1024
+SNAPSHOT_TIMEOUT = 5.0       # s: a scrape waits this long for the engine thread
 LOCK_FILE = "daemon.lock"
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -155,9 +157,10 @@ class Daemon:
 
     def __init__(self, store: Store, host_netns: str | None, *, retry_interval: float = 2.0,
                  poll_interval: float = 1.0, heal: bool = True,
-                 heal_interval: float = HEAL_INTERVAL, config: str | None = None) -> None:
+                 heal_interval: float = HEAL_INTERVAL, config: str | None = None,
+                 metrics: tuple[str, int] | None = None) -> None:
         """``config``: the settings file a SIGHUP reads again (None: ``HNS_CONFIG`` or
-        the default path)."""
+        the default path); ``metrics``: where to serve Prometheus metrics (None: not)."""
         self.store = store
         self.host_netns = host_netns
         self.retry_interval = retry_interval
@@ -179,6 +182,9 @@ class Daemon:
         self._version = -1
         self._control: socket.socket | None = None
         self._lock = DaemonLock(store.state_dir)
+        self.metrics: MetricsServer | None = None
+        if metrics is not None:
+            self.metrics = MetricsServer(metrics, self.snapshot)
 
     # lifecycle
 
@@ -194,6 +200,11 @@ class Daemon:
                                        "threads")
                 enter_netns(self.host_netns)
             self._open_control()
+            try:
+                self._open_metrics()
+            except BaseException:
+                self._close_control()
+                raise
             self._serve()
         finally:
             for sig, handler in previous.items():
@@ -213,6 +224,8 @@ class Daemon:
             for component in self.components:
                 component.close()
             self._close_control()
+            if self.metrics is not None:
+                self.metrics.close()
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if signum == signal.SIGHUP:   # the loop may be mid-reconcile: reload from it
@@ -329,6 +342,35 @@ class Daemon:
         for component in self.components:
             answer.update(component.status())
         return answer
+
+    def snapshot(self, timeout: float = SNAPSHOT_TIMEOUT) -> dict[str, Any]:
+        """``status`` from any thread: taken on the engine thread, where the counters
+        live.  TimeoutError when the engine does not get to it in time."""
+        done = threading.Event()
+        result: dict[str, Any] = {}
+
+        def take() -> None:
+            try:
+                result.update(self.status())
+            finally:
+                done.set()
+
+        self.engine.call_soon_threadsafe(take)
+        if not done.wait(timeout):
+            raise TimeoutError("the daemon's engine did not answer for a status snapshot")
+        return result
+
+    def _open_metrics(self) -> None:
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.start()
+        except OSError as exc:
+            host, port = self.metrics.address
+            raise HnsError(f"metrics: cannot listen on {host}:{port}: "
+                           f"{exc.strerror or exc}") from None
+        log.info("metrics on http://%s:%d/metrics", self.metrics.address[0],
+                 self.metrics.port)
 
     def vm_connections(self) -> dict[str, int]:
         """Connections the daemon's relays hold to each VM (engine thread): localhost

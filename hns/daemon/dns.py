@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hns.daemon.binding import Bound, Retrying
+from hns.daemon.counters import dns_counters
 from hns.model import Network
 from hns.resolv import host_resolv_path
 from hns.store import Store
@@ -173,10 +174,7 @@ class DnsProxy:
             "Listen": f"{served.network.gateway}:{listener.port if listener else self.port}",
             "Upstreams": upstreams,
             "State": state,
-            "Queries": listener.queries if listener else 0,
-            "Failures": listener.failures if listener else 0,
-            "Malformed": listener.malformed if listener else 0,
-            "Ignored": listener.ignored if listener else 0,
+            **dns_counters(listener),
         }
 
     def _start(self, key: str) -> None:

@@ -46,6 +46,7 @@ from typing import Any
 
 from hns.daemon.binding import Bound, Retrying, strerror
 from hns.daemon.config import ProxyConfig
+from hns.daemon.counters import relay_counters
 from hns.daemon.forward_plan import (
     Claims,
     ForwardKey,
@@ -277,4 +278,4 @@ class Forwarder:
             state = forward.error or "pending"
         return {"Vm": vm, "Protocol": key.protocol, "Family": f"ipv{key.family}",
                 "Port": key.port, "Listen": key.endpoint(), "Connect": key.endpoint(),
-                "State": state, "Connections": info.connections if info is not None else 0}
+                "State": state, **relay_counters(info)}

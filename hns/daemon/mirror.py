@@ -53,6 +53,7 @@ from collections.abc import Callable
 from typing import Any
 
 from hns.daemon.binding import Retrying
+from hns.daemon.counters import relay_counters
 from hns.daemon.forward_plan import Claims, ForwardKey
 from hns.daemon.forwarder import FULL_INTERVAL, POLL_INTERVAL, POLL_PER_VM
 from hns.daemon.mirror_parts import Listener, Watch, listen_error
@@ -464,10 +465,10 @@ class Mirror:
             state = listener.error or "pending"
         owner = self._plan.owners.get(key)
         inbound = not to_host and owner is not None and owner[0] == vm and owner[1].inbound
-        connections = 0
+        info = None
         if listener is not None and listener.relay is not None:
             with contextlib.suppress(Exception):
-                connections = listener.relay.info().connections
+                info = listener.relay.info()
         return {"Vm": vm, "Protocol": key.protocol, "Family": f"ipv{key.family}",
                 "Port": key.port, "Direction": "to host" if to_host else "to vm",
-                "Inbound": inbound, "State": state, "Connections": connections}
+                "Inbound": inbound, "State": state, **relay_counters(info)}

@@ -127,8 +127,8 @@ class DaemonProc:
         self.sandbox = sandbox
         self.proc: subprocess.Popen[str] | None = None
 
-    def start(self) -> None:
-        self.proc = subprocess.Popen([*self.sandbox.hnsctl_argv(), "daemon"],
+    def start(self, *extra: str) -> None:
+        self.proc = subprocess.Popen([*self.sandbox.hnsctl_argv(), "daemon", *extra],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         def answering() -> bool:
             assert self.proc is not None

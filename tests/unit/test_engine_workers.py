@@ -157,8 +157,9 @@ def test_bulky_connections_spread_over_the_loops_and_carry_every_byte(
         for sock in socks:
             sock.close()
     wait_for(lambda: info(running.engine).connections == 0, "the connections to end")
+    each = 6 * (1 + len(BULK) + 100_000)        # every byte counted, wherever it moved
     assert info(running.engine) == RelayInfo("echo", "tcp", (LO, port), echo_server, 0, 6,
-                                             0, 0)
+                                             0, 0, bytes_up=each, bytes_down=each)
     assert [running.engine.load(loop) for loop in running.engine.loops] == [0, 0]
 
 

@@ -215,7 +215,8 @@ def test_echo_and_a_large_transfer_both_ways(
             got = exchange(client, payload)
         assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
         wait_for(lambda: info(eng).connections == 0, "the connection to end")
-        assert info(eng) == RelayInfo("echo", "tcp", (LO, port), server.address, 0, 1, 0, 0)
+        assert info(eng) == RelayInfo("echo", "tcp", (LO, port), server.address, 0, 1, 0, 0,
+                                      bytes_up=len(payload), bytes_down=len(payload))
         eng.stop()
         thread.join(10)
 
