@@ -20,7 +20,7 @@ from hns.failpoint import failpoint
 from hns.model import HostPort, PortMapping, Protocol, parse_name
 from hns.store import MappedPort, Store
 from nat.errors import NatError
-from nat.ruleset import port_map_elements
+from nat.ruleset import PM_COUNT, count_set, port_map_elements
 from nat.transaction import Transaction
 
 if TYPE_CHECKING:
@@ -76,6 +76,9 @@ class PortMappings:
                 change = Transaction()
                 for name, elements in port_map_elements(specs).items():
                     change.add_elements("inet", self.nat.name, name, elements)
+                if specs:      # kept after a delete: another mapping may count there
+                    change.add_elements("inet", self.nat.name, PM_COUNT,
+                                        count_set(specs).elements)
                 self.nat.apply_or_render(change)
                 failpoint("portmap-add:after-nft")
                 with self.store.write() as tx:

@@ -63,7 +63,7 @@ class _Table:
             c = s.container
             items = tuple(s.elements.values())
             return Map(c.name, c.key, c.value, items) if isinstance(c, Map) else Set(
-                c.name, c.key, items)
+                c.name, c.key, items, counter=c.counter)
         sets = [filled(s) for s in self.sets.values()]
         return Table(self.family, self.name,
                      tuple(Chain(c.chain.name, tuple(c.rules), c.chain.type, c.chain.hook,

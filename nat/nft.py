@@ -13,6 +13,7 @@ applies transactions to an in-memory ruleset.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from nat.errors import ErrorFactory, NatError
 from nat.fake import FakeNft
 from nat.transaction import Transaction
 
-__all__ = ["FakeNft", "Nft", "NftRunner", "Runner", "run"]
+__all__ = ["FakeNft", "Nft", "NftRunner", "Runner", "parse_set_counters", "run"]
 
 NETNS_DIR = "/run/netns"
 
@@ -111,6 +112,18 @@ class Nft:
         return [line.removeprefix("table ").strip() for line in out.splitlines()
                 if line.startswith("table ")]
 
+    def set_counters(self, family: str, table: str, name: str
+                     ) -> dict[tuple[str, ...], tuple[int, int]] | None:
+        """The counters of a set's elements (key -> packets, bytes); None if there is no
+        such set or table."""
+        args = ["-j", "list", "set", family, table, name]
+        result = self._result(args)
+        if result.returncode == 0:
+            return parse_set_counters(result.stdout)
+        if _classify(result.stderr) == errno.ENOENT:
+            return None
+        raise self._failure(args, result)
+
     def list_table(self, family: str, name: str) -> str | None:
         """The table's text, None if there is no such table."""
         args = ["list", "table", family, name]
@@ -120,3 +133,20 @@ class Nft:
         if _classify(result.stderr) == errno.ENOENT:
             return None
         raise self._failure(args, result)
+
+
+def parse_set_counters(listing: str) -> dict[tuple[str, ...], tuple[int, int]]:
+    """Element key -> (packets, bytes) of ``nft -j list set`` output (pure): keys as nft
+    writes them, each atom a string (``("172.16.0.2", "tcp", "80")``)."""
+    counters: dict[tuple[str, ...], tuple[int, int]] = {}
+    for item in json.loads(listing).get("nftables", []):
+        for elem in item.get("set", {}).get("elem", []):
+            body = elem.get("elem") if isinstance(elem, dict) else None
+            if not isinstance(body, dict) or not isinstance(body.get("counter"), dict):
+                continue
+            value = body.get("val")
+            atoms = value.get("concat", []) if isinstance(value, dict) else [value]
+            counter = body["counter"]
+            counters[tuple(str(a) for a in atoms)] = (int(counter.get("packets", 0)),
+                                                    int(counter.get("bytes", 0)))
+    return counters

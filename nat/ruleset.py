@@ -35,6 +35,9 @@ __all__ = [
     "PortMapSpec",
     "Set",
     "Table",
+    "count_chains",
+    "count_key",
+    "count_set",
     "hairpin_rule",
     "isolation_chain",
     "isolation_rules",
@@ -210,6 +213,7 @@ class Set:
     name: str
     key: tuple[str, ...]
     elements: tuple[Element, ...] = ()
+    counter: bool = False        # every element counts the packets and bytes it matched
 
     def __post_init__(self) -> None:
         _ident(self.name)
@@ -229,7 +233,8 @@ class Set:
                                                    key=lambda e: e.sort_key)))
 
     def render(self) -> str:
-        return "\n".join([f"\tset {self.name} {{", f"\t\ttype {self.type_text}",
+        counter = ["\t\tcounter"] if self.counter else []
+        return "\n".join([f"\tset {self.name} {{", f"\t\ttype {self.type_text}", *counter,
                           *_render_elements(self.elements), "\t}"])
 
 
@@ -351,6 +356,12 @@ class PortMapSpec:
 
 PM_ANY = "pm_any"
 PM_ADDR = "pm_addr"
+PM_COUNT = "pm_count"
+COUNT_PRIORITY = "filter - 20"
+COUNT_RULES = (
+    f"ct status dnat ct direction original ip daddr . meta l4proto . th dport @{PM_COUNT}",
+    f"ct status dnat ct direction reply ip saddr . meta l4proto . th sport @{PM_COUNT}",
+)
 _NOT_LOOPBACK = "ip daddr != 127.0.0.0/8 fib daddr type local"
 DNAT_RULES = (
     f"{_NOT_LOOPBACK} dnat ip to ip daddr . meta l4proto . th dport map @{PM_ADDR}",
@@ -374,6 +385,27 @@ def port_maps(mappings: Iterable[PortMapSpec]) -> tuple[Map, Map]:
     service = ("ipv4_addr", "inet_service")
     return (Map(PM_ANY, ("inet_proto", "inet_service"), service, any_),
             Map(PM_ADDR, ("ipv4_addr", "inet_proto", "inet_service"), service, addr))
+
+
+def count_key(target: IPv4Address | str, protocol: str, port: int | str) -> Element:
+    """The counting set's element of a mapping's target (what the counter is read by)."""
+    return Element((str(target), protocol, str(port)))
+
+
+def count_set(mappings: Iterable[PortMapSpec]) -> Set:
+    """The set that counts the mapped connections' packets, one element per target
+    (VM address, protocol, VM port): mappings to one VM port share it."""
+    keys = {count_key(m.target, PROTOCOLS[m.protocol], m.internal_port) for m in mappings}
+    return Set(PM_COUNT, ("ipv4_addr", "inet_proto", "inet_service"),
+               tuple(sorted(keys, key=lambda e: e.sort_key)), counter=True)
+
+
+def count_chains() -> tuple[Chain, ...]:
+    """Filter chains that only count (they accept nothing and drop nothing): packets of
+    DNATed connections, both ways, at the target's element of the counting set.  Forward
+    sees the outside's and the VMs' connections, output and input the host's own."""
+    return tuple(Chain(f"count_{hook}", COUNT_RULES, type="filter", hook=hook,
+                       priority=COUNT_PRIORITY) for hook in ("forward", "input", "output"))
 
 
 def port_map_elements(mappings: Iterable[PortMapSpec]) -> dict[str, tuple[Element, ...]]:
@@ -406,7 +438,9 @@ def nat_table(name: str, networks: Iterable[NatSpec],
     forward = isolation_chain(nets)
     if forward is not None:
         chains.append(forward)
-    return Table("inet", name, tuple(chains), port_maps(mappings), comment=owner)
+    mappings = list(mappings)
+    return Table("inet", name, (*chains, *count_chains()), port_maps(mappings),
+                 (count_set(mappings),), comment=owner)
 
 
 FORWARD_PRIORITY = "filter - 10"

@@ -35,9 +35,11 @@ from hns.daemon.keeper import HEAL_INTERVAL, Keeper
 from hns.daemon.metrics import MetricsServer
 from hns.daemon.mirror import Mirror
 from hns.daemon.netsh import DEFAULT_MAX_CONNECTIONS
+from hns.daemon.portmap_counters import portmap_rows
 from hns.daemon.proxies import StaticProxies
 from hns.errors import HnsError
 from hns.netns import enter_netns
+from hns.nft import nft as hns_nft
 from hns.store import Store
 from portproxy.engine import Engine
 
@@ -182,6 +184,7 @@ class Daemon:
         self._version = -1
         self._control: socket.socket | None = None
         self._lock = DaemonLock(store.state_dir)
+        self._nft = hns_nft(None)      # the daemon runs in the host namespace
         self.metrics: MetricsServer | None = None
         if metrics is not None:
             self.metrics = MetricsServer(metrics, self.snapshot)
@@ -341,6 +344,7 @@ class Daemon:
                                   "HostNetns": self.host_netns}
         for component in self.components:
             answer.update(component.status())
+        answer.update(portmap_rows(self.store, self._nft))
         return answer
 
     def snapshot(self, timeout: float = SNAPSHOT_TIMEOUT) -> dict[str, Any]:

@@ -192,3 +192,25 @@ def test_a_taken_metrics_port_fails_the_daemon_in_one_line(hns_sandbox: Sandbox)
     lines = result.stderr.strip().splitlines()
     assert "cannot listen" in lines[-1] and "Traceback" not in result.stderr
     assert not os.path.exists(os.path.join(hns_sandbox.state_dir, "daemon.sock"))
+
+
+def test_port_mapping_packets_and_bytes_from_the_kernel(
+        hns_sandbox: Sandbox, nat_vm: SandboxVm, daemon: DaemonProc) -> None:
+    server = echo_server(nat_vm, 80)
+    added = hns_sandbox.hnsctl("portmap", "add", nat_vm.name, "--protocol", "tcp",
+                               "--external-port", "8080", "--internal-port", "80")
+    assert added.returncode == 0, added.stderr
+    got = exchange(hns_sandbox.outside, (hns_sandbox.uplink_ip, 8080), PAYLOAD)
+    assert got == PAYLOAD
+    server.join(20)
+    [row] = daemon.status()["PortMappings"]
+    assert (row["Vm"], row["ExternalPort"], row["Target"]) == (
+        nat_vm.name, 8080, f"{nat_vm.ip}:80")
+    # every IP packet counted once, headers included: the payload each way and at most
+    # 80 bytes of IP and TCP headers per packet on top
+    assert 2 * len(PAYLOAD) < row["Bytes"] <= 2 * len(PAYLOAD) + 80 * row["Packets"]
+    assert row["Packets"] >= 2 * len(PAYLOAD) // 65536
+    samples = scrape(hns_sandbox)
+    labels = {"protocol": "tcp", "external_port": "8080", "target": f"{nat_vm.ip}:80"}
+    assert sample(samples, "hns_portmap_bytes_total", **labels) >= row["Bytes"]
+    assert sample(samples, "hns_portmap_packets_total", **labels) >= row["Packets"]

@@ -136,3 +136,17 @@ def test_metrics_addresses(text: str, expected: tuple[str, int]) -> None:
 def test_bad_metrics_addresses(text: str) -> None:
     with pytest.raises(InvalidRequest, match="--metrics"):
         parse_address(text)
+
+
+def test_set_counters_as_nft_lists_them() -> None:
+    from nat.nft import parse_set_counters
+    listing = (
+        '{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"set": {"family": "inet", '
+        '"name": "pm_count", "table": "t", "type": ["ipv4_addr", "inet_proto", '
+        '"inet_service"], "elem": [{"elem": {"val": {"concat": ["172.16.0.2", "tcp", 80]}, '
+        '"counter": {"packets": 49, "bytes": 616964}}}, {"elem": {"val": {"concat": '
+        '["172.16.0.3", "udp", 53]}, "counter": {"packets": 0, "bytes": 0}}}, '
+        '"10.0.0.1"], "stmt": [{"counter": null}]}}]}')
+    assert parse_set_counters(listing) == {("172.16.0.2", "tcp", "80"): (49, 616964),
+                                           ("172.16.0.3", "udp", "53"): (0, 0)}
+    assert parse_set_counters('{"nftables": []}') == {}

@@ -86,7 +86,8 @@ def test_add_is_one_incremental_transaction(svc: Service) -> None:
     assert m == PortMapping("a", Protocol.TCP, 8080, 80)
     [tx] = fake(svc).transactions
     assert tx.render() == (
-        f"add element inet {table(svc)} pm_any {{ tcp . 8080 : 10.50.0.2 . 80 }}\n")
+        f"add element inet {table(svc)} pm_any {{ tcp . 8080 : 10.50.0.2 . 80 }}\n"
+        f"add element inet {table(svc)} pm_count {{ 10.50.0.2 . tcp . 80 }}\n")
     assert elements(svc, "pm_any") == (any_(8080, "10.50.0.2", 80),)
     assert elements(svc, "pm_addr") == ()
     assert svc.list_port_mappings() == [m]

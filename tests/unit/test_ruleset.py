@@ -24,6 +24,10 @@ ID_B = "b2c3d4e5-0000-4000-8000-000000000002"
 
 GOLDEN_TABLE = """\
 table inet hns-ab12 {
+\tset pm_count {
+\t\ttype ipv4_addr . inet_proto . inet_service
+\t\tcounter
+\t}
 \tmap pm_any {
 \t\ttype inet_proto . inet_service : ipv4_addr . inet_service
 \t}
@@ -57,6 +61,21 @@ table inet hns-ab12 {
 \t\toifname "hbab12b2c3d4e5" ct status dnat accept comment "mapped:b2c3d4e5-0000-4000-8000-000000000002"
 \t\toifname "hbab12b2c3d4e5" drop comment "isolate:b2c3d4e5-0000-4000-8000-000000000002"
 \t}
+\tchain count_forward {
+\t\ttype filter hook forward priority filter - 20; policy accept;
+\t\tct status dnat ct direction original ip daddr . meta l4proto . th dport @pm_count
+\t\tct status dnat ct direction reply ip saddr . meta l4proto . th sport @pm_count
+\t}
+\tchain count_input {
+\t\ttype filter hook input priority filter - 20; policy accept;
+\t\tct status dnat ct direction original ip daddr . meta l4proto . th dport @pm_count
+\t\tct status dnat ct direction reply ip saddr . meta l4proto . th sport @pm_count
+\t}
+\tchain count_output {
+\t\ttype filter hook output priority filter - 20; policy accept;
+\t\tct status dnat ct direction original ip daddr . meta l4proto . th dport @pm_count
+\t\tct status dnat ct direction reply ip saddr . meta l4proto . th sport @pm_count
+\t}
 }
 """  # noqa: E501
 
@@ -88,8 +107,10 @@ def test_nat_table_structure() -> None:
         "postrouting", "nat", "postrouting", "srcnat", "accept")
     assert len(chain.rules) == 4  # masquerade and hairpin per network
     assert [(c.name, c.hook) for c in table.chains[1:]] == [
-        ("prerouting", "prerouting"), ("output", "output"), ("forward", "forward")]
+        ("prerouting", "prerouting"), ("output", "output"), ("forward", "forward"),
+        ("count_forward", "forward"), ("count_input", "input"), ("count_output", "output")]
     assert [m.name for m in table.maps] == ["pm_any", "pm_addr"]
+    assert [(s.name, s.counter) for s in table.sets] == [("pm_count", True)]
 
 
 def test_nat_table_without_networks_has_an_empty_chain() -> None:
@@ -247,7 +268,7 @@ def test_isolation_off_leaves_a_network_out_of_the_forward_chain() -> None:
     b = NatSpec("b1", IPv4Network("172.16.16.0/20"), "hbb")
     text = nat_table("hns-1a2b", [a, b]).render()
     assert '"hba"' not in text.split("chain forward {", 1)[1]
-    assert "hook forward" not in nat_table("hns-1a2b", [a]).render()
+    assert "chain forward {" not in nat_table("hns-1a2b", [a]).render()
 
 
 def test_isolation_rules_refuse_bad_names() -> None:
