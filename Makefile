@@ -8,8 +8,8 @@ NETWORKING_MODE ?=       # make run NETWORKING_MODE=mirrored: WSL's networkingMo
 BIN    := $(VENV)/bin
 STAMPS := .stamps
 # commands the project and its tests run, and the Debian packages that bring them
-TOOLS    := nft ip nsenter socat iperf3 dig ping curl dnsmasq
-APT_PKGS := nftables iproute2 util-linux socat iperf3 dnsutils iputils-ping curl procps dnsmasq-base \
+TOOLS    := nft ip nsenter socat iperf3 dig ping curl dnsmasq tcpdump
+APT_PKGS := nftables iproute2 util-linux socat iperf3 dnsutils iputils-ping curl procps dnsmasq-base tcpdump \
             python3-venv
 
 .PHONY: run test unit integration bench lint down clean deps
@@ -36,6 +36,8 @@ bench: deps
 	$(BIN)/python bench/bench_forward.py
 	$(BIN)/python bench/bench_mirrored.py
 	$(BIN)/python bench/bench_service.py
+	$(BIN)/python bench/bench_metrics.py
+	$(BIN)/python bench/bench_diag.py
 
 lint: deps
 	$(BIN)/ruff check hns nat portproxy tests bench examples

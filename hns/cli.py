@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import select
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ from hns.model import (
     parse_on_off,
 )
 from hns.netns import netns_exists, netns_mounted
-from hns.output import print_table
+from hns.output import print_table, silence_stdout, stdout_closed
 from hns.process import exec_in_netns
 from hns.service import DEFAULT_STATE_DIR, Service
 
@@ -102,10 +101,14 @@ def _build_parser() -> argparse.ArgumentParser:
     from hns import cli_up
     cli_up.register(sub, leaf)
     sub.add_parser("restore", parents=[leaf], help="recreate kernel objects from the state")
-    sub.add_parser("gc", parents=[leaf], help="remove leftover kernel objects").add_argument(
-        "--dry-run", action="store_true", help="only list them")
+    gc = sub.add_parser("gc", parents=[leaf], help="remove leftover kernel objects")
+    gc.add_argument("--dry-run", action="store_true", help="only list them")
+    gc.add_argument("--sandboxes", action="store_true",
+                    help="instead: remove test sandboxes whose owning process is gone")
     from hns.daemon.cli import register
     register(sub, leaf)
+    from hns import cli_observe
+    cli_observe.register(sub, leaf)
     return p
 
 
@@ -352,6 +355,16 @@ def _gc(svc: Service, args: argparse.Namespace) -> int:
     return 0
 
 
+def _gc_sandboxes(args: argparse.Namespace) -> int:
+    from hns.testing.sandbox import remove_stale_sandboxes
+    found = remove_stale_sandboxes(dry_run=args.dry_run)
+    if args.json:
+        _print_json(found)
+    for item in [] if args.json else found:
+        print(f"{'would remove' if args.dry_run else 'removed'} {item}")
+    return 0
+
+
 Handler = Callable[[Service, argparse.Namespace], int]
 COMMANDS: dict[str, Handler] = {
     "network": _network_cmd, "vm": _vm_cmd, "up": _up, "down": _down,
@@ -419,34 +432,17 @@ def _from_settings(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "config":       # the settings alone: no state directory needed
         return _config(None, args)
+    if args.command == "gc" and args.sandboxes:     # no state directory either
+        return _gc_sandboxes(args)
     _from_settings(args)
     check_state_dir(args.state_dir,
                     (args.command, getattr(args, "action", None)) in MAKES_STATE)
     check_host_netns(args.host_netns)
     with Service(args.state_dir, args.host_netns) as svc:
+        from hns.cli_observe import HANDLERS as OBSERVE
         from hns.daemon.cli import HANDLERS
-        return {**COMMANDS, **HANDLERS}[args.command](svc, args)
-
-
-def _stdout_closed() -> bool:
-    """True when nobody reads stdout any more (a pipe whose reader went away)."""
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
-    except (AttributeError, OSError, ValueError):
-        return True
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null, so the flush at exit cannot fail again (as the Python
-    documentation on SIGPIPE recommends)."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (AttributeError, OSError, ValueError):
-        pass
+        handler: Handler = {**COMMANDS, **HANDLERS, **OBSERVE}[args.command]
+        return handler(svc, args)
 
 
 def _fail(message: str, code: int, debug: bool) -> int:
@@ -457,12 +453,24 @@ def _fail(message: str, code: int, debug: bool) -> int:
     return code
 
 
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``argv`` parsed; capture's filter words may also follow its options, as tcpdump's
+    do (``capture vm0 -w f.pcap icmp``)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "command", None) == "capture" and not any(
+            word.startswith("-") for word in extra):
+        args.filter = [*args.filter, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def _main(argv: Sequence[str] | None) -> int:
     debug = False
     try:
         parser = _build_parser()
         _completion(parser)
-        args = parser.parse_args(argv)
+        args = parse(parser, argv)
         debug = args.debug
         configure_logging(args.log_level, debug)
         return _run(args)
@@ -472,7 +480,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError as exc:
-        if _stdout_closed():
+        if stdout_closed():
             raise
         return _fail(f"unexpected error ({type(exc).__name__}): {exc}", 1, debug)
     except Exception as exc:  # a bug: still one line, the traceback with --debug
@@ -487,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if sys.stdout is not None:
                 sys.stdout.flush()  # here, where a closed stdout can still be caught
     except BrokenPipeError:
-        _silence_stdout()
+        silence_stdout()
         return 0
 
 
