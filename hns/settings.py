@@ -114,6 +114,7 @@ class Settings:
     max_connections: int = 4096
     relay_idle_timeout: int = 0              # seconds; 0: off
     host_netns: str | None = None
+    metrics: str | None = None     # the daemon's Prometheus endpoint, ADDR:PORT; None: off
     sources: Mapping[str, Source] = field(default_factory=dict, compare=False)
     notes: tuple[str, ...] = field(default=(), compare=False)
 
@@ -242,6 +243,15 @@ def _netns(value: object, base: str) -> object:
     return parse_netns_name(text) if text else None
 
 
+def _metrics(value: object, base: str) -> object:
+    """``[ADDR:]PORT``, kept as ``ADDR:PORT`` (``[ADDR6]:PORT``)."""
+    text = _text(value)
+    if not text:
+        return None
+    from hns.daemon.metrics import format_address, parse_address
+    return format_address(parse_address(text))
+
+
 @dataclass(frozen=True)
 class _Key:
     name: str
@@ -271,6 +281,7 @@ KEYS = (    # [experimental]: the keys older WSL releases read there
     _Key("relayIdleTimeout", "relay_idle_timeout", _HNS,
          _integer(0, 31_536_000, "seconds from 0 to 31536000 (0: off)")),  # as portproxy
     _Key("hostNetns", "host_netns", _HNS, _netns),
+    _Key("metrics", "metrics", _HNS, _metrics),
 )
 NAMES = tuple(key.name for key in KEYS)
 RESTART = frozenset(NAMES) - LIVE

@@ -138,7 +138,12 @@ def _portproxy(svc: Any, args: argparse.Namespace) -> int:
 def _daemon(svc: Any, args: argparse.Namespace) -> int:
     from hns.daemon.daemon import Daemon
     from hns.daemon.metrics import parse_address
-    metrics = parse_address(args.metrics) if args.metrics is not None else None
+    if args.metrics is not None:
+        metrics = parse_address(args.metrics)
+    else:                                  # the settings file's [hns] metrics, if any
+        from hns.config_apply import read
+        setting = read(getattr(args, "config", None)).metrics
+        metrics = parse_address(setting) if setting else None
     if getattr(args, "log_level", None) is None:   # a daemon logs what it does
         logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
     return Daemon(svc.store, svc.host_netns, config=getattr(args, "config", None),

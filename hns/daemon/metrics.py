@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from hns.errors import InvalidRequest
 
 __all__ = ["DEFAULT_ADDRESS", "MetricsServer", "StatusCollector", "families",
-           "parse_address"]
+           "format_address", "parse_address"]
 
 DEFAULT_ADDRESS = "127.0.0.1"
 
@@ -73,6 +73,11 @@ def parse_address(text: str) -> tuple[str, int]:
     if not 1 <= number <= 65535:
         raise InvalidRequest(f"--metrics {text!r}: port must be 1-65535")
     return address, number
+
+
+def format_address(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _relay_rows(status: dict[str, Any]) -> Iterator[tuple[list[str], dict[str, Any]]]:

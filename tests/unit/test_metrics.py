@@ -150,3 +150,13 @@ def test_set_counters_as_nft_lists_them() -> None:
     assert parse_set_counters(listing) == {("172.16.0.2", "tcp", "80"): (49, 616964),
                                            ("172.16.0.3", "udp", "53"): (0, 0)}
     assert parse_set_counters('{"nftables": []}') == {}
+
+
+def test_the_settings_key_keeps_the_endpoint_in_one_form() -> None:
+    from hns.settings import loads
+    assert loads("[hns]\nmetrics = 9464\n").metrics == "127.0.0.1:9464"
+    assert loads("[hns]\nmetrics = [::1]:9100\n").metrics == "[::1]:9100"
+    assert loads("[hns]\nmetrics =\n").metrics is None
+    assert loads("").metrics is None
+    with pytest.raises(InvalidRequest, match="metrics"):
+        loads("[hns]\nmetrics = 70000\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -214,3 +215,16 @@ def test_port_mapping_packets_and_bytes_from_the_kernel(
     labels = {"protocol": "tcp", "external_port": "8080", "target": f"{nat_vm.ip}:80"}
     assert sample(samples, "hns_portmap_bytes_total", **labels) >= row["Bytes"]
     assert sample(samples, "hns_portmap_packets_total", **labels) >= row["Packets"]
+
+
+def test_the_settings_file_turns_the_metrics_on(hns_sandbox: Sandbox, tmp_path: Any) -> None:
+    config = tmp_path / "hns.conf"
+    config.write_text(f"[hns]\nmetrics = {METRICS_PORT}\n")
+    proc = subprocess.Popen([*hns_sandbox.hnsctl_argv(), "--config", str(config), "daemon"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_listening(hns_sandbox.host, METRICS_PORT)
+        assert sample(scrape(hns_sandbox), "hns_daemon_up") == 1
+    finally:
+        proc.kill()
+        proc.communicate()
