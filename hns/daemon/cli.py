@@ -138,6 +138,7 @@ def _portproxy(svc: Any, args: argparse.Namespace) -> int:
 def _daemon(svc: Any, args: argparse.Namespace) -> int:
     from hns.daemon.daemon import Daemon
     from hns.daemon.metrics import parse_address
+    metrics: tuple[str, int] | None
     if args.metrics is not None:
         metrics = parse_address(args.metrics)
     else:                                  # the settings file's [hns] metrics, if any
