@@ -165,7 +165,7 @@ class Bench:
         sb = self.sandbox
         config = ProxyConfig(sb.service.store)
         for i in range(self.args.relays):
-            config.add(parse_add("v4tov4", [f"listenport={20000 + i}",
+            config.add(parse_add("v4tov4", [f"listenport={30000 + i}",
                                             f"connectaddress={self.vm.ip}",
                                             f"connectport={ECHO}"]))
         daemon = start_daemon(sb, "--metrics", str(METRICS_PORT))
