@@ -12,8 +12,9 @@ namespace, the servers in a VM -- the set-up of bench_relay.py:
 * **scraped**: the same, with the counters of every relay read ten times a second on
   the engine thread, as a scrape does.
 
-Rounds run the ways back to back; ratios are of medians.  Then the scrape: a daemon with
-``--relays`` static proxies and ``--metrics``, curl in the host namespace fetching
+Rounds run the ways back to back, each way first in turn; ratios are of medians.  Then
+the scrape: a daemon with ``--relays`` static proxies and ``--metrics``, curl in the host
+namespace fetching
 ``/metrics`` ``--scrapes`` times (median and range of the wall time, and the size).
 Goals (printed, not asserted): counting and scraped >= 0.97x before, throughput and
 connection rate.
@@ -143,8 +144,12 @@ class Bench:
 
     def relay_runs(self) -> None:
         sb = self.sandbox
+        ways = list(WAYS.items())
         for round_ in range(self.args.runs):
-            for way, base in WAYS.items():
+            # each way takes each place in a round in turn: the first of a round runs
+            # on a cooler machine, or a warmer one
+            shift = round_ % len(ways)
+            for way, base in ways[shift:] + ways[:shift]:
                 progress(f"{way} ({round_ + 1}/{self.args.runs})")
                 for streams in (1, 4):
                     gbps = iperf_gbps(sb.outside, sb.uplink_ip, base + IPERF, streams,
@@ -257,7 +262,7 @@ def report(r: Results, args: argparse.Namespace) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--seconds", type=positive_int, default=4, help="iperf3 -t")
-    p.add_argument("--runs", type=positive_int, default=3, help="rounds of every way")
+    p.add_argument("--runs", type=positive_int, default=6, help="rounds of every way")
     p.add_argument("--conns", type=positive_int, default=3000,
                    help="short connections per rate run")
     p.add_argument("--relays", type=positive_int, default=200,
