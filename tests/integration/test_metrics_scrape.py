@@ -228,3 +228,29 @@ def test_the_settings_file_turns_the_metrics_on(hns_sandbox: Sandbox, tmp_path: 
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_mirrored_relay_counts_its_bytes(hns_sandbox: Sandbox) -> None:
+    made = hns_sandbox.hnsctl("network", "create", "M", "--type", "mirrored")
+    assert made.returncode == 0, made.stderr
+    vm = hns_sandbox.vm("box", "M")
+    vm.popen(["socat", "TCP-LISTEN:8090,reuseaddr,fork", "EXEC:cat"])
+    wait_listening(vm, 8090)
+    d = DaemonProc(hns_sandbox)
+    d.start("--metrics", str(METRICS_PORT))
+    try:
+        def row() -> dict[str, Any] | None:
+            return next((r for r in d.status().get("Mirrored", [])
+                         if (r["Vm"], r["Port"], r["Family"], r["Direction"])
+                         == ("box", 8090, "ipv4", "to vm") and r["State"] == "forwarding"),
+                        None)
+        wait_for(lambda: row() is not None, "the mirrored relay", attempts=300)
+        assert exchange(hns_sandbox.host, ("127.0.0.1", 8090), PAYLOAD) == PAYLOAD
+        wait_for(lambda: (row() or {}).get("BytesDown") == len(PAYLOAD), "the bytes back")
+        found = row()
+        assert found is not None and found["BytesUp"] == len(PAYLOAD)
+        samples = scrape(hns_sandbox)
+        assert sample(samples, "hns_relay_bytes_total", kind="mirrored", vm="box",
+                      direction="up", relay="box tcp/ipv4 8090 to vm") == len(PAYLOAD)
+    finally:
+        d.kill()
