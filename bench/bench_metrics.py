@@ -12,10 +12,10 @@ namespace, the servers in a VM -- the set-up of bench_relay.py:
 * **scraped**: the same, with the counters of every relay read ten times a second on
   the engine thread, as a scrape does.
 
-Rounds run the ways back to back, each way first in turn; ratios are of medians.  Then
-the scrape: a daemon with ``--relays`` static proxies and ``--metrics``, curl in the host
-namespace fetching
-``/metrics`` ``--scrapes`` times (median and range of the wall time, and the size).
+Rounds run the ways back to back, each way first in turn; a goal is the median of the
+rounds' ratios.  Then the scrape: a daemon with ``--relays`` static proxies and
+``--metrics``, curl in the host namespace fetching ``/metrics`` ``--scrapes`` times
+(median and range of the wall time, and the size).
 Goals (printed, not asserted): counting and scraped >= 0.97x before, throughput and
 connection rate.
 """
@@ -219,15 +219,21 @@ def run(args: argparse.Namespace) -> Results:
 # -- output -----------------------------------------------------------------------------
 
 
+def paired(values: list[float], baseline: list[float]) -> list[float]:
+    """The ratio of each round (the ways of a round ran back to back)."""
+    return [v / b for v, b in zip(values, baseline, strict=True)]
+
+
 def goals(r: Results) -> list[tuple[str, float, bool]]:
+    """Median of the rounds' ratios: a round compares like with like on a busy machine."""
     out = []
     for way in ("counting", "scraped"):
         if way not in r.iperf:
             continue
         for p in ("P1", "P4"):
-            ratio = statistics.median(r.iperf[way][p]) / statistics.median(r.iperf["before"][p])
+            ratio = statistics.median(paired(r.iperf[way][p], r.iperf["before"][p]))
             out.append((f"{way} / before, throughput {p}", ratio, ratio >= GOAL))
-        ratio = statistics.median(r.rate[way]) / statistics.median(r.rate["before"])
+        ratio = statistics.median(paired(r.rate[way], r.rate["before"]))
         out.append((f"{way} / before, connection rate", ratio, ratio >= GOAL))
     return out
 
@@ -249,6 +255,14 @@ def report(r: Results, args: argparse.Namespace) -> None:
         for way in WAYS:
             print(f"  {way:<10}{_cell(r.iperf[way]['P1'], 2):>24}"
                   f"{_cell(r.iperf[way]['P4'], 2):>24}{_cell(r.rate[way], 0):>26}")
+        for way in ("counting", "scraped"):
+            rounds = "; ".join(
+                f"{what} " + " ".join(f"{x:.2f}" for x in paired(values, base))
+                for what, values, base in (
+                    ("-P 1", r.iperf[way]["P1"], r.iperf["before"]["P1"]),
+                    ("-P 4", r.iperf[way]["P4"], r.iperf["before"]["P4"]),
+                    ("conn/s", r.rate[way], r.rate["before"])))
+            print(f"  {way} / before, each round: {rounds}")
     if r.scrape_ms:
         print(f"\nscrape of /metrics with {r.relays} static proxies ({len(r.scrape_ms)} "
               f"scrapes, {r.scrape_bytes} bytes): {_cell(r.scrape_ms, 1)} ms")
