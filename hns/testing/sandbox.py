@@ -12,13 +12,18 @@ bound to both.  Nothing of it touches the namespace the tests run in::
 The outside namespace has no route to the VMs' subnets: a reply reaches a VM only if
 hns's NAT rewrote the packet to the uplink address.  ``close()`` removes everything,
 tolerating objects that are already gone, and kills every process left in the
-namespaces.
+namespaces; ``keep()`` leaves the namespaces and the state for a person to look at.
+
+Before it makes anything a sandbox writes an owner record (:mod:`hns.testing.records`):
+if its process dies without closing it, :func:`remove_stale_sandboxes` (run at the start
+of every pytest session, and by ``hnsctl gc --sandboxes``) removes it by name.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -27,8 +32,11 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from hns.testing import records
+from hns.testing.stale import remove_stale_sandboxes
 
 __all__ = [
     "OUTSIDE_IP",
@@ -36,8 +44,12 @@ __all__ = [
     "Peer",
     "Sandbox",
     "SandboxVm",
+    "default_prefix",
     "leftovers",
+    "live_sandboxes",
     "missing_requirements",
+    "remove_stale_sandboxes",
+    "set_default_prefix",
 ]
 
 OUTSIDE_IP = "198.51.100.1"
@@ -47,10 +59,28 @@ UPLINK_IP6 = "2001:db8:100::2"
 NETNS_PREFIX = "hnst-"
 DEFAULT_TIMEOUT = 60.0
 
+_prefix = NETNS_PREFIX
 _live: set[Sandbox] = set()
 _made_netns: set[str] = set()
 _instances: set[str] = set()
 _lock = threading.Lock()
+
+
+def default_prefix() -> str:
+    """The namespace name prefix of new sandboxes (``hnst-``; pytest's ``--hns-prefix``)."""
+    return _prefix
+
+
+def set_default_prefix(prefix: str) -> None:
+    """Change it (ValueError for a prefix that could not start a namespace name)."""
+    global _prefix
+    _prefix = records.check_prefix(prefix)
+
+
+def live_sandboxes() -> list[Sandbox]:
+    """The sandboxes of this process that are neither closed nor kept."""
+    with _lock:
+        return list(_live)
 
 
 def missing_requirements() -> str | None:
@@ -124,33 +154,66 @@ class SandboxVm(Peer):
         self.mac: str = info.mac
 
     def __repr__(self) -> str:
-        return f"SandboxVm({self.name!r}, ip={self.ip}, netns={self.netns!r})"
+        return (f"SandboxVm({self.name!r}, network={self.info.network!r}, ip={self.ip}, "
+                f"netns={self.netns!r})")
 
 
 class Sandbox:
     """Host and outside namespaces, an uplink between them, a state dir, a service."""
 
-    def __init__(self, tag: str | None = None) -> None:
-        tag = tag or secrets.token_hex(3)
-        self.host_netns = f"{NETNS_PREFIX}{tag}-host"
-        self.outside_netns = f"{NETNS_PREFIX}{tag}-out"
+    def __init__(self, tag: str | None = None, prefix: str | None = None) -> None:
+        self.tag = tag or secrets.token_hex(3)
+        self.prefix = records.check_prefix(prefix) if prefix is not None else _prefix
+        self.host_netns = f"{self.prefix}{self.tag}-host"
+        self.outside_netns = f"{self.prefix}{self.tag}-out"
         self.uplink_ip = UPLINK_IP
         self.outside_ip = OUTSIDE_IP
         self.uplink_ip6 = UPLINK_IP6
         self.outside_ip6 = OUTSIDE_IP6
         self.host = Peer(self.host_netns)
         self.outside = Peer(self.outside_netns)
-        self.state_dir = tempfile.mkdtemp(prefix=f"hns-sandbox-{tag}-")
+        self.state_dir = tempfile.mkdtemp(
+            prefix=f"{records.STATE_DIR_PREFIX}{self.prefix}{self.tag}-")
         self.vms: list[SandboxVm] = []
+        self.vm_hooks: list[Callable[[SandboxVm], None]] = []   # called with each new VM
+        self.kept = False
+        self._owner_pid = os.getpid()
         self._service: Any = None
         self._instance: str | None = None
+        self._record: records.OwnerRecord | None = None
         with _lock:
             _live.add(self)
         try:
+            self._write_record()
             self._build()
         except BaseException:
             self.close()
             raise
+
+    def __repr__(self) -> str:
+        vms = ", ".join(vm.name for vm in self.vms)
+        state = " kept" if self.kept else ""
+        return (f"Sandbox({self.tag!r}{state}, host={self.host_netns!r}, "
+                f"outside={self.outside_netns!r}, state_dir={self.state_dir!r}, "
+                f"vms=[{vms}])")
+
+    def _write_record(self, **changes: Any) -> None:
+        """Write (or update) the owner record; a sandbox without one still works, only a
+        killed run's leftovers then wait for a person to remove them."""
+        try:
+            if self._record is None:
+                start = records.proc_start_time(os.getpid())
+                if start is None:
+                    raise OSError("no start time in /proc for this process")
+                self._record = records.OwnerRecord(
+                    prefix=self.prefix, tag=self.tag, pid=os.getpid(), start_time=start,
+                    state_dir=self.state_dir, netns=(self.host_netns, self.outside_netns),
+                    pidns=records.own_pidns())
+            if changes:
+                self._record = dataclasses.replace(self._record, **changes)
+            records.write_record(self._record)
+        except (OSError, ValueError) as exc:
+            print(f"hns sandbox: owner record of {self.host_netns}: {exc}", file=sys.stderr)
 
     def _build(self) -> None:
         h, o = self.host_netns, self.outside_netns
@@ -176,8 +239,10 @@ class Sandbox:
             from hns.service import Service
             self._service = Service(self.state_dir, self.host_netns)
             self._instance = self._service.instance
-            with _lock:
-                _instances.add(self._service.instance)
+            if not self.kept:          # a kept sandbox's objects are meant to stay
+                with _lock:
+                    _instances.add(self._service.instance)
+                self._write_record(instance=self._instance)
         return self._service
 
     def hnsctl_argv(self) -> list[str]:
@@ -211,30 +276,69 @@ class Sandbox:
         """Create a VM through the service and wrap it."""
         vm = SandboxVm(self.service.create_vm(name, network, **kw))
         self.vms.append(vm)
+        for hook in list(self.vm_hooks):
+            hook(vm)
         return vm
+
+    def instance(self) -> str | None:
+        """The hns instance tag of the sandbox's state, once there is a state."""
+        if self._instance is None and os.path.exists(os.path.join(self.state_dir, "hns.db")):
+            return str(self.service.instance)
+        return self._instance
+
+    def keep(self) -> None:
+        """Leave the namespaces, VMs, rules and state dir for a person to look at: only
+        the processes the sandbox started stop.  The owner record stays, marked kept:
+        ``hnsctl gc --sandboxes`` removes the sandbox once this process is gone."""
+        for peer in [*self.vms, self.host, self.outside]:
+            peer.stop_processes()
+        self.instance()
+        if self._service is not None:
+            self._service.close()
+            self._service = None
+        self.kept = True
+        self._write_record(kept=True, instance=self._instance)
+        with _lock:
+            _live.discard(self)
+            _made_netns.difference_update((self.host_netns, self.outside_netns))
+            if self._instance:
+                _instances.discard(self._instance)
 
     def close(self) -> None:
         """Remove everything; safe to call twice and after partial construction."""
+        if self.kept:
+            return
         from hns.daemon.spawn import stop_spawned
-        from hns.kernel import kill_netns_processes
-        from hns.netns import delete_netns, list_netns
         stop_spawned(self.state_dir)          # the daemon 'hnsctl up' started, by its pid
         for peer in [*self.vms, self.host, self.outside]:
             peer.stop_processes()
         if self._service is not None or os.path.exists(os.path.join(self.state_dir, "hns.db")):
-            try:
-                svc = self.service
-                for vm in svc.list_vms():
-                    svc.delete_vm(vm.name)
-                for net in svc.list_networks():
-                    svc.delete_network(net.name, force=True)
-                svc.gc()
-            except Exception as exc:  # keep cleaning; leftovers() reports what stays
-                print(f"hns sandbox: cleanup of {self.state_dir}: {exc}", file=sys.stderr)
-            finally:
-                if self._service is not None:
-                    self._service.close()
-                    self._service = None
+            self._remove_objects()
+        self._remove_namespaces()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        if self._record is not None:
+            records.remove_record(self._record)
+        with _lock:
+            _live.discard(self)
+
+    def _remove_objects(self) -> None:
+        try:
+            svc = self.service
+            for vm in svc.list_vms():
+                svc.delete_vm(vm.name)
+            for net in svc.list_networks():
+                svc.delete_network(net.name, force=True)
+            svc.gc()
+        except Exception as exc:  # keep cleaning; leftovers() reports what stays
+            print(f"hns sandbox: cleanup of {self.state_dir}: {exc}", file=sys.stderr)
+        finally:
+            if self._service is not None:
+                self._service.close()
+                self._service = None
+
+    def _remove_namespaces(self) -> None:
+        from hns.kernel import kill_netns_processes
+        from hns.netns import delete_netns, list_netns
         for ns in (self.host_netns, self.outside_netns):
             kill_netns_processes(ns)
             delete_netns(ns)
@@ -247,9 +351,6 @@ class Sandbox:
                     kill_netns_processes(ns)
                     delete_netns(ns)
                     remove_vm_resolv(ns)
-        shutil.rmtree(self.state_dir, ignore_errors=True)
-        with _lock:
-            _live.discard(self)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -287,4 +388,5 @@ def leftovers() -> list[str]:
 @atexit.register
 def _close_all() -> None:
     for sandbox in list(_live):
-        sandbox.close()
+        if sandbox._owner_pid == os.getpid():     # not in a forked child that exits
+            sandbox.close()
