@@ -95,7 +95,16 @@ class Results:
     scrape_ms: list[float] = field(default_factory=list)
     scrape_bytes: int = 0
     relays: int = 0
+    cpu_per_gb: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # s per GB
+    cpu_per_kconn: dict[str, list[float]] = field(default_factory=dict)  # s per 1000 conns
     notes: list[str] = field(default_factory=list)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process (every thread), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _me(*args: str) -> list[str]:
@@ -109,7 +118,7 @@ class Bench:
         self.sandbox = Sandbox()
         self.results = Results()
         self.baseline = tempfile.mkdtemp(prefix="hns-bench-baseline-")
-        self.procs: list[subprocess.Popen[str]] = []
+        self.pids: dict[str, int] = {}
 
     def setup(self) -> None:
         sb = self.sandbox
@@ -141,6 +150,7 @@ class Bench:
             proc = sb.host.popen(_me("--role", "engine", *specs, *extra),
                                  stdin=subprocess.DEVNULL, env=env)
             _ready(proc)
+            self.pids[way] = proc.pid      # ip netns exec execs: the engine itself
 
     def relay_runs(self) -> None:
         sb = self.sandbox
@@ -152,10 +162,16 @@ class Bench:
             for way, base in ways[shift:] + ways[:shift]:
                 progress(f"{way} ({round_ + 1}/{self.args.runs})")
                 for streams in (1, 4):
+                    cpu = cpu_seconds(self.pids[way])
                     gbps = iperf_gbps(sb.outside, sb.uplink_ip, base + IPERF, streams,
                                       self.args.seconds)
+                    cpu = cpu_seconds(self.pids[way]) - cpu
                     self.results.iperf.setdefault(way, {}).setdefault(
                         f"P{streams}", []).append(gbps)
+                    gigabytes = gbps / 8 * (self.args.seconds + 1)     # -O 1: one more
+                    self.results.cpu_per_gb.setdefault(way, {}).setdefault(
+                        f"P{streams}", []).append(cpu / gigabytes)
+                cpu = cpu_seconds(self.pids[way])
                 result = sb.outside.run(_me("--role", "client", "--host", sb.uplink_ip,
                                             "--port", str(base + ECHO), "--count",
                                             str(self.args.conns), "--concurrency", "50"),
@@ -163,6 +179,8 @@ class Bench:
                 _must(result)
                 rate = json.loads(result.stdout.strip().splitlines()[-1])["per_s"]
                 self.results.rate.setdefault(way, []).append(float(rate))
+                self.results.cpu_per_kconn.setdefault(way, []).append(
+                    (cpu_seconds(self.pids[way]) - cpu) / self.args.conns * 1000)
 
     def scrapes(self) -> None:
         from hns.daemon.config import ProxyConfig
@@ -263,6 +281,12 @@ def report(r: Results, args: argparse.Namespace) -> None:
                     ("-P 4", r.iperf[way]["P4"], r.iperf["before"]["P4"]),
                     ("conn/s", r.rate[way], r.rate["before"])))
             print(f"  {way} / before, each round: {rounds}")
+        print("  engine CPU, median [range]: s per GB relayed (-P 1, -P 4), s per 1000 "
+              "connections")
+        for way in WAYS:
+            print(f"  {way:<10}{_cell(r.cpu_per_gb[way]['P1'], 3):>24}"
+                  f"{_cell(r.cpu_per_gb[way]['P4'], 3):>24}"
+                  f"{_cell(r.cpu_per_kconn[way], 3):>26}")
     if r.scrape_ms:
         print(f"\nscrape of /metrics with {r.relays} static proxies ({len(r.scrape_ms)} "
               f"scrapes, {r.scrape_bytes} bytes): {_cell(r.scrape_ms, 1)} ms")
