@@ -35,7 +35,16 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from bench_relay import ECHO, IPERF, _must, _ready, client_rate, iperf_gbps, wait_listening
+from bench_relay import (
+    ECHO,
+    IPERF,
+    _hostport,
+    _must,
+    _ready,
+    client_rate,
+    iperf_gbps,
+    wait_listening,
+)
 from harness import positive_int, progress, run_hermetic, start_daemon
 
 NETWORK = "bench"
@@ -78,11 +87,6 @@ def role_engine(args: argparse.Namespace) -> int:
 def role_client(args: argparse.Namespace) -> int:
     print(json.dumps(client_rate(args.host, args.port, args.count, args.concurrency)))
     return 0
-
-
-def _hostport(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host, int(port)
 
 
 # -- the benchmark ----------------------------------------------------------------------

@@ -300,7 +300,8 @@ class DnsServer:
         if action.started is not None:
             listener.answers += 1
             listener.latency.observe(self.engine.now() - action.started)
-            if len(action.data) > 3 and action.data[3] & 0x0F == Rcode.SERVFAIL:
+            if (len(action.data) >= dnsmsg.HEADER_LEN
+                    and dnsmsg.Header.parse(action.data).rcode == Rcode.SERVFAIL):
                 listener.servfail += 1
         if isinstance(client, TcpClient):
             client.send(action.data)

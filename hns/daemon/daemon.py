@@ -340,29 +340,40 @@ class Daemon:
         return {"Error": f"unknown command {command!r}"}
 
     def status(self) -> dict[str, Any]:
+        answer, mapped = self._engine_status()
+        answer.update(portmap_rows(mapped, self._nft, self.store.instance))
+        return answer
+
+    def _engine_status(self) -> tuple[dict[str, Any], list[Any]]:
+        """What only the engine thread may read: the components' status, and the port
+        mappings of the store (whose counters are read from nft, anywhere)."""
         answer: dict[str, Any] = {"Running": True, "Pid": os.getpid(),
                                   "HostNetns": self.host_netns}
         for component in self.components:
             answer.update(component.status())
-        answer.update(portmap_rows(self.store, self._nft))
-        return answer
+        return answer, self.store.port_mappings()
 
     def snapshot(self, timeout: float = SNAPSHOT_TIMEOUT) -> dict[str, Any]:
-        """``status`` from any thread: taken on the engine thread, where the counters
-        live.  TimeoutError when the engine does not get to it in time."""
+        """``status`` from any thread: the counters taken on the engine thread, where they
+        live; nft read on the calling thread, so the engine does not wait for it.
+        TimeoutError when the engine does not get to it in time."""
         done = threading.Event()
-        result: dict[str, Any] = {}
+        result: list[tuple[dict[str, Any], list[Any]]] = []
 
         def take() -> None:
             try:
-                result.update(self.status())
+                result.append(self._engine_status())
             finally:
                 done.set()
 
         self.engine.call_soon_threadsafe(take)
         if not done.wait(timeout):
             raise TimeoutError("the daemon's engine did not answer for a status snapshot")
-        return result
+        if not result:
+            raise RuntimeError("the status snapshot failed on the engine thread")
+        answer, mapped = result[0]
+        answer.update(portmap_rows(mapped, self._nft, self.store.instance))
+        return answer
 
     def _open_metrics(self) -> None:
         if self.metrics is None:
