@@ -8,8 +8,9 @@ NETWORKING_MODE ?=       # make run NETWORKING_MODE=mirrored: WSL's networkingMo
 BIN    := $(VENV)/bin
 STAMPS := .stamps
 # commands the project and its tests run, and the Debian packages that bring them
-TOOLS    := nft ip nsenter socat iperf3 dig ping curl dnsmasq tcpdump
+TOOLS    := nft ip nsenter socat iperf3 dig ping curl dnsmasq tcpdump etcd etcdctl
 APT_PKGS := nftables iproute2 util-linux socat iperf3 dnsutils iputils-ping curl procps dnsmasq-base tcpdump \
+            etcd-server etcd-client \
             python3-venv
 
 .PHONY: run test unit integration bench lint down clean deps

@@ -82,6 +82,18 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="settings file, .wslconfig's words (env HNS_CONFIG, default "
                         "/etc/hns/wslconfig)")
+    p.add_argument("--cluster", default=os.environ.get("HNS_CLUSTER") or None,
+                   metavar="URL,...", help="etcd endpoints of the cluster this host is in, "
+                   "for overlay networks (env HNS_CLUSTER, else the settings file's cluster)")
+    p.add_argument("--host-name", default=os.environ.get("HNS_HOST_NAME") or None,
+                   help="this host's name in the cluster (env HNS_HOST_NAME; default: the "
+                        "host namespace's name, else the machine's)")
+    p.add_argument("--cluster-ttl", default=os.environ.get("HNS_CLUSTER_TTL") or None,
+                   metavar="SECONDS", help="the host lease's TTL (env HNS_CLUSTER_TTL, "
+                                           "default 10)")
+    p.add_argument("--cluster-address", default=os.environ.get("HNS_CLUSTER_ADDRESS") or None,
+                   metavar="ADDR", help="this host's underlay address, its VTEP (env "
+                   "HNS_CLUSTER_ADDRESS; default: the source address towards etcd)")
     p.add_argument("--json", action="store_true", help="print JSON")
     leaf = _Parser(add_help=False)
     leaf.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -109,6 +121,8 @@ def _build_parser() -> argparse.ArgumentParser:
     register(sub, leaf)
     from hns import cli_observe
     cli_observe.register(sub, leaf)
+    from hns import cli_cluster
+    cli_cluster.register(sub, leaf)
     return p
 
 
@@ -118,10 +132,13 @@ def _add_network_parser(sub: Any, leaf: argparse.ArgumentParser) -> None:
     c = net.add_parser("create", parents=[leaf], help="create a network")
     c.add_argument("name")
     c.add_argument("--type", required=True,
-                   help="nat (own subnet) or mirrored (the VMs share the host's addresses)")
+                   help="nat (own subnet), mirrored (the VMs share the host's addresses) or "
+                        "overlay (one subnet across the hosts of a cluster)")
     c.add_argument("--subnet", help="NAT: IPv4 CIDR (default: a free /20 in 172.16.0.0/12)")
     c.add_argument("--gateway", help="NAT: gateway address (default: the first of the subnet)")
-    c.add_argument("--mtu", help="MTU (default 1500)")
+    c.add_argument("--mtu", help="MTU (default 1500; overlay: the underlay's less 50)")
+    c.add_argument("--vni", help="overlay: the VXLAN network identifier (default: the "
+                                 "lowest free from 4096)")
     c.add_argument("--localhost-forwarding", default="on", metavar="on|off",
                    help="NAT: serve ports the VMs listen on at host localhost (default on)")
     c.add_argument("--firewall", default="on", metavar="on|off",
@@ -215,7 +232,8 @@ def _network_cmd(svc: Service, args: argparse.Namespace) -> int:
         firewall = parse_on_off(args.firewall, "--firewall")
         dns = parse_on_off(args.dns_proxy, "--dns-proxy")
         net = svc.create_network(args.name, args.type, args.subnet, args.gateway, args.mtu,
-                                 forwarding, args.ignored_ports, loopback, firewall, dns)
+                                 forwarding, args.ignored_ports, loopback, firewall, dns,
+                                 args.vni)
         _show(net, args.json)
         if net.localhost_forwarding or net.mirrored:
             from hns.cli_up import daemon_note
@@ -423,6 +441,9 @@ def _from_settings(args: argparse.Namespace) -> None:
         return
     from hns.config_apply import read
     found = read(args.config)
+    if args.cluster is None:
+        args.cluster = found.cluster
+        args.host_name = args.host_name or found.host_name
     if args.state_dir is None:
         args.state_dir = found.state_dir or DEFAULT_STATE_DIR
     if args.host_netns is None:
@@ -438,10 +459,14 @@ def _run(args: argparse.Namespace) -> int:
     check_state_dir(args.state_dir,
                     (args.command, getattr(args, "action", None)) in MAKES_STATE)
     check_host_netns(args.host_netns)
-    with Service(args.state_dir, args.host_netns) as svc:
+    from hns.cluster.config import cluster_config
+    cluster = cluster_config(args.cluster, args.host_name, args.cluster_ttl,
+                             args.cluster_address, args.host_netns)
+    with Service(args.state_dir, args.host_netns, cluster=cluster) as svc:
+        from hns.cli_cluster import HANDLERS as CLUSTER
         from hns.cli_observe import HANDLERS as OBSERVE
         from hns.daemon.cli import HANDLERS
-        handler: Handler = {**COMMANDS, **HANDLERS, **OBSERVE}[args.command]
+        handler: Handler = {**COMMANDS, **HANDLERS, **OBSERVE, **CLUSTER}[args.command]
         return handler(svc, args)
 
 

@@ -50,8 +50,9 @@ class Collector:
         """What was (``dry_run``: would be) removed, one line each."""
         found = self._incomplete(dry_run)
         rows_vms = self.store.vms(states=ANY_STATE)
-        known_links = ({n.bridge for n in self.store.networks(states=ANY_STATE)}
-                       | {v.host_ifname for v in rows_vms})
+        nets = self.store.networks(states=ANY_STATE)
+        known_links = ({n.bridge for n in nets} | {v.host_ifname for v in rows_vms}
+                       | {naming.vxlan_name(self.nat.instance, n.id) for n in nets if n.overlay})
         known_netns = {v.netns for v in rows_vms}
         prefix = naming.netns_prefix(self.nat.instance)
         ours = naming.instance_alias_prefix(self.instance_id)

@@ -141,10 +141,16 @@ def _v3_dns_proxy(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE networks ADD COLUMN dns_proxy INTEGER NOT NULL DEFAULT 1")
 
 
+def _v4_overlay(db: sqlite3.Connection) -> None:
+    """An overlay network has a VNI (NULL for the others)."""
+    db.execute("ALTER TABLE networks ADD COLUMN vni INTEGER")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_tables,
     _v2_vm_power,
     _v3_dns_proxy,
+    _v4_overlay,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

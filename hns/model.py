@@ -59,6 +59,7 @@ DIGITS_RE = re.compile(r"[0-9]+")  # ASCII only: int() and str.isdigit() take an
 class NetworkType(enum.Enum):
     NAT = "NAT"
     MIRRORED = "Mirrored"   # shared IP: the VM appears with the host's addresses
+    OVERLAY = "Overlay"     # one subnet across the hosts of a cluster, over VXLAN
 
     @classmethod
     def parse(cls, text: str) -> NetworkType:
@@ -164,10 +165,15 @@ class Network:
     host_address_loopback: bool = False  # mirrored: WSL's hostAddressLoopback
     firewall: bool = True               # WSL's firewall: nothing unsolicited reaches a VM
     dns_proxy: bool = True              # WSL's dnsProxy: the VMs' nameserver is the gateway
+    vni: int | None = None              # overlay: the VXLAN network identifier
 
     @property
     def mirrored(self) -> bool:
         return self.type is NetworkType.MIRRORED
+
+    @property
+    def overlay(self) -> bool:
+        return self.type is NetworkType.OVERLAY
 
     def to_json(self) -> dict[str, Any]:
         mirrored = {"IgnoredPorts": list(self.ignored_ports),
@@ -184,6 +190,9 @@ class Network:
             "Firewall": self.firewall or self.mirrored,
             "DnsProxy": self.dns_proxy,
             **mirrored,
+            **({"Vni": self.vni, "Policies": [{"Type": "VSID",
+                                                "Settings": {"IsolationId": self.vni}}]}
+               if self.overlay else {}),
             "Ipams": [{
                 "Type": "Static",
                 "Subnets": [{

@@ -22,6 +22,7 @@ __all__ = [
     "netns_prefix",
     "nft_table_name",
     "vm_netns_name",
+    "vxlan_name",
 ]
 
 ALIAS_PREFIX = "hns:"
@@ -33,6 +34,11 @@ def short_id(object_id: str) -> str:
 
 def bridge_name(instance: str, network_id: str) -> str:
     return f"hb{instance}{short_id(network_id)}"
+
+
+def vxlan_name(instance: str, network_id: str) -> str:
+    """An overlay network's VXLAN device."""
+    return f"hx{instance}{short_id(network_id)}"
 
 
 def host_veth_name(instance: str, vm_id: str) -> str:

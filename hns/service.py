@@ -23,6 +23,8 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Interface
 from typing import Any
 
 from hns import ipam, naming, portmap, resolv
+from hns.cluster.config import ClusterConfig
+from hns.cluster.records import EndpointRecord
 from hns.errors import AlreadyExists, Conflict, HnsError, InvalidRequest, KernelError
 from hns.failpoint import failpoint
 from hns.gc import Collector, tag_in_use
@@ -47,6 +49,7 @@ from hns.model import (
 from hns.nat_table import NatTable
 from hns.netns import netns_exists
 from hns.nft import nft as hns_nft
+from hns.overlay import Overlay
 from hns.port_mappings import PortMappings
 from hns.store import ANY_STATE, INCOMPLETE, Store
 from hns.subnets import pick_subnet
@@ -75,9 +78,10 @@ class Service:
 
     def __init__(self, state_dir: str | os.PathLike[str] = DEFAULT_STATE_DIR,
                  host_netns: str | None = None, *, nft: NftRunner | None = None,
-                 kernel: Kernel | None = None) -> None:
+                 kernel: Kernel | None = None, cluster: ClusterConfig | None = None) -> None:
         """``nft`` and ``kernel``: the seams (default: the real ones, in ``host_netns``;
-        :class:`nat.fake.FakeNft` and :class:`hns.fake_kernel.FakeKernel` for tests)."""
+        :class:`nat.fake.FakeNft` and :class:`hns.fake_kernel.FakeKernel` for tests);
+        ``cluster``: the cluster this host is in (overlay networks), None: none."""
         if host_netns is not None:
             parse_netns_name(host_netns, "host namespace")
             if not (kernel.netns_exists(host_netns) if kernel else netns_exists(host_netns)):
@@ -91,6 +95,7 @@ class Service:
         self.nat = NatTable(self.store, self.nft, self.instance, self._owner)
         self.port_maps = PortMappings(self.store, self.nat, self._flush_udp)
         self.reconciler = Reconciler(self)
+        self.overlay = Overlay(self, cluster)
         self.lifecycle = VmLifecycle(self.store, lambda: self.kernel, self.nat, self.apply_vm,
                                      self.teardown_vm, self.poke_daemon)
 
@@ -118,6 +123,7 @@ class Service:
         return self._kernel
 
     def close(self) -> None:
+        self.overlay.close()
         if self._kernel is not None:
             self._kernel.close()
             self._kernel = None
@@ -184,14 +190,22 @@ class Service:
                        localhost_forwarding: bool = True,
                        ignored_ports: str | tuple[int, ...] | None = None,
                        host_address_loopback: bool | None = None,
-                       firewall: bool = True, dns_proxy: bool = True) -> Network:
+                       firewall: bool = True, dns_proxy: bool = True,
+                       vni: int | str | None = None) -> Network:
         """A NAT network, or a mirrored one (``type`` "mirrored": the VMs share the host's
         addresses; ``ignored_ports`` and ``host_address_loopback`` are for it only).
         ``firewall`` (WSL's): nothing unsolicited is forwarded into the VMs; a mirrored
-        network always has it.  ``dns_proxy`` off: the VMs use the host's resolvers."""
+        network always has it.  ``dns_proxy`` off: the VMs use the host's resolvers.
+        ``type`` "overlay": a network of the whole cluster (``vni``: its VXLAN ID)."""
         name = parse_name(name, "network name")
         opts = parse_network_options(type, subnet, gateway, mtu, ignored_ports,
                                      host_address_loopback)
+        if vni is not None and opts.type is not NetworkType.OVERLAY:
+            raise InvalidRequest("--vni is for overlay networks")
+        if opts.type is NetworkType.OVERLAY:
+            net = self.overlay.create_network(name, opts, mtu is not None, vni)
+            self.poke_daemon()
+            return net
         mirrored, pinned, gw = opts.type is NetworkType.MIRRORED, opts.subnet, opts.gateway
         with self.store.lock(f"network-{name}"):
             self._finish_network(name)
@@ -234,10 +248,25 @@ class Service:
         self.nat.sync()
         failpoint("network-create:after-nft")
 
+    def add_network(self, net: Network) -> None:
+        """Make ``net`` on this host: its row, then its kernel objects (the caller holds
+        the network's lock; an overlay network adopted from the cluster comes here)."""
+        with self.store.write() as tx:
+            tx.insert_network(net, "creating")
+        try:
+            self._apply_network(net)
+            with self.store.write() as tx:
+                tx.set_state("network", net.id, "ready")
+        except BaseException:
+            self._undo_network(net)
+            raise
+
     def ensure_bridge(self, net: Network) -> bool:
         made = self.kernel.ensure_bridge(net.bridge, net.gateway, net.subnet.prefixlen,
                                          net.mtu, self.alias(net.id),
                                          naming.bridge_mac(net.id))
+        if net.overlay:
+            self.overlay.apply_network(net)
         if net.mirrored:
             self.kernel.ensure_address6(net.bridge, IPv6Interface(
                 f"{transit6_gateway(self.instance, net.subnet)}/64"))
@@ -247,11 +276,16 @@ class Service:
         """Remove a network whatever state it is in (its VMs' rows go with it)."""
         with contextlib.suppress(HnsError):
             self.kernel.delete_link(net.bridge)
+            self._delete_vxlan(net)
         with self.nat.lock():
             with self.store.write() as tx:
                 tx.delete_network(net.id)
             with contextlib.suppress(HnsError):
                 self.nat.sync_locked()
+
+    def _delete_vxlan(self, net: Network) -> None:
+        if net.overlay:
+            self.kernel.delete_link(naming.vxlan_name(self.instance, net.id))
 
     def _finish_network(self, name: str) -> None:
         """Roll back what a killed create or delete of network ``name`` left (the caller
@@ -279,6 +313,10 @@ class Service:
                 names = ", ".join(v.name for v in self.store.vms(net.id))
                 raise Conflict(f"network {name!r} has VMs attached ({names}); delete them "
                                "first or use --force")
+            if net.overlay:
+                for vm in self.store.vms(net.id, states=ANY_STATE):
+                    self.overlay.release(vm, strict=True)
+                self.overlay.delete_network(net)
             for vm in self.store.vms(net.id, states=ANY_STATE):
                 self._delete_vm(vm.name, remember=False)
             with self.store.write() as tx:
@@ -288,6 +326,7 @@ class Service:
                 self.nat.sync_locked()        # a network being deleted is left out
                 failpoint("network-delete:after-nft")
                 self.kernel.delete_link(net.bridge)
+                self._delete_vxlan(net)
                 failpoint("network-delete:after-bridge")
                 with self.store.write() as tx:
                     tx.delete_network(net.id)
@@ -306,17 +345,24 @@ class Service:
         want_ip = parse_ipv4(str(ip)) if ip is not None else None
         want_mac = parse_mac(mac) if mac is not None else None
         # lock order, everywhere: the network, then the VM, then nft
+        self.overlay.local_network(network)      # an overlay network only etcd has yet
         with self.store.lock(f"network-{network}", shared=True), \
                 self.store.lock(f"vm-{name}"):
             self._finish_vm(name)
-            with self.store.write() as tx:
-                net = self.store.network(network)
+            net, vm_id = self.store.network(network), str(uuid.uuid4())
+            if self.store.find_vm(name, ANY_STATE) is not None:
+                raise AlreadyExists(f"vm {name!r} already exists")
+            if net.overlay and want_mac is not None:
+                raise InvalidRequest("an overlay VM's MAC follows from its address: drop --mac")
+            endpoint = (self.overlay.allocate(net, name, vm_id, want_ip)   # etcd's CAS
+                        if net.overlay else None)
+            with self.store.write() as tx, self._releasing(endpoint, vm_id):
                 if self.store.find_vm(name, ANY_STATE) is not None:
                     raise AlreadyExists(f"vm {name!r} already exists")
-                addr = ipam.allocate_ip(net.subnet, net.gateway,
-                                        self.store.taken_ips(net.id), want_ip)
-                hw = ipam.allocate_mac(self.store.taken_macs(), want_mac)
-                vm_id = str(uuid.uuid4())
+                addr = endpoint.ip if endpoint else ipam.allocate_ip(
+                    net.subnet, net.gateway, self.store.taken_ips(net.id), want_ip)
+                hw = ipam.allocate_mac(self.store.taken_macs(),
+                                       endpoint.mac if endpoint else want_mac)
                 vm = Vm(id=vm_id, name=name, network=net.name, network_id=net.id,
                         netns=naming.vm_netns_name(self.instance, name), ip=addr,
                         prefixlen=net.subnet.prefixlen, gateway=net.gateway, mac=hw,
@@ -333,9 +379,22 @@ class Service:
                     self.teardown_vm(vm)
                 with self.store.write() as tx:
                     tx.delete_vm(vm.id)
+                if net.overlay:
+                    self.overlay.release(vm, strict=False)
                 raise
         self.poke_daemon()
         return vm
+
+    @contextlib.contextmanager
+    def _releasing(self, endpoint: EndpointRecord | None, vm_id: str) -> Iterator[None]:
+        """An overlay VM's endpoint record is deleted again if its row is not made."""
+        try:
+            yield
+        except BaseException:
+            if endpoint is not None:
+                with contextlib.suppress(HnsError):
+                    self.overlay.state.release(endpoint.network, endpoint.ip, vm_id)
+            raise
 
     def _finish_vm(self, name: str) -> None:
         """Roll back what a killed create or delete of VM ``name`` left (the caller holds
@@ -390,6 +449,10 @@ class Service:
     def _delete_vm(self, name: str, remember: bool) -> bool:
         """``remember``: keep copies of its port mappings under its name (``down``)."""
         with self.store.lock(f"vm-{name}"):
+            vm = self.store.find_vm(name, states=ANY_STATE)
+            net = self.store.find_network(vm.network, ANY_STATE) if vm else None
+            if vm is not None and net is not None and net.overlay:
+                self.overlay.release(vm, strict=True)     # etcd first: it may refuse
             return self._remove_vm(name, remember)
 
     def _remove_vm(self, name: str, remember: bool) -> bool:

@@ -115,6 +115,8 @@ class Settings:
     relay_idle_timeout: int = 0              # seconds; 0: off
     host_netns: str | None = None
     metrics: str | None = None     # the daemon's Prometheus endpoint, ADDR:PORT; None: off
+    cluster: str | None = None     # etcd client URLs, comma-separated; None: no cluster
+    host_name: str | None = None   # this host's name in the cluster
     sources: Mapping[str, Source] = field(default_factory=dict, compare=False)
     notes: tuple[str, ...] = field(default=(), compare=False)
 
@@ -252,6 +254,22 @@ def _metrics(value: object, base: str) -> object:
     return format_address(parse_address(text))
 
 
+def _cluster(value: object, base: str) -> object:
+    text = _text(value)
+    if not text:
+        return None
+    from hns.cluster.etcd import parse_endpoints
+    return ",".join(parse_endpoints(text))
+
+
+def _host_name(value: object, base: str) -> object:
+    text = _text(value)
+    if not text:
+        return None
+    from hns.cluster.records import parse_host_name
+    return parse_host_name(text)
+
+
 @dataclass(frozen=True)
 class _Key:
     name: str
@@ -282,6 +300,8 @@ KEYS = (    # [experimental]: the keys older WSL releases read there
          _integer(0, 31_536_000, "seconds from 0 to 31536000 (0: off)")),  # as portproxy
     _Key("hostNetns", "host_netns", _HNS, _netns),
     _Key("metrics", "metrics", _HNS, _metrics),
+    _Key("cluster", "cluster", _HNS, _cluster),
+    _Key("hostName", "host_name", _HNS, _host_name),
 )
 NAMES = tuple(key.name for key in KEYS)
 RESTART = frozenset(NAMES) - LIVE

@@ -54,17 +54,18 @@ FROM vms v JOIN networks n ON n.id = v.network_id
 
 
 NETWORK_COLUMNS = ("id, name, type, subnet, gateway, mtu, bridge, localhost_forwarding, "
-                   "ignored_ports, host_address_loopback, firewall, dns_proxy")
+                   "ignored_ports, host_address_loopback, firewall, dns_proxy, vni")
 
 
 def _network(row: tuple[object, ...]) -> Network:
-    id_, name, type_, subnet, gateway, mtu, bridge, forwarding, ignored, loopback, wall, dns = row
+    id_, name, type_, subnet, gateway, mtu, bridge, forwarding, ignored, loopback, wall, dns, \
+        vni = row
     return Network(id=str(id_), name=str(name), type=NetworkType(type_),
                    subnet=IPv4Network(str(subnet)), gateway=IPv4Address(str(gateway)),
                    mtu=int(str(mtu)), bridge=str(bridge), localhost_forwarding=bool(forwarding),
                    ignored_ports=parse_port_list(str(ignored)),
                    host_address_loopback=bool(loopback), firewall=bool(wall),
-                   dns_proxy=bool(dns))
+                   dns_proxy=bool(dns), vni=None if vni is None else int(str(vni)))
 
 
 def _vm(row: tuple[object, ...]) -> Vm:
@@ -199,6 +200,19 @@ class Store:
         if row is None:
             raise StateError(f"state store has no {key}")
         return str(row[0])
+
+    def meta(self, key: str) -> str | None:
+        """A value of the ``meta`` table (None: not set)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        """Set (None: remove) a value of the ``meta`` table, in a transaction of its own."""
+        with self.write() as tx:
+            if value is None:
+                tx.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                tx.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Writer]:
@@ -371,11 +385,11 @@ class Writer:
     def insert_network(self, net: Network, state: str = "ready") -> None:
         try:
             self.db.execute(f"INSERT INTO networks ({NETWORK_COLUMNS}, state) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (net.id, net.name, net.type.value, str(net.subnet), str(net.gateway),
                              net.mtu, net.bridge, int(net.localhost_forwarding),
                              format_port_list(net.ignored_ports), int(net.host_address_loopback),
-                             int(net.firewall), int(net.dns_proxy), _state(state)))
+                             int(net.firewall), int(net.dns_proxy), net.vni, _state(state)))
             self.db.execute("INSERT OR REPLACE INTO remembered_subnets VALUES (?, ?)",
                             (net.name, str(net.subnet)))
         except sqlite3.IntegrityError as exc:

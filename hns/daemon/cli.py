@@ -148,7 +148,7 @@ def _daemon(svc: Any, args: argparse.Namespace) -> int:
     if getattr(args, "log_level", None) is None:   # a daemon logs what it does
         logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
     return Daemon(svc.store, svc.host_netns, config=getattr(args, "config", None),
-                  heal=not args.no_heal, metrics=metrics).run()
+                  heal=not args.no_heal, metrics=metrics, cluster=svc.overlay.config).run()
 
 
 def _status(svc: Any, args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from hns.cluster.config import ClusterConfig
 from hns.daemon.control import control_path
 from hns.daemon.dns import DnsProxy
 from hns.daemon.forwarder import Forwarder
@@ -160,9 +161,11 @@ class Daemon:
     def __init__(self, store: Store, host_netns: str | None, *, retry_interval: float = 2.0,
                  poll_interval: float = 1.0, heal: bool = True,
                  heal_interval: float = HEAL_INTERVAL, config: str | None = None,
-                 metrics: tuple[str, int] | None = None) -> None:
+                 metrics: tuple[str, int] | None = None,
+                 cluster: ClusterConfig | None = None) -> None:
         """``config``: the settings file a SIGHUP reads again (None: ``HNS_CONFIG`` or
-        the default path); ``metrics``: where to serve Prometheus metrics (None: not)."""
+        the default path); ``metrics``: where to serve Prometheus metrics (None: not);
+        ``cluster``: the cluster this host is in (its agent runs; None: no cluster)."""
         self.store = store
         self.host_netns = host_netns
         self.retry_interval = retry_interval
@@ -180,6 +183,7 @@ class Daemon:
                              interval=heal_interval, heal=heal,
                              call_on_engine=self.engine.call_soon_threadsafe)
         self.components.append(self.keeper)
+        self.cluster = cluster
         self.config = config
         self._version = -1
         self._control: socket.socket | None = None
@@ -217,6 +221,10 @@ class Daemon:
 
     def _serve(self) -> None:
         try:
+            if self.cluster is not None:   # its threads start here, in the host namespace
+                from hns.cluster.agent import ClusterAgent
+                self.components.append(ClusterAgent(str(self.store.state_dir),
+                                                    self.host_netns, self.cluster))
             self.reconcile()
             self.engine.call_later(self.poll_interval, self._poll)
             sd_notify("READY=1")

@@ -122,7 +122,7 @@ class Forwarder:
     def reconcile(self) -> None:
         """Watch exactly the VMs on networks with localhost forwarding on."""
         on = {n.id for n in self.store.networks()   # mirrored: see hns/daemon/mirror.py
-              if n.localhost_forwarding and n.type is NetworkType.NAT}
+              if n.localhost_forwarding and n.type in (NetworkType.NAT, NetworkType.OVERLAY)}
         desired = {vm.name: vm for vm in self.store.vms()
                    if vm.network_id in on and vm.running}
         if self._proxies is None:

@@ -73,8 +73,9 @@ def test_an_older_database_gets_the_column_with_forwarding_on(tmp_path: Path) ->
     try:
         assert store.network("old").localhost_forwarding is True
         columns = [row[1] for row in store.connection.execute("PRAGMA table_info(networks)")]
-        assert columns[-6:] == ["localhost_forwarding", "ignored_ports",
-                                "host_address_loopback", "firewall", "state", "dns_proxy"]
+        assert columns[-7:] == ["localhost_forwarding", "ignored_ports",
+                                "host_address_loopback", "firewall", "state", "dns_proxy",
+                                "vni"]
         assert store.network("old").ignored_ports == ()
         assert store.network("old").host_address_loopback is False
     finally:

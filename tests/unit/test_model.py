@@ -189,7 +189,7 @@ def test_network_type_parse_mirrored(text: str) -> None:
 
 @pytest.mark.parametrize("text", ["bridge", "", "nat ", "transparent"])
 def test_network_type_parse_refuses_with_choices(text: str) -> None:
-    with pytest.raises(InvalidRequest, match=r"choose from: nat, mirrored\)"):
+    with pytest.raises(InvalidRequest, match=r"choose from: nat, mirrored, overlay\)"):
         NetworkType.parse(text)
 
 

@@ -472,7 +472,7 @@ def test_changes_ignore_where_a_value_came_from() -> None:
 def test_live_and_restart_split_every_setting() -> None:
     assert set(NAMES) == LIVE | RESTART and not LIVE & RESTART
     restart = {"networkingMode", "dnsProxy", "firewall", "stateDir", "subnet", "hostNetns",
-               "metrics"}
+               "metrics", "cluster", "hostName"}
     assert restart == RESTART
 
 

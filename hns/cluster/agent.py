@@ -1,0 +1,321 @@
+"""The daemon's cluster agent: this host's lease, and its kernel kept in step with etcd.
+
+Theory of operation
+-------------------
+Two threads of the agent's own; the event loop never waits for etcd.
+
+- The **watcher** lists the cluster prefix (records + revision R), hands the list to the
+  worker, then watches from R + 1 and hands it each event.  When the watch is lost (the
+  stream ended, etcd compacted R away, or no endpoint answers) it lists again after a
+  pause: a full resync, never an error.
+- The **worker** owns the view (:class:`~hns.cluster.view.ClusterView`), a service of
+  its own and the session.  The session is the host's lease: the one the state
+  directory remembers while etcd still has it, else a new one; the host record is put
+  under it and kept alive every TTL/3.  A lease etcd no longer has starts a new session,
+  and this host's endpoint records are put again from the local store, which is the
+  truth for which VMs live here.  After a list, an event or a change of the local state
+  the worker programs every overlay network: made on this host if only etcd had it,
+  and its VXLAN device given exactly the other hosts' entries (a diff against what the
+  kernel has).  While etcd is out of reach the kernel keeps what it has.
+
+Stopping the daemon does not revoke the lease: a restart within the TTL finds it, and
+the other hosts' entries stay; a host that does not come back is removed by etcd when
+the lease runs out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hns.cluster.config import ClusterConfig
+from hns.cluster.etcd import ClusterError, Etcd, WatchLost
+from hns.cluster.records import (
+    PREFIX,
+    EndpointRecord,
+    HostRecord,
+    endpoint_key,
+    host_key,
+)
+from hns.cluster.view import ClusterView, diff, entries_for
+from hns.errors import HnsError
+
+__all__ = ["LEASE_META", "ClusterAgent"]
+
+log = logging.getLogger("hns.daemon")
+
+LEASE_META = "cluster_lease"      # the lease this host's daemon last held
+RETRY = 0.5                       # s between two tries to reach etcd (list, session)
+SETTLE = 0.02                     # s: events that come together are programmed once
+
+Job = tuple[str, Any]
+
+
+class ClusterAgent:
+    """A daemon component: ``reconcile`` (the local state changed), ``status``, ``close``."""
+
+    def __init__(self, state_dir: str, host_netns: str | None, config: ClusterConfig) -> None:
+        self.state_dir = state_dir
+        self.host_netns = host_netns
+        self.config = config
+        self._jobs: queue.Queue[Job] = queue.Queue()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._cancel: Callable[[], None] | None = None
+        self._info: dict[str, Any] = {"Host": config.host, "Lease": 0, "Revision": 0,
+                                      "Watching": False, "Networks": {}, "Error": None,
+                                      "Resyncs": 0, "Sessions": 0}
+        self._threads = [threading.Thread(target=self._work, name="hns-cluster", daemon=True),
+                         threading.Thread(target=self._watch, name="hns-cluster-watch",
+                                          daemon=True)]
+        for thread in self._threads:
+            thread.start()
+
+    # component
+
+    def reconcile(self) -> None:
+        self._jobs.put(("local", None))
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {"Cluster": json.loads(json.dumps(self._info))}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._jobs.put(("stop", None))
+        with self._lock:
+            cancel = self._cancel
+        if cancel is not None:
+            with contextlib.suppress(Exception):
+                cancel()
+        for thread in self._threads:
+            thread.join(5)
+
+    def _note(self, **changes: Any) -> None:
+        with self._lock:
+            self._info.update(changes)
+
+    # the watcher's thread
+
+    def _watch(self) -> None:
+        etcd = Etcd(self.config.endpoints)
+        try:
+            while not self._stop.is_set():
+                try:
+                    kvs, revision = etcd.get_prefix(PREFIX)
+                except ClusterError as exc:
+                    self._note(Watching=False, Error=str(exc))
+                    self._stop.wait(RETRY)
+                    continue
+                self._jobs.put(("listed", (kvs, revision)))
+                try:
+                    for event in etcd.watch(PREFIX, revision + 1, self._watching):
+                        self._jobs.put(("event", event))
+                except WatchLost as exc:
+                    if not self._stop.is_set():
+                        log.info("cluster: watch lost (%s): listing again", exc)
+                        self._note(Watching=False)
+                        self._stop.wait(RETRY if not exc.compacted else 0)
+        finally:
+            etcd.close()
+
+    def _watching(self, cancel: Callable[[], None]) -> None:
+        with self._lock:
+            self._cancel = cancel
+        self._note(Watching=True)
+
+    # the worker's thread
+
+    def _work(self) -> None:
+        from hns.service import Service
+        try:
+            svc = Service(self.state_dir, self.host_netns, cluster=self.config)
+        except HnsError as exc:
+            log.error("cluster: cannot open the state: %s", exc)
+            return
+        worker = _Worker(svc, self.config, self._note)
+        try:
+            while not self._stop.is_set():
+                try:
+                    job = self._jobs.get(timeout=worker.next_keepalive())
+                except queue.Empty:
+                    worker.keepalive()
+                    continue
+                jobs = [job, *self._drain()]
+                if any(kind == "stop" for kind, _ in jobs):
+                    break
+                worker.handle(jobs)
+        finally:
+            svc.close()
+
+    def _drain(self) -> list[Job]:
+        time.sleep(SETTLE)
+        found = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                found.append(self._jobs.get_nowait())
+        return found
+
+
+class _Worker:
+    """The worker thread's state: the session, the view and what it programs."""
+
+    def __init__(self, svc: Any, config: ClusterConfig,
+                 note: Callable[..., None]) -> None:
+        self.svc = svc
+        self.config = config
+        self.note = note
+        self.etcd = Etcd(config.endpoints)
+        self.view: ClusterView | None = None
+        self.lease = 0
+        self.renewed = 0.0
+        self.sessions = 0
+        self.resyncs = 0
+        self.session()
+
+    # the session (the host's lease)
+
+    def next_keepalive(self) -> float:
+        if not self.lease:
+            return RETRY
+        return max(0.05, self.renewed + self.config.ttl / 3 - time.monotonic())
+
+    def session(self) -> None:
+        """Hold a lease with the host record under it (reuse the remembered one)."""
+        try:
+            address, _ = self.svc.overlay.underlay()
+            remembered = int(self.svc.store.meta(LEASE_META) or 0)
+            lease = remembered if remembered and self.etcd.time_to_live(remembered) > 0 \
+                else self.etcd.grant(self.config.ttl)
+            holder = self.etcd.get(host_key(self.config.host))
+            if holder is not None and holder.lease not in (0, lease) and \
+                    self.etcd.time_to_live(holder.lease) > 0:
+                raise ClusterError(f"host name {self.config.host!r} is held by another "
+                                   "host's lease")
+            record = HostRecord(self.config.host, address, self.config.ttl)
+            self.etcd.put(host_key(self.config.host), json.dumps(record.to_json()), lease)
+        except HnsError as exc:
+            self.lease = 0
+            self.note(Lease=0, Error=str(exc))
+            log.warning("cluster: no session: %s", exc)
+            return
+        if lease != remembered:
+            self.svc.store.set_meta(LEASE_META, str(lease))
+            log.info("cluster: host %s joined with lease %x", self.config.host, lease)
+        self.lease, self.renewed = lease, time.monotonic()
+        self.sessions += 1
+        self.note(Lease=lease, Error=None, Sessions=self.sessions)
+        self.own_endpoints()
+
+    def keepalive(self) -> None:
+        if not self.lease:
+            self.session()
+            return
+        try:
+            ttl = self.etcd.keepalive(self.lease)
+        except ClusterError as exc:
+            self.note(Error=str(exc))
+            self.renewed = time.monotonic() - self.config.ttl / 3 + RETRY
+            return
+        if ttl <= 0:
+            log.warning("cluster: lease %x expired: joining again", self.lease)
+            self.lease = 0
+            self.session()
+            return
+        self.renewed = time.monotonic()
+        self.note(Error=None)
+
+    # jobs
+
+    def handle(self, jobs: list[Job]) -> None:
+        for kind, value in jobs:
+            if kind == "listed":
+                kvs, revision = value
+                self.view = ClusterView.listed(kvs, revision)
+                self.resyncs += 1
+                self.note(Resyncs=self.resyncs)
+            elif kind == "event" and self.view is not None:
+                self.view.apply(value)
+        if self.view is None:
+            return
+        self.note(Revision=self.view.revision)
+        if any(kind in ("listed", "local") for kind, _ in jobs):
+            self.own_endpoints()
+        self.program()
+
+    def own_endpoints(self) -> None:
+        """This host's endpoint records match its overlay VMs: the missing put again
+        (under the lease), the stale deleted."""
+        if self.view is None or not self.lease:
+            return
+        try:
+            self._own_endpoints(self.view)
+        except HnsError as exc:
+            self.note(Error=str(exc))
+            log.warning("cluster: endpoint resync: %s", exc)
+
+    def _own_endpoints(self, view: ClusterView) -> None:
+        store = self.svc.store
+        overlay = {n.id: n for n in store.networks() if n.overlay}
+        local = {(vm.network, vm.ip): vm for vm in store.vms() if vm.network_id in overlay}
+        mine = {(e.network, e.ip): e for e in view.endpoints() if e.host == self.config.host}
+        address, _ = self.svc.overlay.underlay()
+        for (network, ip), vm in local.items():
+            if (network, ip) in mine and mine[(network, ip)].id == vm.id:
+                continue
+            record = EndpointRecord(vm.id, vm.name, network, ip, vm.mac, self.config.host,
+                                    address)
+            key = endpoint_key(network, ip)
+            ok, _ = self.etcd.txn([self.etcd.absent(key)],
+                                  [self.etcd.put_op(key, json.dumps(record.to_json()),
+                                                    self.lease)])
+            if not ok and (network, ip) not in mine:
+                log.error("cluster: vm %s: address %s of %s is held by another host",
+                          vm.name, ip, network)
+        for (network, ip), record in mine.items():
+            vm = local.get((network, ip))
+            if vm is None or vm.id != record.id:
+                self.svc.overlay.state.release(network, ip, record.id)
+
+    def program(self) -> None:
+        """Every overlay network of the view made here, its device's entries exact."""
+        from hns.cluster.vxlan import apply_plan, read_entries
+        assert self.view is not None
+        counts: dict[str, int] = {}
+        for name, record in sorted(self.view.networks().items()):
+            try:
+                net = self.svc.overlay.adopt(record)
+                device = _device(self.svc, net)
+                have = self.svc.kernel.run(read_entries, device)
+                if have is None:
+                    self.svc.ensure_bridge(net)
+                    have = self.svc.kernel.run(read_entries, device)
+                want = entries_for(self.view, name, self.config.host)
+                self.svc.kernel.run(apply_plan, device, diff(have, want))
+                counts[name] = want.count
+            except HnsError as exc:
+                log.warning("cluster: network %s: %s", name, exc)
+                self.note(Error=f"network {name}: {exc}")
+        self._forget_deleted()
+        self.note(Networks=counts)
+
+    def _forget_deleted(self) -> None:
+        """Overlay networks etcd no longer has go from this host (when no VM is on them)."""
+        assert self.view is not None
+        listed = self.view.networks()
+        for net in self.svc.store.networks():
+            if net.overlay and net.name not in listed and not self.svc.store.vms(net.id):
+                with contextlib.suppress(HnsError):
+                    self.svc.delete_network(net.name)
+                    log.info("cluster: network %s was deleted in the cluster", net.name)
+
+
+def _device(svc: Any, net: Any) -> str:
+    from hns import naming
+    return naming.vxlan_name(svc.instance, net.id)
