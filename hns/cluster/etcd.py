@@ -15,7 +15,9 @@ the caller lists again.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -261,7 +263,7 @@ class Etcd:
         except ClusterError as exc:
             raise WatchLost(str(exc)) from None
         if on_open is not None:
-            on_open(resp.close)
+            on_open(lambda: _shutdown(resp))
         try:
             yield from _events(resp)
         except (requests.RequestException, ValueError, OSError, AttributeError) as exc:
@@ -269,6 +271,16 @@ class Etcd:
         finally:
             resp.close()
         raise WatchLost("etcd watch: the stream ended")
+
+
+def _shutdown(resp: requests.Response) -> None:
+    """End a stream another thread is reading: a shutdown wakes its blocked read."""
+    with contextlib.suppress(Exception):
+        sock = socket.fromfd(resp.raw.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+    with contextlib.suppress(Exception):
+        resp.close()
 
 
 def _events(resp: requests.Response) -> Iterator[Event]:
