@@ -39,11 +39,7 @@ def cluster_config(endpoints: str | None, host: str | None, ttl: str | None,
     """The cluster named (None: no cluster; the host keeps to SQLite alone).  ``host``
     defaults to the host namespace's name, else this machine's host name."""
     if endpoints is None or not endpoints.strip():
-        for what, value in (("--host-name", host), ("--cluster-ttl", ttl),
-                            ("--cluster-address", address)):
-            if value is not None:
-                raise InvalidRequest(f"{what} needs a cluster (--cluster or HNS_CLUSTER)")
-        return None
+        return None     # the other values wait for a cluster (an environment may set them)
     name = host if host is not None else (host_netns or socket.gethostname().split(".")[0])
     return ClusterConfig(
         endpoints=parse_endpoints(endpoints), host=parse_host_name(name),
