@@ -53,6 +53,8 @@ log = logging.getLogger("hns.daemon")
 LEASE_META = "cluster_lease"      # the lease this host's daemon last held
 RETRY = 0.5                       # s between two tries to reach etcd (list, session)
 SETTLE = 0.02                     # s: events that come together are programmed once
+STALE_AFTER = 30.0                # s a record of this host without a VM waits before it
+                                  # goes: a create writes etcd before its local row
 
 Job = tuple[str, Any]
 
@@ -177,6 +179,7 @@ class _Worker:
         self.renewed = 0.0
         self.sessions = 0
         self.resyncs = 0
+        self.suspects: dict[tuple[str, Any], float] = {}   # record -> when first seen stale
         self.session()
 
     # the session (the host's lease)
@@ -230,6 +233,8 @@ class _Worker:
             return
         self.renewed = time.monotonic()
         self.note(Error=None)
+        if self.suspects:          # stale records of this host wait out their grace here
+            self.own_endpoints()
 
     # jobs
 
@@ -261,9 +266,11 @@ class _Worker:
             log.warning("cluster: endpoint resync: %s", exc)
 
     def _own_endpoints(self, view: ClusterView) -> None:
+        from hns.store import ANY_STATE
         store = self.svc.store
-        overlay = {n.id: n for n in store.networks() if n.overlay}
+        overlay = {n.id: n for n in store.networks(ANY_STATE) if n.overlay}
         local = {(vm.network, vm.ip): vm for vm in store.vms() if vm.network_id in overlay}
+        known = {vm.id for vm in store.vms(states=ANY_STATE)}
         mine = {(e.network, e.ip): e for e in view.endpoints() if e.host == self.config.host}
         address, _ = self.svc.overlay.underlay()
         for (network, ip), vm in local.items():
@@ -278,10 +285,14 @@ class _Worker:
             if not ok and (network, ip) not in mine:
                 log.error("cluster: vm %s: address %s of %s is held by another host",
                           vm.name, ip, network)
-        for (network, ip), record in mine.items():
-            vm = local.get((network, ip))
-            if vm is None or vm.id != record.id:
-                self.svc.overlay.state.release(network, ip, record.id)
+        now = time.monotonic()
+        stale = {where for where, record in mine.items() if record.id not in known}
+        self.suspects = {where: self.suspects.get(where, now) for where in stale}
+        for where, since in list(self.suspects.items()):
+            if now - since >= STALE_AFTER:
+                log.info("cluster: endpoint %s %s has no VM on this host: deleted", *where)
+                self.svc.overlay.state.release(where[0], where[1], mine[where].id)
+                del self.suspects[where]
 
     def program(self) -> None:
         """Every overlay network of the view made here, its device's entries exact."""
