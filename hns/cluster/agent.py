@@ -180,6 +180,7 @@ class _Worker:
         self.sessions = 0
         self.resyncs = 0
         self.suspects: dict[tuple[str, Any], float] = {}   # record -> when first seen stale
+        self.gone_networks: dict[str, float] = {}          # name -> when first seen gone
         self.session()
 
     # the session (the host's lease)
@@ -235,6 +236,8 @@ class _Worker:
         self.note(Error=None)
         if self.suspects:          # stale records of this host wait out their grace here
             self.own_endpoints()
+        if self.gone_networks and self.view is not None:
+            self._forget_deleted()
 
     # jobs
 
@@ -319,12 +322,18 @@ class _Worker:
     def _forget_deleted(self) -> None:
         """Overlay networks etcd no longer has go from this host (when no VM is on them)."""
         assert self.view is not None
-        listed = self.view.networks()
-        for net in self.svc.store.networks():
-            if net.overlay and net.name not in listed and not self.svc.store.vms(net.id):
-                with contextlib.suppress(HnsError):
-                    self.svc.delete_network(net.name)
-                    log.info("cluster: network %s was deleted in the cluster", net.name)
+        listed, now = self.view.networks(), time.monotonic()
+        gone = {n.name for n in self.svc.store.networks() if n.overlay and n.name not in listed}
+        # a network this host just made may be newer than the view: wait before trusting
+        self.gone_networks = {name: self.gone_networks.get(name, now) for name in gone}
+        for name, since in list(self.gone_networks.items()):
+            net = self.svc.store.find_network(name)
+            if now - since < STALE_AFTER or net is None or self.svc.store.vms(net.id):
+                continue
+            with contextlib.suppress(HnsError):
+                self.svc.delete_network(name)
+                log.info("cluster: network %s was deleted in the cluster", name)
+            del self.gone_networks[name]
 
 
 def _device(svc: Any, net: Any) -> str:
