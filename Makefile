@@ -39,6 +39,7 @@ bench: deps
 	$(BIN)/python bench/bench_service.py
 	$(BIN)/python bench/bench_metrics.py
 	$(BIN)/python bench/bench_diag.py
+	$(BIN)/python bench/bench_overlay.py
 
 lint: deps
 	$(BIN)/ruff check hns nat portproxy tests bench examples
