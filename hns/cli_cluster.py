@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from hns.cluster.etcd import ClusterError
+from hns.errors import ClusterError
 from hns.output import print_table
 
 __all__ = ["HANDLERS", "register"]

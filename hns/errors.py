@@ -52,3 +52,8 @@ class KernelError(HnsError, NatError):
 
 class StateError(HnsError):
     """The state store cannot be opened or is inconsistent."""
+
+
+class ClusterError(HnsError):
+    """etcd could not be reached or refused the request (exit 1)."""
+

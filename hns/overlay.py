@@ -20,15 +20,14 @@ from typing import TYPE_CHECKING
 
 from hns import ipam, naming
 from hns.cluster.config import ClusterConfig
-from hns.cluster.etcd import ClusterError, Etcd
 from hns.cluster.records import VXLAN_OVERHEAD, EndpointRecord, NetworkRecord, parse_vni
-from hns.cluster.state import ClusterState
-from hns.errors import AlreadyExists, HnsError, InvalidRequest
+from hns.errors import AlreadyExists, ClusterError, HnsError, InvalidRequest
 from hns.model import MIN_MTU, Network, NetworkOptions, NetworkType, Vm
 from hns.store import ANY_STATE
 from hns.subnets import pick_subnet
 
 if TYPE_CHECKING:
+    from hns.cluster.state import ClusterState
     from hns.service import Service
 
 __all__ = ["VTEP_META", "Overlay"]
@@ -82,6 +81,8 @@ class Overlay:
             raise InvalidRequest("overlay networks need a cluster: name its etcd endpoints "
                                  "with --cluster or HNS_CLUSTER")
         if self._state is None:
+            from hns.cluster.etcd import Etcd  # requests: imported when needed
+            from hns.cluster.state import ClusterState
             # requests run on the host namespace's thread: their sockets are made there
             etcd = Etcd(self.config.endpoints, runner=lambda fn: self.svc.kernel.run(fn))
             self._state = ClusterState(etcd, self.config.host)

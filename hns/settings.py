@@ -258,7 +258,7 @@ def _cluster(value: object, base: str) -> object:
     text = _text(value)
     if not text:
         return None
-    from hns.cluster.etcd import parse_endpoints
+    from hns.cluster.config import parse_endpoints
     return ",".join(parse_endpoints(text))
 
 

@@ -6,17 +6,39 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from urllib.parse import urlsplit
 
-from hns.cluster.etcd import parse_endpoints
 from hns.cluster.records import parse_host_name
 from hns.errors import InvalidRequest
 from hns.model import parse_decimal, parse_ipv4
 
-__all__ = ["DEFAULT_TTL", "MAX_TTL", "MIN_TTL", "ClusterConfig", "cluster_config"]
+__all__ = ["DEFAULT_TTL", "MAX_TTL", "MIN_TTL", "ClusterConfig", "cluster_config",
+           "parse_endpoints"]
 
 DEFAULT_TTL = 10           # s: the host lease's TTL
 MIN_TTL = 2                # etcd's own floor for a lease
 MAX_TTL = 3600
+
+
+def parse_endpoints(text: str) -> tuple[str, ...]:
+    """``http://A:2379,http://B:2379`` as a tuple of base URLs (InvalidRequest, exit 2,
+    for anything else)."""
+    urls = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not urls:
+        raise InvalidRequest(f"invalid cluster {text!r}: no etcd endpoint named")
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError:
+            raise InvalidRequest(f"invalid cluster endpoint {url!r}: bad port") from None
+        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/") \
+                or parts.query or parts.fragment:
+            raise InvalidRequest(f"invalid cluster endpoint {url!r}: use http://HOST:PORT")
+        if port is None:
+            raise InvalidRequest(f"invalid cluster endpoint {url!r}: name the port "
+                                 "(etcd's is 2379)")
+    return tuple(u.rstrip("/") for u in urls)
 
 
 @dataclass(frozen=True)

@@ -27,17 +27,14 @@ import requests
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import Etcd3Exception
 
-from hns.errors import HnsError, InvalidRequest
+from hns.cluster.config import parse_endpoints
+from hns.errors import ClusterError
 
 __all__ = ["ClusterError", "Etcd", "Event", "KeyValue", "WatchLost", "parse_endpoints",
            "prefix_end"]
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 3.0      # s for one request to one endpoint
-
-
-class ClusterError(HnsError):
-    """etcd could not be reached or refused the request (exit 1)."""
 
 
 class WatchLost(Exception):
@@ -64,27 +61,6 @@ class Event:
 
     deleted: bool
     kv: KeyValue
-
-
-def parse_endpoints(text: str) -> tuple[str, ...]:
-    """``http://A:2379,http://B:2379`` as a tuple of base URLs (InvalidRequest, exit 2,
-    for anything else)."""
-    urls = tuple(part.strip() for part in text.split(",") if part.strip())
-    if not urls:
-        raise InvalidRequest(f"invalid cluster {text!r}: no etcd endpoint named")
-    for url in urls:
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError:
-            raise InvalidRequest(f"invalid cluster endpoint {url!r}: bad port") from None
-        if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/") \
-                or parts.query or parts.fragment:
-            raise InvalidRequest(f"invalid cluster endpoint {url!r}: use http://HOST:PORT")
-        if port is None:
-            raise InvalidRequest(f"invalid cluster endpoint {url!r}: name the port "
-                                 "(etcd's is 2379)")
-    return tuple(u.rstrip("/") for u in urls)
 
 
 def _b64(text: str) -> str:
