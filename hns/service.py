@@ -314,6 +314,7 @@ class Service:
                 raise Conflict(f"network {name!r} has VMs attached ({names}); delete them "
                                "first or use --force")
             if net.overlay:
+                self.overlay.state.check_deletable(net.name)   # before anything changes
                 for vm in self.store.vms(net.id, states=ANY_STATE):
                     self.overlay.release(vm, strict=True)
                 self.overlay.delete_network(net)

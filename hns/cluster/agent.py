@@ -59,6 +59,12 @@ STALE_AFTER = 30.0                # s a record of this host without a VM waits b
 Job = tuple[str, Any]
 
 
+def request_timeout(ttl: int) -> float:
+    """The agent's per-endpoint timeout: a silent member must not hold a keepalive past
+    the lease (a quarter of the TTL, 0.5 s to 3 s)."""
+    return max(0.5, min(3.0, ttl / 4))
+
+
 class ClusterAgent:
     """A daemon component: ``reconcile`` (the local state changed), ``status``, ``close``."""
 
@@ -70,6 +76,7 @@ class ClusterAgent:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._cancel: Callable[[], None] | None = None
+        self._watch_url: str | None = None       # the endpoint the watch stream reads
         self._info: dict[str, Any] = {"Host": config.host, "Lease": 0, "Revision": 0,
                                       "Watching": False, "Networks": {}, "Error": None,
                                       "Resyncs": 0, "Sessions": 0}
@@ -106,7 +113,8 @@ class ClusterAgent:
     # the watcher's thread
 
     def _watch(self) -> None:
-        etcd = Etcd(self.config.endpoints)
+        etcd = Etcd(self.config.endpoints, request_timeout(self.config.ttl))
+        self._watch_etcd = etcd
         try:
             while not self._stop.is_set():
                 try:
@@ -130,7 +138,22 @@ class ClusterAgent:
     def _watching(self, cancel: Callable[[], None]) -> None:
         with self._lock:
             self._cancel = cancel
+            self._watch_url = self._watch_etcd.endpoint
         self._note(Watching=True)
+
+    def check_watch(self, answering: str) -> None:
+        """The worker reached etcd through ``answering``: a watch on another endpoint may
+        be on a member that went silent (a host cut off sends no FIN, so its stream
+        never ends): end it, the watcher lists again through one that answers."""
+        with self._lock:
+            cancel = self._cancel if self._watch_url not in (None, answering) else None
+            if cancel is not None:
+                self._cancel, self._watch_url = None, None
+        if cancel is not None:
+            log.info("cluster: etcd answers at %s, not at the watched endpoint: watching "
+                     "again", answering)
+            with contextlib.suppress(Exception):
+                cancel()
 
     # the worker's thread
 
@@ -141,7 +164,7 @@ class ClusterAgent:
         except HnsError as exc:
             log.error("cluster: cannot open the state: %s", exc)
             return
-        worker = _Worker(svc, self.config, self._note)
+        worker = _Worker(svc, self.config, self._note, self.check_watch)
         try:
             while not self._stop.is_set():
                 try:
@@ -168,12 +191,13 @@ class ClusterAgent:
 class _Worker:
     """The worker thread's state: the session, the view and what it programs."""
 
-    def __init__(self, svc: Any, config: ClusterConfig,
-                 note: Callable[..., None]) -> None:
+    def __init__(self, svc: Any, config: ClusterConfig, note: Callable[..., None],
+                 check_watch: Callable[[str], None]) -> None:
         self.svc = svc
         self.config = config
         self.note = note
-        self.etcd = Etcd(config.endpoints)
+        self.check_watch = check_watch
+        self.etcd = Etcd(config.endpoints, request_timeout(config.ttl))
         self.view: ClusterView | None = None
         self.lease = 0
         self.renewed = 0.0
@@ -234,6 +258,7 @@ class _Worker:
             return
         self.renewed = time.monotonic()
         self.note(Error=None)
+        self.check_watch(self.etcd.endpoint)
         if self.suspects:          # stale records of this host wait out their grace here
             self.own_endpoints()
         if self.gone_networks and self.view is not None:

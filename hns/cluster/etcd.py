@@ -100,6 +100,11 @@ class Etcd:
         return Etcd3Client(host=parts.hostname or "", port=parts.port or 2379,
                            timeout=self.timeout, api_path="/v3/")
 
+    @property
+    def endpoint(self) -> str:
+        """The endpoint that answered last (the next request goes there first)."""
+        return self.endpoints[self._current]
+
     def close(self) -> None:
         for client in self._clients:
             client.session.close()
@@ -239,7 +244,7 @@ class Etcd:
         except ClusterError as exc:
             raise WatchLost(str(exc)) from None
         if on_open is not None:
-            on_open(lambda: _shutdown(resp))
+            on_open(lambda: _shutdown(resp))     # self.endpoint: the stream's
         try:
             yield from _events(resp)
         except (requests.RequestException, ValueError, OSError, AttributeError) as exc:

@@ -82,6 +82,13 @@ class ClusterState:
                 raise Conflict(f"VNI {vni} is taken by overlay network {holder.value}")
         raise ClusterError(f"etcd: network {name!r} not created: lost {MAX_TRIES} races")
 
+    def check_deletable(self, name: str) -> None:
+        """Conflict while another host has VMs on network ``name``."""
+        others = {e.host for e in self.endpoints(name) if e.host != self.host}
+        if others:
+            raise Conflict(f"overlay network {name!r} has VMs on hosts "
+                           f"{', '.join(sorted(others))}: delete them first")
+
     def delete_network(self, name: str) -> bool:
         kv = self.etcd.get(network_key(name))
         record = _network_of(kv)
