@@ -203,6 +203,7 @@ class _Worker:
         self.renewed = 0.0
         self.sessions = 0
         self.resyncs = 0
+        self.put_missing = False        # this host's records to be put again (new lease)
         self.suspects: dict[tuple[str, Any], float] = {}   # record -> when first seen stale
         self.gone_networks: dict[str, float] = {}          # name -> when first seen gone
         self.session()
@@ -239,6 +240,10 @@ class _Worker:
         self.lease, self.renewed = lease, time.monotonic()
         self.sessions += 1
         self.note(Lease=lease, Error=None, Sessions=self.sessions)
+        # a new lease: etcd dropped the records of the old one; put them back (once a
+        # view is there).  Only then: a record missing under a live lease was deleted
+        # on purpose (a vm delete writes etcd before its local row goes)
+        self.put_missing = True
         self.own_endpoints()
 
     def keepalive(self) -> None:
@@ -283,17 +288,18 @@ class _Worker:
         self.program()
 
     def own_endpoints(self) -> None:
-        """This host's endpoint records match its overlay VMs: the missing put again
-        (under the lease), the stale deleted."""
+        """This host's endpoint records match its overlay VMs: after a new session the
+        missing are put again (under the lease); the stale are deleted after a grace."""
         if self.view is None or not self.lease:
             return
         try:
-            self._own_endpoints(self.view)
+            self._own_endpoints(self.view, self.put_missing)
+            self.put_missing = False
         except HnsError as exc:
             self.note(Error=str(exc))
             log.warning("cluster: endpoint resync: %s", exc)
 
-    def _own_endpoints(self, view: ClusterView) -> None:
+    def _own_endpoints(self, view: ClusterView, put_missing: bool) -> None:
         from hns.store import ANY_STATE
         store = self.svc.store
         overlay = {n.id: n for n in store.networks(ANY_STATE) if n.overlay}
@@ -302,7 +308,7 @@ class _Worker:
         mine = {(e.network, e.ip): e for e in view.endpoints() if e.host == self.config.host}
         address, _ = self.svc.overlay.underlay()
         for (network, ip), vm in local.items():
-            if (network, ip) in mine and mine[(network, ip)].id == vm.id:
+            if not put_missing or ((network, ip) in mine and mine[(network, ip)].id == vm.id):
                 continue
             record = EndpointRecord(vm.id, vm.name, network, ip, vm.mac, self.config.host,
                                     address)
