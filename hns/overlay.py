@@ -86,7 +86,6 @@ class Overlay:
             # requests run on the host namespace's thread: their sockets are made there
             etcd = Etcd(self.config.endpoints, runner=lambda fn: self.svc.kernel.run(fn))
             self._state = ClusterState(etcd, self.config.host)
-            self.remember()
         return self._state
 
     def close(self) -> None:
@@ -94,7 +93,8 @@ class Overlay:
             self._state.etcd.close()
 
     def remember(self) -> None:
-        """Keep the cluster named for the commands that do not name it."""
+        """Keep the cluster named for the commands that do not name it (called once etcd
+        has answered a write: a mistyped cluster is not remembered)."""
         if self.config is None or not self.named:
             return
         text = json.dumps({"endpoints": list(self.config.endpoints), "host": self.config.host,
@@ -143,6 +143,7 @@ class Overlay:
             pick_subnet(name, False, opts.subnet, others, svc._host_prefixes(), None)
             gateway = opts.gateway or ipam.default_gateway(opts.subnet)
             record = state.create_network(name, opts.subnet, gateway, wanted_vni, mtu)
+            self.remember()                  # etcd answered: this is the host's cluster
             try:
                 return self._adopt_locked(record)
             except BaseException:
@@ -195,7 +196,9 @@ class Overlay:
 
     def allocate(self, net: Network, vm_name: str, vm_id: str,
                  want: IPv4Address | None) -> EndpointRecord:
-        return self.state.allocate(net.name, vm_name, vm_id, want)
+        found = self.state.allocate(net.name, vm_name, vm_id, want)
+        self.remember()
+        return found
 
     def release(self, vm: Vm, strict: bool) -> None:
         """Delete the VM's endpoint record; ``strict``: a failure to reach etcd is the

@@ -234,6 +234,7 @@ class _Worker:
             self.note(Lease=0, Error=str(exc))
             log.warning("cluster: no session: %s", exc)
             return
+        self.svc.overlay.remember()
         if lease != remembered:
             self.svc.store.set_meta(LEASE_META, str(lease))
             log.info("cluster: host %s joined with lease %x", self.config.host, lease)
