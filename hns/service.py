@@ -229,15 +229,20 @@ class Service:
                               firewall=bool(firewall) or mirrored, dns_proxy=bool(dns_proxy))
                 tx.insert_network(net, "creating")
             failpoint("network-create:after-store")
-            try:
-                self._apply_network(net)
-                with self.store.write() as tx:
-                    tx.set_state("network", net.id, "ready")
-            except BaseException:
-                self._undo_network(net)
-                raise
+            self._make_network(net)
         self.poke_daemon()
         return net
+
+    def _make_network(self, net: Network) -> None:
+        """The kernel objects of ``net``, whose row is ``creating``; then ``ready``, or
+        everything undone on a failure."""
+        try:
+            self._apply_network(net)
+            with self.store.write() as tx:
+                tx.set_state("network", net.id, "ready")
+        except BaseException:
+            self._undo_network(net)
+            raise
 
     def _apply_network(self, net: Network) -> None:
         self.ensure_bridge(net)
@@ -253,13 +258,7 @@ class Service:
         the network's lock; an overlay network adopted from the cluster comes here)."""
         with self.store.write() as tx:
             tx.insert_network(net, "creating")
-        try:
-            self._apply_network(net)
-            with self.store.write() as tx:
-                tx.set_state("network", net.id, "ready")
-        except BaseException:
-            self._undo_network(net)
-            raise
+        self._make_network(net)
 
     def ensure_bridge(self, net: Network) -> bool:
         made = self.kernel.ensure_bridge(net.bridge, net.gateway, net.subnet.prefixlen,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,20 +23,12 @@ from pyroute2.netlink.exceptions import NetlinkError
 from hns.cluster.records import VXLAN_PORT
 from hns.cluster.view import Entries, Plan
 from hns.errors import KernelError
+from hns.kernel import _netlink
 
 __all__ = ["apply_plan", "ensure_vxlan", "read_entries", "underlay_for"]
 
 NTF_SELF = 0x02
 NUD_PERMANENT = 0x80
-
-
-@contextmanager
-def _netlink(what: str) -> Iterator[None]:
-    try:
-        yield
-    except NetlinkError as exc:
-        code = int(exc.code) if exc.code else errno.EIO
-        raise KernelError(f"{what}: {os.strerror(code)}", code) from None
 
 
 def _index(ipr: Any, ifname: str) -> int | None:
