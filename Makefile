@@ -8,9 +8,9 @@ NETWORKING_MODE ?=       # make run NETWORKING_MODE=mirrored: WSL's networkingMo
 BIN    := $(VENV)/bin
 STAMPS := .stamps
 # commands the project and its tests run, and the Debian packages that bring them
-TOOLS    := nft ip nsenter socat iperf3 dig ping curl dnsmasq tcpdump etcd etcdctl
+TOOLS    := nft ip nsenter socat iperf3 dig ping curl dnsmasq tcpdump etcd etcdctl pasta
 APT_PKGS := nftables iproute2 util-linux socat iperf3 dnsutils iputils-ping curl procps dnsmasq-base tcpdump \
-            etcd-server etcd-client \
+            etcd-server etcd-client passt \
             python3-venv
 
 .PHONY: run test unit integration bench lint down clean deps
@@ -40,6 +40,7 @@ bench: deps
 	$(BIN)/python bench/bench_metrics.py
 	$(BIN)/python bench/bench_diag.py
 	$(BIN)/python bench/bench_overlay.py
+	$(BIN)/python bench/bench_datapath.py
 
 lint: deps
 	$(BIN)/ruff check hns nat portproxy tests bench examples

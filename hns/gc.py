@@ -119,4 +119,15 @@ class Collector:
             found.append(f"nft table inet {mirror}")
             if not dry_run:
                 self.nft.run(Transaction().destroy_table("inet", mirror))
+        # the daemon's fast table (docs/datapath.md), left by a daemon that was killed
+        fast = f"{name}-fast"
+        if f"inet {fast}" in tables and not self._daemon_runs() \
+                and self.owner_comment in (self.nft.list_table("inet", fast) or ""):
+            found.append(f"nft table inet {fast}")
+            if not dry_run:
+                self.nft.run(Transaction().destroy_table("inet", fast))
         return found
+
+    def _daemon_runs(self) -> bool:
+        from hns.daemon.daemon import DaemonLock
+        return DaemonLock(self.store.state_dir).holder() is not None

@@ -48,7 +48,7 @@ def tag_in_use(netns_prefix: str, table: str, namespaces: Iterable[str],
                etc_entries: Iterable[str], tables: Iterable[str]) -> bool:
     """Whether kernel objects of an instance tag exist: a namespace or an /etc/netns
     entry named with it (``netns_prefix``), or its nft table (``table``, "inet NAME") or
-    the mirrored networks' one beside it."""
+    the daemon's ones beside it (mirrored networks, the kernel data path)."""
     if any(name.startswith(netns_prefix) for name in (*namespaces, *etc_entries)):
         return True
-    return any(t in (table, f"{table}-mirror") for t in tables)
+    return any(t in (table, f"{table}-mirror", f"{table}-fast") for t in tables)

@@ -146,11 +146,17 @@ def _v4_overlay(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE networks ADD COLUMN vni INTEGER")
 
 
+def _v5_proxy_mode(db: sqlite3.Connection) -> None:
+    """A static proxy chooses its path: auto, kernel or relay (docs/datapath.md)."""
+    db.execute("ALTER TABLE port_proxies ADD COLUMN mode TEXT NOT NULL DEFAULT 'auto'")
+
+
 MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (
     _v1_tables,
     _v2_vm_power,
     _v3_dns_proxy,
     _v4_overlay,
+    _v5_proxy_mode,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -44,6 +44,9 @@ def register(sub: Any, leaf: argparse.ArgumentParser) -> None:
     d.add_argument("--metrics", default=None, metavar="[ADDR:]PORT",
                    help="serve Prometheus metrics at http://ADDR:PORT/metrics in the host "
                         "namespace (ADDR defaults to 127.0.0.1; off unless asked)")
+    d.add_argument("--localhost-path", choices=("auto", "relay"), default="auto",
+                   help="how localhost forwarding reaches a VM: auto (the kernel where it "
+                        "can, else the relay; the default) or relay (always the relay)")
     sub.add_parser("status", parents=[leaf], help="the daemon and its relays")
 
 
@@ -96,10 +99,10 @@ def _show(proxies: Sequence[Any], as_json: bool) -> None:
         print(json.dumps([p.to_json() for p in proxies], indent=2))
         return
     header = ("TYPE", "PROTOCOL", "LISTEN ADDRESS", "PORT", "CONNECT ADDRESS", "PORT",
-              "IDLE TIMEOUT", "MAX CONNECTIONS")
+              "IDLE TIMEOUT", "MAX CONNECTIONS", "MODE")
     rows = [(p.kind, p.protocol, str(p.listen_address), str(p.listen_port),
              str(p.connect_address), str(p.connect_port),
-             f"{p.idle_timeout}s" if p.idle_timeout else "-", str(p.max_connections))
+             f"{p.idle_timeout}s" if p.idle_timeout else "-", str(p.max_connections), p.mode)
             for p in proxies]
     print_table(rows, header)
 
@@ -107,10 +110,14 @@ def _show(proxies: Sequence[Any], as_json: bool) -> None:
 def _portproxy(svc: Any, args: argparse.Namespace) -> int:
     """``portproxy ...``, and ``netsh interface portproxy ...`` (``show`` in netsh's
     layout)."""
-    from hns.daemon.netsh import KINDS, parse_add, parse_delete, render_show
+    from hns.daemon.config import forwarded_subnets
+    from hns.daemon.netsh import KINDS, kernel_refusal, parse_add, parse_delete, render_show
     config = _config(svc)
     if args.action in ("add", "set"):
         proxy = parse_add(args.kind, args.words)
+        refusal = kernel_refusal(proxy, forwarded_subnets(svc.store))
+        if proxy.mode == "kernel" and refusal is not None:
+            raise InvalidRequest(f"mode=kernel: {refusal}")
         config.add(proxy, replace=args.action == "set", local=_local_addresses(svc))
         from hns.cli_up import daemon_note
         daemon_note(svc, f"the proxy on port {proxy.listen_port}")
@@ -148,7 +155,8 @@ def _daemon(svc: Any, args: argparse.Namespace) -> int:
     if getattr(args, "log_level", None) is None:   # a daemon logs what it does
         logging.getLogger().setLevel(logging.DEBUG if args.debug else logging.INFO)
     return Daemon(svc.store, svc.host_netns, config=getattr(args, "config", None),
-                  heal=not args.no_heal, metrics=metrics, cluster=svc.overlay.config).run()
+                  heal=not args.no_heal, metrics=metrics, cluster=svc.overlay.config,
+                  localhost_path=args.localhost_path).run()
 
 
 def _status(svc: Any, args: argparse.Namespace) -> int:

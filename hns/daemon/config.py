@@ -20,20 +20,21 @@ from hns.daemon.netsh import (
     loop_of,
 )
 from hns.errors import AlreadyExists, Conflict, InvalidRequest
+from hns.model import NetworkType
 from hns.store import Store
 
-__all__ = ["ProxyConfig"]
+__all__ = ["ProxyConfig", "forwarded_subnets"]
 
 COLUMNS = ("kind, protocol, listen_address, listen_port, connect_address, connect_port, "
-           "idle_timeout, max_connections")
+           "idle_timeout, max_connections, mode")
 
 
 
 def _proxy(row: tuple[object, ...]) -> PortProxy:
-    kind, protocol, listen, lport, connect, cport, idle, cap = row
+    kind, protocol, listen, lport, connect, cport, idle, cap, mode = row
     return PortProxy(str(kind), str(protocol), ipaddress.ip_address(str(listen)),
                      int(str(lport)), ipaddress.ip_address(str(connect)), int(str(cport)),
-                     int(str(idle)), int(str(cap)))
+                     int(str(idle)), int(str(cap)), str(mode))
 
 
 def _describe_loop(path: list[PortProxy]) -> str:
@@ -44,6 +45,13 @@ def _describe_loop(path: list[PortProxy]) -> str:
                 "a loop")
     through = " -> ".join(p.name for p in path[1:])
     return f"{new.name} would connect back to itself through {through}: a loop"
+
+
+def forwarded_subnets(store: Store) -> list[ipaddress.IPv4Network]:
+    """The subnets of the instance's NAT and overlay networks: where the host routes to
+    VMs, so the kernel path of a proxy can reach them."""
+    return [n.subnet for n in store.networks()
+            if n.type in (NetworkType.NAT, NetworkType.OVERLAY)]
 
 
 class ProxyConfig:
@@ -88,10 +96,10 @@ class ProxyConfig:
                           "AND listen_port = ?", (proxy.protocol, str(proxy.listen_address),
                                                   proxy.listen_port))
             tx.db.execute(f"INSERT INTO port_proxies ({COLUMNS}) "
-                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                           (proxy.kind, proxy.protocol, str(proxy.listen_address),
                            proxy.listen_port, str(proxy.connect_address), proxy.connect_port,
-                           proxy.idle_timeout, proxy.max_connections))
+                           proxy.idle_timeout, proxy.max_connections, proxy.mode))
 
     def delete(self, kind: str, key: ProxyKey) -> bool:
         with self.store.write() as tx:

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from hns.cluster.config import ClusterConfig
 from hns.daemon.control import control_path
 from hns.daemon.dns import DnsProxy
+from hns.daemon.fastpath import FastPath
 from hns.daemon.forwarder import Forwarder
 from hns.daemon.keeper import HEAL_INTERVAL, Keeper
 from hns.daemon.metrics import MetricsServer
@@ -162,19 +163,25 @@ class Daemon:
                  poll_interval: float = 1.0, heal: bool = True,
                  heal_interval: float = HEAL_INTERVAL, config: str | None = None,
                  metrics: tuple[str, int] | None = None,
-                 cluster: ClusterConfig | None = None) -> None:
+                 cluster: ClusterConfig | None = None, localhost_path: str = "auto") -> None:
         """``config``: the settings file a SIGHUP reads again (None: ``HNS_CONFIG`` or
         the default path); ``metrics``: where to serve Prometheus metrics (None: not);
-        ``cluster``: the cluster this host is in (its agent runs; None: no cluster)."""
+        ``cluster``: the cluster this host is in (its agent runs; None: no cluster);
+        ``localhost_path``: ``auto`` (the kernel where it can) or ``relay``."""
         self.store = store
         self.host_netns = host_netns
         self.retry_interval = retry_interval
         self.poll_interval = poll_interval
         # every relay of the daemon has a cap (static proxies: their own)
         self.engine = Engine(tcp_max_connections=DEFAULT_MAX_CONNECTIONS)
-        self.components: list[Component] = [StaticProxies(self.engine, store, retry_interval)]
-        # first: a forward gives way to a static proxy before the proxy binds its port
-        self.components.insert(0, Forwarder(self.engine, store, retry_interval=retry_interval))
+        self._nft = hns_nft(None)      # the daemon runs in the host namespace
+        # first: its table goes at close before the others would delete from it one by one
+        self.fast = FastPath(self.engine, store, self._nft)
+        self.components: list[Component] = [self.fast, StaticProxies(
+            self.engine, store, retry_interval, fast=self.fast)]
+        # before the proxies: a forward gives way to a static proxy before it binds
+        self.components.insert(1, Forwarder(self.engine, store, retry_interval=retry_interval,
+                                            fast=self.fast, kernel=localhost_path == "auto"))
         # after the static proxies: a port they hold is the host's
         self.components.append(Mirror(self.engine, store, host_netns,
                                       retry_interval=retry_interval))
@@ -188,7 +195,6 @@ class Daemon:
         self._version = -1
         self._control: socket.socket | None = None
         self._lock = DaemonLock(store.state_dir)
-        self._nft = hns_nft(None)      # the daemon runs in the host namespace
         self.metrics: MetricsServer | None = None
         if metrics is not None:
             self.metrics = MetricsServer(metrics, self.snapshot)

@@ -46,8 +46,8 @@ from hns.daemon.netsh import PortProxy
 from portproxy.addresses import endpoint
 from portproxy.tracker import DiagSocket
 
-__all__ = ["Claims", "ForwardKey", "Plan", "cap_reason", "changes", "ephemeral_cap", "keys_of",
-           "over_cap", "plan", "reserved_by", "wanted_keys"]
+__all__ = ["Claims", "ForwardKey", "Plan", "cap_reason", "changes", "ephemeral_cap",
+           "kernel_keys", "keys_of", "over_cap", "plan", "reserved_by", "wanted_keys"]
 
 PortRange = tuple[int, int]
 
@@ -103,6 +103,26 @@ def wanted_keys(sockets: Iterable[DiagSocket]) -> frozenset[ForwardKey]:
     keys: set[ForwardKey] = set()
     for sock in sockets:
         keys |= keys_of(sock)
+    return frozenset(keys)
+
+
+def kernel_keys(sockets: Iterable[DiagSocket]) -> frozenset[ForwardKey]:
+    """The IPv4 host ports whose VM socket listens on every address, so that the VM's own
+    address reaches it: those the kernel can forward (docs/datapath.md).  A socket on
+    the VM's loopback only, and every IPv6 port, stay on the relay."""
+    keys: set[ForwardKey] = set()
+    for sock in sockets:
+        try:
+            address = ipaddress.ip_address(sock.address.split("%", 1)[0])
+        except ValueError:
+            continue
+        if isinstance(address, ipaddress.IPv6Address):
+            if address.ipv4_mapped is not None:
+                address = address.ipv4_mapped
+            elif address == _ANY6 and not sock.v6only:
+                address = ipaddress.IPv4Address(0)
+        if address == ipaddress.IPv4Address(0):
+            keys.add(ForwardKey(sock.protocol, 4, sock.port))
     return frozenset(keys)
 
 

@@ -32,6 +32,13 @@ host) is read at each ``reconcile`` and every ``full_interval``; a change plans 
 The plan holds at most half of that range per protocol (see
 :mod:`hns.daemon.forward_plan`); the other claims are conflicts in the status.
 
+The kernel path (docs/datapath.md): a served IPv4 port whose VM socket listens on
+every address is also translated by the daemon's fast table (:mod:`hns.daemon.fastpath`),
+host ``127.0.0.1:P`` -> the VM's address, port P, so connections never reach the relay
+listener, which stays bound: it reserves the port and serves if the translation cannot be
+made.  ``kernel=False`` (``hnsctl daemon --localhost-path relay``) keeps every forward on
+the relay.
+
 A VM whose namespace cannot be opened (not made yet, gone) is retried every
 ``full_interval`` (2 s), when its namespace is also checked for having been replaced
 under the same name (``restore`` after a reboot), by inode.
@@ -47,11 +54,13 @@ from typing import Any
 from hns.daemon.binding import Bound, Retrying, strerror
 from hns.daemon.config import ProxyConfig
 from hns.daemon.counters import relay_counters
+from hns.daemon.fastpath import FastPath
 from hns.daemon.forward_plan import (
     Claims,
     ForwardKey,
     Plan,
     changes,
+    kernel_keys,
     plan,
     reserved_by,
     wanted_keys,
@@ -59,6 +68,7 @@ from hns.daemon.forward_plan import (
 from hns.daemon.vmwatch import REAL_SOCKETS, NetnsSockets, VmWatch
 from hns.model import NetworkType, Vm
 from hns.store import Store
+from nat.fastpath import FastEntry
 from portproxy.engine import Engine, Relay, RelayInfo, TimerHandle
 from portproxy.tracker import read_port_range
 from portproxy.vmdial import DEFAULT_POOL_SIZE
@@ -86,6 +96,7 @@ class _Forward(Bound):
     key: ForwardKey
     vm: str
     relay: Relay | None = None
+    kernel: bool = False       # translated by the fast table too
 
     @property
     def name(self) -> str:
@@ -98,8 +109,11 @@ class Forwarder:
     def __init__(self, engine: Engine, store: Store, *, poll_interval: float = POLL_INTERVAL,
                  poll_per_vm: float = POLL_PER_VM, full_interval: float = FULL_INTERVAL,
                  retry_interval: float = 2.0, pool_size: int = DEFAULT_POOL_SIZE,
-                 sockets: NetnsSockets = REAL_SOCKETS) -> None:
+                 sockets: NetnsSockets = REAL_SOCKETS, fast: FastPath | None = None,
+                 kernel: bool = True) -> None:
         self.engine = engine
+        self.fast = fast
+        self.kernel = kernel and fast is not None
         self.store = store
         self.sockets = sockets
         self.poll_interval = poll_interval
@@ -111,6 +125,8 @@ class Forwarder:
         self._proxies: ProxyConfig | None = None      # made on first use: it does I/O
         self._reserved: dict[ForwardKey, str] = {}
         self._claims = Claims()
+        self._kernel_keys: dict[str, frozenset[ForwardKey]] = {}   # by VM name
+        self._bridges: dict[str, str] = {}                           # network ID -> bridge
         self._plan = Plan({}, {})
         self._forwards: dict[ForwardKey, _Forward] = {}
         self._timer: TimerHandle | None = None
@@ -121,8 +137,11 @@ class Forwarder:
 
     def reconcile(self) -> None:
         """Watch exactly the VMs on networks with localhost forwarding on."""
-        on = {n.id for n in self.store.networks()   # mirrored: see hns/daemon/mirror.py
-              if n.localhost_forwarding and n.type in (NetworkType.NAT, NetworkType.OVERLAY)}
+        networks = [n for n in self.store.networks()   # mirrored: see hns/daemon/mirror.py
+                    if n.localhost_forwarding and
+                    n.type in (NetworkType.NAT, NetworkType.OVERLAY)]
+        on = {n.id for n in networks}
+        self._bridges = {n.id: n.bridge for n in networks}
         desired = {vm.name: vm for vm in self.store.vms()
                    if vm.network_id in on and vm.running}
         if self._proxies is None:
@@ -165,11 +184,12 @@ class Forwarder:
                         pool_size=self.pool_size, sockets=self.sockets)
         self._watches[vm.name] = watch
         if watch.open(self.engine.now()):
-            self._claims.update(vm.name, wanted_keys(watch.tracker.sockets))
+            self._update(watch)
 
     def _unwatch(self, name: str) -> None:
         watch = self._watches.pop(name)
         self._claims.remove(name)
+        self._kernel_keys.pop(name, None)
         watch.close()
 
     def _tick(self) -> None:
@@ -191,13 +211,19 @@ class Forwarder:
                 watch.reset(str(exc))
             changed = True
             if watch.ready:
-                self._claims.update(watch.vm.name, wanted_keys(watch.tracker.sockets))
+                self._update(watch)
             else:
                 self._claims.remove(watch.vm.name)
+                self._kernel_keys.pop(watch.vm.name, None)
         if now >= self._next_range:
             changed |= self._refresh_range(now)
         if changed:
             self._replan()
+
+    def _update(self, watch: VmWatch) -> None:
+        sockets = watch.tracker.sockets
+        self._claims.update(watch.vm.name, wanted_keys(sockets))
+        self._kernel_keys[watch.vm.name] = kernel_keys(sockets)
 
     def _refresh_range(self, now: float) -> bool:
         """Read the host's ephemeral port range (this thread's namespace: the daemon's);
@@ -228,6 +254,29 @@ class Forwarder:
             forward = _Forward(key, self._plan.owners[key])
             self._forwards[key] = forward
             self._start(forward)
+        for forward in self._forwards.values():
+            self._sync_path(forward)
+
+    def _sync_path(self, forward: _Forward) -> None:
+        """Translate the forward in the kernel when its VM listens on every address and
+        its relay listener holds the port; stop translating when either is no more."""
+        watch = self._watches.get(forward.vm)
+        want = (self.kernel and forward.relay is not None and watch is not None and
+                forward.key in self._kernel_keys.get(forward.vm, frozenset()))
+        if want == forward.kernel or self.fast is None:
+            return
+        if not want:
+            self.fast.remove(("localhost", forward.key))
+            forward.kernel = False
+            return
+        assert watch is not None
+        key = forward.key
+        entry = FastEntry(key.protocol, key.port, watch.vm.ip, key.port, localhost=True)
+        bridge = self._bridges.get(watch.vm.network_id)
+        if bridge is not None and self.fast.add(("localhost", key), entry, bridge):
+            forward.kernel = True
+            log.info("vm %s: %s %s through the kernel", forward.vm, key.protocol,
+                     key.endpoint())
 
     def _start(self, forward: _Forward) -> None:
         what = f"vm {forward.vm}: cannot forward {forward.key.protocol} {forward.key.endpoint()}"
@@ -254,9 +303,12 @@ class Forwarder:
             sock.close()
             raise
         log.info("vm %s: forwarding %s %s", forward.vm, key.protocol, key.endpoint())
+        self._sync_path(forward)
 
     def _stop(self, key: ForwardKey) -> None:
         forward = self._forwards.pop(key)
+        if forward.kernel and self.fast is not None:
+            self.fast.remove(("localhost", key))
         if forward.binding is not None:
             forward.binding.cancel()
         if forward.relay is not None:
@@ -276,6 +328,8 @@ class Forwarder:
             state = "forwarding"
         else:
             state = forward.error or "pending"
+        path = "kernel" if forward is not None and forward.vm == vm and forward.kernel \
+            else "relay"
         return {"Vm": vm, "Protocol": key.protocol, "Family": f"ipv{key.family}",
                 "Port": key.port, "Listen": key.endpoint(), "Connect": key.endpoint(),
-                "State": state, **relay_counters(info)}
+                "State": state, "Path": path, **relay_counters(info)}

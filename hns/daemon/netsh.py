@@ -24,22 +24,24 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence, Set
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Any
 
 from hns.errors import InvalidRequest
 from portproxy.addresses import endpoint
 
-__all__ = ["DEFAULT_MAX_CONNECTIONS", "KINDS", "NetshCommand", "PortProxy", "ProxyKey",
-           "conflicts", "loop_of", "parse_add", "parse_delete", "parse_netsh", "render_show"]
+__all__ = ["DEFAULT_MAX_CONNECTIONS", "KINDS", "MODES", "NetshCommand", "PortProxy",
+           "ProxyKey", "conflicts", "kernel_refusal", "loop_of", "parse_add", "parse_delete",
+           "parse_netsh", "render_show"]
 
 IPAddress = IPv4Address | IPv6Address
 KINDS = ("v4tov4", "v4tov6", "v6tov4", "v6tov6")
 PROTOCOLS = ("tcp", "udp")
 ADD_KEYS = {"listenport", "listenaddress", "connectaddress", "connectport", "protocol",
-            "idletimeout", "maxconnections"}
+            "idletimeout", "maxconnections", "mode"}
+MODES = ("auto", "kernel", "relay")
 DEFAULT_MAX_CONNECTIONS = 4096
 MAX_IDLE_TIMEOUT = 365 * 86400     # seconds
 MAX_CONNECTIONS = 1 << 20
@@ -71,6 +73,7 @@ class PortProxy:
     connect_port: int
     idle_timeout: int = 0                          # seconds; 0: never (TCP)
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    mode: str = "auto"                             # the path: auto, kernel or relay
 
     @property
     def key(self) -> ProxyKey:
@@ -95,6 +98,7 @@ class PortProxy:
             "ConnectPort": self.connect_port,
             "IdleTimeout": self.idle_timeout,
             "MaxConnections": self.max_connections,
+            "Mode": self.mode,
         }
 
 
@@ -183,8 +187,24 @@ def parse_add(kind: str, args: Sequence[str]) -> PortProxy:
     cap = (_number(words["maxconnections"], "maxconnections", 1, MAX_CONNECTIONS,
                    "a number of connections") if "maxconnections" in words
            else DEFAULT_MAX_CONNECTIONS)
+    mode = words.get("mode", "auto").lower()
+    if mode not in MODES:
+        raise InvalidRequest(f"invalid mode {words['mode']!r}: {', '.join(MODES)}")
     return PortProxy(kind.lower(), _protocol(words.get("protocol")), listen, listen_port,
-                     connect, connect_port, idle, cap)
+                     connect, connect_port, idle, cap, mode)
+
+
+def kernel_refusal(proxy: PortProxy, subnets: Iterable[IPv4Network]) -> str | None:
+    """Why the kernel cannot serve ``proxy`` (None: it can).  ``subnets``: those of the
+    instance's NAT and overlay networks, which the host forwards to (docs/datapath.md)."""
+    if proxy.kind != "v4tov4":
+        return f"a {proxy.kind} proxy changes the address family, which DNAT does not"
+    if proxy.listen_address.is_loopback:
+        return "it listens on loopback only, which stays with the relay"
+    if not any(proxy.connect_address in net for net in subnets):
+        return (f"connect address {proxy.connect_address} is in none of this instance's "
+                "NAT or overlay networks")
+    return None
 
 
 def parse_delete(kind: str, args: Sequence[str]) -> tuple[str, ProxyKey]:

@@ -31,7 +31,8 @@ def test_every_word_in_any_order() -> None:
     assert p.name == "portproxy v6tov4 tcp [2001:db8::1]:8080"
     assert p.to_json() == {"Type": "v6tov4", "Protocol": "tcp", "ListenAddress": "2001:db8::1",
                            "ListenPort": 8080, "ConnectAddress": "10.0.0.5",
-                           "ConnectPort": 80, "IdleTimeout": 0, "MaxConnections": 4096}
+                           "ConnectPort": 80, "IdleTimeout": 0, "MaxConnections": 4096,
+                           "Mode": "auto"}
 
 
 @pytest.mark.parametrize("kind, words", [
