@@ -201,6 +201,8 @@ def kernel_refusal(proxy: PortProxy, subnets: Iterable[IPv4Network]) -> str | No
         return f"a {proxy.kind} proxy changes the address family, which DNAT does not"
     if proxy.listen_address.is_loopback:
         return "it listens on loopback only, which stays with the relay"
+    if proxy.idle_timeout or proxy.max_connections != DEFAULT_MAX_CONNECTIONS:
+        return "an idle timeout or a connection cap is the relay's to enforce"
     if not any(proxy.connect_address in net for net in subnets):
         return (f"connect address {proxy.connect_address} is in none of this instance's "
                 "NAT or overlay networks")

@@ -39,12 +39,15 @@ def test_v4tov4_and_v6tov4_tcp(hns_sandbox: Sandbox, nat_vm: SandboxVm,
     proxy(hns_sandbox, "add", "v6tov4", "listenport=8080", f"connectaddress={nat_vm.ip}",
           "connectport=80")
     wait_for(lambda: daemon.relay("v6tov4")["State"] == "listening", "the proxies")
-    for url in (f"http://{hns_sandbox.uplink_ip}:8080/",
-                f"http://[{hns_sandbox.uplink_ip6}]:8080/"):
-        result = curl(hns_sandbox.outside, url)
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == nat_vm.gateway  # the relay connects from the host
-    assert daemon.relay("v4tov4 tcp")["Accepted"] >= 1
+    wait_for(lambda: daemon.relay("v4tov4 tcp")["Path"] == "kernel", "the kernel path")
+    v4 = curl(hns_sandbox.outside, f"http://{hns_sandbox.uplink_ip}:8080/")
+    assert v4.returncode == 0, v4.stderr
+    assert v4.stdout.strip() == hns_sandbox.outside_ip  # the kernel keeps the client
+    v6 = curl(hns_sandbox.outside, f"http://[{hns_sandbox.uplink_ip6}]:8080/")
+    assert v6.returncode == 0, v6.stderr
+    assert v6.stdout.strip() == nat_vm.gateway  # the relay connects from the host
+    assert daemon.relay("v6tov4 tcp")["Accepted"] >= 1
+    assert daemon.relay("v6tov4 tcp")["Path"] == "relay"
 
 
 def test_udp_proxies(hns_sandbox: Sandbox, nat_vm: SandboxVm, daemon: DaemonProc) -> None:
@@ -54,8 +57,9 @@ def test_udp_proxies(hns_sandbox: Sandbox, nat_vm: SandboxVm, daemon: DaemonProc
     proxy(hns_sandbox, "add", "v6tov4", "listenport=5353", f"connectaddress={nat_vm.ip}",
           "protocol=udp")
     wait_for(lambda: daemon.relay("v6tov4 udp")["State"] == "listening", "the proxies")
+    wait_for(lambda: daemon.relay("v4tov4 udp")["Path"] == "kernel", "the kernel path")
     assert udp_ask(hns_sandbox.outside, hns_sandbox.uplink_ip, 5353).split(":")[0] \
-        == nat_vm.gateway
+        == hns_sandbox.outside_ip
     assert udp_ask(hns_sandbox.outside, f"[{hns_sandbox.uplink_ip6}]", 5353).split(":")[0] \
         == nat_vm.gateway
 
@@ -80,8 +84,10 @@ def test_target_resetting_or_refusing_does_not_take_the_daemon_down(
     listener = nat_vm.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind((nat_vm.ip, 7000))
     listener.listen()
-    proxy(hns_sandbox, "add", "v4tov4", "listenport=7000", f"connectaddress={nat_vm.ip}")
-    proxy(hns_sandbox, "add", "v4tov4", "listenport=7001", f"connectaddress={nat_vm.ip}")
+    proxy(hns_sandbox, "add", "v4tov4", "listenport=7000", f"connectaddress={nat_vm.ip}",
+          "mode=relay")
+    proxy(hns_sandbox, "add", "v4tov4", "listenport=7001", f"connectaddress={nat_vm.ip}",
+          "mode=relay")
     wait_for(lambda: daemon.relay(":7001")["State"] == "listening", "the proxies")
     client = hns_sandbox.outside.popen(["socat", "-t", "5", "-",
                                         f"TCP:{hns_sandbox.uplink_ip}:7000"],
@@ -121,7 +127,7 @@ def test_address_in_use_is_reported_and_retried(hns_sandbox: Sandbox, nat_vm: Sa
     wait_listening(hns_sandbox.host, 8443)
     serve_http_peer_echo(nat_vm, 443)
     proxy(hns_sandbox, "add", "v4tov4", "listenport=8443", f"connectaddress={nat_vm.ip}",
-          "connectport=443")
+          "connectport=443", "mode=relay")
     wait_for(lambda: "in use" in daemon.relay("8443")["State"], "the conflict to show")
     text = hns_sandbox.hnsctl("status").stdout
     assert "Address already in use" in text
@@ -136,7 +142,8 @@ def test_status_counts_live_connections_and_guards_its_socket(
         hns_sandbox: Sandbox, nat_vm: SandboxVm, daemon: DaemonProc) -> None:
     nat_vm.popen(["socat", "TCP-LISTEN:6000,reuseaddr,fork", "SYSTEM:sleep 60"])
     wait_listening(nat_vm, 6000)
-    proxy(hns_sandbox, "add", "v4tov4", "listenport=6000", f"connectaddress={nat_vm.ip}")
+    proxy(hns_sandbox, "add", "v4tov4", "listenport=6000", f"connectaddress={nat_vm.ip}",
+          "mode=relay")
     wait_for(lambda: daemon.relay("6000")["State"] == "listening", "the proxy")
     clients = [hns_sandbox.outside.popen(["socat", "-u", f"TCP:{hns_sandbox.uplink_ip}:6000",
                                           "-"]) for _ in range(3)]
@@ -248,7 +255,8 @@ def test_sighup_reloads_and_the_daemon_keeps_serving(
     assert daemon.proc.poll() is None and daemon.status()["Pid"] == daemon.proc.pid
     assert os.path.exists(os.path.join(hns_sandbox.state_dir, "daemon.sock"))
     result = curl(hns_sandbox.outside, f"http://{hns_sandbox.uplink_ip}:8080/")
-    assert result.returncode == 0 and result.stdout.strip() == nat_vm.gateway
+    # the kernel path, still there: the VM sees the client
+    assert result.returncode == 0 and result.stdout.strip() == hns_sandbox.outside_ip
     daemon.proc.send_signal(signal.SIGTERM)
     _, err = daemon.proc.communicate(timeout=30)
     assert daemon.proc.returncode == 0

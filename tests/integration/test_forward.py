@@ -48,6 +48,13 @@ def is_loopback(text: str) -> bool:
     return address.is_loopback
 
 
+def peer_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    address = ipaddress.ip_address(text.strip().strip("[]"))
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 @pytest.mark.parametrize(("listen", "bind", "urls"), [
     ("TCP4-LISTEN", "127.0.0.1", ["http://127.0.0.1:{port}/"]),
     ("TCP4-LISTEN", "0.0.0.0", ["http://127.0.0.1:{port}/", "http://localhost:{port}/"]),
@@ -60,13 +67,21 @@ def test_vm_server_reached_at_host_localhost(hns_sandbox: Sandbox, nat_vm: Sandb
     port = 8080
     extra = ",ipv6only=0" if bind == "[::]" else ""
     serve(nat_vm, port, listen, bind, extra=extra)
+    wildcard = bind in ("0.0.0.0", "[::]")
     for url in (u.format(port=port) for u in urls):
         wait_for(lambda url=url: reaches(hns_sandbox.host, url), f"{url} through the forward")
-        assert is_loopback(curl(hns_sandbox.host, url).stdout)  # the VM sees a loopback client
+        seen = curl(hns_sandbox.host, url).stdout
+        if wildcard and "[::1]" not in url:     # the kernel path: from the gateway address
+            assert peer_of(seen) == ipaddress.ip_address(nat_vm.gateway)
+        else:                                    # the relay: a loopback client
+            assert is_loopback(seen)
     families = {f["Family"] for f in forwards(daemon, nat_vm.name)}
     assert families == ({"ipv4", "ipv6"} if bind == "[::]" else
                         {"ipv6"} if bind == "[::1]" else {"ipv4"})
     assert all(f["State"] == "forwarding" for f in forwards(daemon))
+    assert {(f["Family"], f["Path"]) for f in forwards(daemon)} == {
+        (f["Family"], "kernel" if wildcard and f["Family"] == "ipv4" else "relay")
+        for f in forwards(daemon)}
 
 
 def test_only_the_family_the_vm_listens_on(hns_sandbox: Sandbox, nat_vm: SandboxVm,
@@ -106,7 +121,11 @@ def test_udp_echo_dual_stack(hns_sandbox: Sandbox, nat_vm: SandboxVm,
     for host in ("127.0.0.1", "::1"):
         wait_for(lambda host=host: udp_ask(hns_sandbox.host, host, 5301, tries=1) != "",
                  f"the UDP forward on {host}")
-        assert is_loopback(udp_ask(hns_sandbox.host, host, 5301))  # a loopback client
+        seen = udp_ask(hns_sandbox.host, host, 5301)
+        if host == "127.0.0.1":       # the kernel path: from the gateway address
+            assert peer_of(seen) == ipaddress.ip_address(nat_vm.gateway)
+        else:                         # the relay: a loopback client
+            assert is_loopback(seen)
 
 
 def test_server_stops_then_host_port_refuses(hns_sandbox: Sandbox, nat_vm: SandboxVm,

@@ -96,7 +96,8 @@ def test_relay_bytes_and_connections_match_the_traffic(
         hns_sandbox: Sandbox, nat_vm: SandboxVm, daemon: DaemonProc) -> None:
     server = echo_server(nat_vm, 7000)
     proxy = hns_sandbox.hnsctl("portproxy", "add", "v4tov4", "listenport=6000",
-                               f"connectaddress={nat_vm.ip}", "connectport=7000")
+                               f"connectaddress={nat_vm.ip}", "connectport=7000",
+                               "mode=relay")
     assert proxy.returncode == 0, proxy.stderr
     wait_for(lambda: daemon.relay("6000")["State"] == "listening", "the proxy")
     got = exchange(hns_sandbox.outside, (hns_sandbox.uplink_ip, 6000), PAYLOAD)
@@ -117,7 +118,8 @@ def test_relay_bytes_and_connections_match_the_traffic(
 def test_a_refused_target_counts_as_unreachable(
         hns_sandbox: Sandbox, nat_vm: SandboxVm, daemon: DaemonProc) -> None:
     proxy = hns_sandbox.hnsctl("portproxy", "add", "v4tov4", "listenport=6001",
-                               f"connectaddress={nat_vm.ip}", "connectport=7001")
+                               f"connectaddress={nat_vm.ip}", "connectport=7001",
+                               "mode=relay")
     assert proxy.returncode == 0, proxy.stderr
     wait_for(lambda: daemon.relay("6001")["State"] == "listening", "the proxy")
     for _ in range(2):                       # nothing listens on 7001 in the VM
@@ -132,7 +134,8 @@ def test_a_refused_target_counts_as_unreachable(
 
 def test_localhost_forward_counts_its_bytes(
         hns_sandbox: Sandbox, nat_vm: SandboxVm, daemon: DaemonProc) -> None:
-    nat_vm.popen(["socat", "TCP-LISTEN:8088,reuseaddr,fork", "EXEC:cat"])
+    # on the VM's loopback: the relay's path, which counts the bytes
+    nat_vm.popen(["socat", "TCP-LISTEN:8088,bind=127.0.0.1,reuseaddr,fork", "EXEC:cat"])
     wait_for(lambda: any(f["Port"] == 8088 and f["State"] == "forwarding"
                          for f in daemon.status().get("Forwards", [])), "the forward")
     got = exchange(hns_sandbox.host, ("127.0.0.1", 8088), PAYLOAD)
