@@ -9,7 +9,7 @@ Measures:
 1. idle cost: the daemon's CPU time (utime + stime of /proc/<pid>/stat, every thread)
    over ``--idle-seconds`` with one VM, then with ``--vms`` VMs, nothing happening;
 2. detection, ``--trials`` times on a fresh port each: ``listen()`` on a socket inside
-   ``vm00`` (bound to 127.0.0.1) to the first connect that succeeds at host 127.0.0.1
+   ``vm00`` (bound to ``--bind``, 127.0.0.1) to the first connect that succeeds at host 127.0.0.1
    (then checked end to end: the VM accepts the relayed connection and a byte comes
    back); and ``close()`` of that socket to the first connect the host port refuses.
    The client polls every millisecond from a thread inside the host namespace;
@@ -205,7 +205,8 @@ def pause(seconds: float) -> None:
         pass
 
 
-def detection(sb: Sandbox, vm: SandboxVm, trials: int) -> tuple[Latency, Latency]:
+def detection(sb: Sandbox, vm: SandboxVm, trials: int, bind: str = "127.0.0.1"
+              ) -> tuple[Latency, Latency]:
     listen: list[float] = []
     close: list[float] = []
     rng = random.Random(4851)
@@ -214,12 +215,27 @@ def detection(sb: Sandbox, vm: SandboxVm, trials: int) -> tuple[Latency, Latency
             listener = vm.socket(socket.AF_INET, socket.SOCK_STREAM)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             listener.settimeout(2.0)
-            listener.bind(("127.0.0.1", TRIAL_BASE + i))
+            listener.bind((bind, TRIAL_BASE + i))
             pause(rng.uniform(0.0, 0.1))         # out of step with the daemon's polling
             listen.append(host.call(_until_connect, listener, TRIAL_BASE + i, 10.0))
             pause(rng.uniform(0.0, 0.1))
-            close.append(host.call(_until_refused, listener, TRIAL_BASE + i, 10.0))
+            if bind == "127.0.0.1":
+                close.append(host.call(_until_refused, listener, TRIAL_BASE + i, 10.0))
+            else:       # the VM itself refuses at once: the release is the daemon's
+                close.append(_until_released(sb, listener, TRIAL_BASE + i, 10.0))
     return Latency.of(listen), Latency.of(close)
+
+
+def _until_released(sb: Sandbox, listener: socket.socket, port: int, limit: float) -> float:
+    """close(), then poll the daemon's status until the forward is gone (a port the VM
+    listened on with 0.0.0.0 is refused by the VM itself as soon as it closes, so the
+    host's refusal would say nothing of the daemon)."""
+    t0 = time.perf_counter()
+    listener.close()
+    while time.perf_counter() - t0 < limit:
+        if not forwarding(sb, port):
+            return time.perf_counter() - t0
+    raise RuntimeError(f"port {port} still forwarded {limit:g} s after close")
 
 
 # -- throughput and connections ----------------------------------------------------------
@@ -358,7 +374,7 @@ def run(args: argparse.Namespace) -> Results:
         progress(f"idle cost with {args.vms} VMs ({args.idle_seconds} s)")
         idle_all = cpu_percent(daemon.proc.pid, args.idle_seconds)
         progress(f"detection: {args.trials} trials")
-        listen, close = detection(sb, vm, args.trials)
+        listen, close = detection(sb, vm, args.trials, args.bind)
         progress(f"connections: {args.conns} each way, dial costs")
         pool_us, sync_us = dial_cost(vm)
         conns = connection_rate(sb, vm, args.conns)
@@ -416,6 +432,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="iperf3 rounds, median (default %(default)s)")
     p.add_argument("--conns", type=positive_int, default=500,
                    help="short connections per path (default %(default)s)")
+    p.add_argument("--bind", default="127.0.0.1", choices=("127.0.0.1", "0.0.0.0"),
+                   help="where the detection trials listen in the VM: 127.0.0.1 (the "
+                        "relay's path, the default) or 0.0.0.0 (the kernel's; a closed "
+                        "port is then refused by the VM itself at once)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     return p.parse_args(argv)
 
