@@ -52,9 +52,14 @@ def test_daemon_serves_a_portproxy_from_outside_to_the_vm(
     relay = portproxy(9000, nat_vm, 8080)
     assert relay["State"] == "listening"
     assert relay["Connect"] == f"{nat_vm.ip}:8080"
-    # the proxy relays from the host's address: the VM sees the host's side of its bridge
+    # a v4tov4 proxy to a VM goes through the kernel: the VM sees the real client
+    wait_until(lambda: hns_daemon.relay(relay["Name"])["Path"] == "kernel", timeout=10,
+               what="the proxy's kernel path")
     assert curl(hns_sandbox.outside, f"http://{hns_sandbox.uplink_ip}:9000/") == \
-        nat_vm.gateway
+        hns_sandbox.outside_ip
+    # from the host's loopback the relay serves it: the VM sees the host's side of its bridge
+    assert curl(hns_sandbox.host, "http://127.0.0.1:9000/") == nat_vm.gateway
+
     def counted() -> bool:
         now = hns_daemon.relay(relay["Name"])
         return bool(now["Accepted"] == 1 and now["Connections"] == 0 and now["BytesUp"] > 0)
